@@ -1,1 +1,19 @@
-//! sinks
+//! Where the dataflow's output goes: the sink seam and the in-memory read model.
+//!
+//! Every closed epoch of the dataflow comes out as one
+//! [`EpochOutput`](delivertrack_dataflow::EpochOutput). The driver hands it, in epoch
+//! order, to every enabled [`Sink`]; each sink commits it and only then confirms, and only
+//! once every sink has confirmed is the epoch's input acknowledged to its source
+//! (ARCHITECTURE rule 3). Sinks are idempotent: committing an epoch twice leaves the same
+//! state as committing it once.
+//!
+//! # Layout
+//! - [`sink`]: the [`Sink`] trait and [`SinkError`].
+//! - [`read_model`]: the in-memory current state behind the API, its snapshot and lookup
+//!   views, the per-epoch live change stream, and [`ReadModelSink`].
+
+pub mod read_model;
+pub mod sink;
+
+pub use read_model::{ReadModel, ReadModelConfig, ReadModelSink};
+pub use sink::{Sink, SinkError, SinkFuture};
