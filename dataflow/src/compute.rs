@@ -1,1 +1,277 @@
-//! compute
+//! The dataflow: from a stream of validated events to every maintained collection.
+//!
+//! ```text
+//! events ─┬─ zone events ───────► upsert_zones ──► zones ──────────────┬──────────┐
+//!         ├─ location events ───► track_couriers (zones broadcast) ──► couriers, inside
+//!         └─ delivery events ───► upsert_deliveries ──► deliveries    │          │
+//!                                   deliveries.dropoff ──► dropoff_zones (zones) ◄┘
+//!   active deliveries ⋈ couriers ──► eta
+//!   deliveries ⊕ (deliveries ⋈ dropoff_zones) ⊕ couriers ──explode by scope──► count_total ──► metrics
+//! ```
+//!
+//! The aggregates are sums carried in the *difference* of a collection ([`Tally`] is a
+//! semigroup): a delivery contributes its tally to each of its scopes, so a status change or a
+//! late rating is one retraction and one insertion per scope, never a rescan of the scope.
+
+use chrono::{DateTime, Datelike, Timelike};
+use differential_dataflow::VecCollection;
+use differential_dataflow::difference::{IsZero, Multiply, Semigroup};
+use differential_dataflow::operators::CountTotal;
+use timely::dataflow::StreamVec;
+use timely::dataflow::operators::vec::Partition;
+
+use crate::eta::{EtaConfig, EtaInput, estimate};
+use crate::event::{Event, EventBody, UnixMillis};
+use crate::ids::{CourierId, DeliveryId, ZoneId};
+use crate::lifecycle::Status;
+use crate::model::{Change, CourierState, DeliveryState, Eta, Rejection, Scope, Tally, ZoneState};
+use crate::operators::couriers::track_couriers;
+use crate::operators::deliveries::upsert_deliveries;
+use crate::operators::dropoffs::dropoff_zones;
+use crate::operators::zones::upsert_zones;
+
+/// What the computation needs to know.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ComputeConfig {
+    /// ETA speeds.
+    pub eta: EtaConfig,
+    /// Fixes in the speed estimate window.
+    pub speed_window: usize,
+}
+
+/// Every collection the dataflow maintains.
+#[allow(missing_debug_implementations)] // collections are handles into a running dataflow
+pub struct Collections<'scope> {
+    /// `couriers(courier, state)`.
+    pub couriers: VecCollection<'scope, u64, (CourierId, CourierState)>,
+    /// `zones(zone, state)`.
+    pub zones: VecCollection<'scope, u64, (ZoneId, ZoneState)>,
+    /// `inside(courier, zone)`: geofence entries (+1) and exits (−1).
+    pub inside: VecCollection<'scope, u64, (CourierId, ZoneId)>,
+    /// `deliveries(delivery, state)`.
+    pub deliveries: VecCollection<'scope, u64, (DeliveryId, DeliveryState)>,
+    /// `dropoff_zone(delivery, zone)`.
+    pub dropoff_zones: VecCollection<'scope, u64, (DeliveryId, ZoneId)>,
+    /// `eta(delivery, eta)`.
+    pub etas: VecCollection<'scope, u64, (DeliveryId, Eta)>,
+    /// `metrics(scope, tally)`.
+    pub metrics: VecCollection<'scope, u64, (Scope, Tally)>,
+    /// Events refused in context (only `+1`s: a stream of refusals, not state).
+    pub rejections: VecCollection<'scope, u64, Rejection>,
+}
+
+impl<'scope> Collections<'scope> {
+    /// All records as one collection of [`Change`]s.
+    pub fn changes(
+        self,
+    ) -> (
+        VecCollection<'scope, u64, Change>,
+        VecCollection<'scope, u64, Rejection>,
+    ) {
+        let changes = self
+            .couriers
+            .map(|(id, state)| Change::Courier(id, state))
+            .concat(self.zones.map(|(id, state)| Change::Zone(id, state)))
+            .concat(
+                self.inside
+                    .map(|(courier, zone)| Change::Inside(courier, zone)),
+            )
+            .concat(
+                self.deliveries
+                    .map(|(id, state)| Change::Delivery(id, state)),
+            )
+            .concat(
+                self.dropoff_zones
+                    .map(|(id, zone)| Change::DropoffZone(id, zone)),
+            )
+            .concat(self.etas.map(|(id, eta)| Change::Eta(id, eta)))
+            .concat(
+                self.metrics
+                    .map(|(scope, tally)| Change::Metric(scope, tally)),
+            );
+        (changes, self.rejections)
+    }
+}
+
+/// Builds the dataflow over `events` (each event at its epoch).
+pub fn delivery_tracking<'scope>(
+    events: StreamVec<'scope, u64, Event>,
+    config: ComputeConfig,
+) -> Collections<'scope> {
+    let mut parts = events
+        .partition(3, |event| {
+            let part = match &event.body {
+                EventBody::ZoneUpserted(_) | EventBody::ZoneDeleted(_) => 0,
+                EventBody::LocationUpdated(_) => 1,
+                _ => 2,
+            };
+            (part, event)
+        })
+        .into_iter();
+    let (Some(zone_events), Some(locations), Some(delivery_events)) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        unreachable!("partition(3) returns three streams")
+    };
+
+    let (zones, zone_rejections) = upsert_zones(zone_events);
+    let (couriers, inside, location_rejections) =
+        track_couriers(locations, zones.clone(), config.speed_window);
+    let (deliveries, delivery_rejections) = upsert_deliveries(delivery_events);
+    let dropoff_zones = dropoff_zones(
+        deliveries.clone().map(|(id, state)| (id, state.dropoff)),
+        zones.clone(),
+    );
+
+    let eta_config = config.eta;
+    let active = deliveries
+        .clone()
+        .flat_map(|(id, state)| match state.courier_id {
+            Some(courier_id) if state.status.is_active() => {
+                Some((courier_id, (id, state.status, state.pickup, state.dropoff)))
+            }
+            _ => None,
+        });
+    let fixes = couriers
+        .clone()
+        .map(|(courier_id, state)| (courier_id, (state.position, state.at, state.speed_mm_s)));
+    let etas = active.join(fixes).map(
+        move |(courier_id, ((id, status, pickup, dropoff), (position, at, speed_mm_s)))| {
+            let input = EtaInput {
+                courier_id,
+                status,
+                pickup,
+                dropoff,
+                position,
+                at,
+                speed_mm_s,
+            };
+            (id, estimate(&input, &eta_config))
+        },
+    );
+
+    let by_delivery = deliveries.clone().explode(|(_, state)| {
+        let tally = delivery_tally(&state);
+        delivery_scopes(&state)
+            .into_iter()
+            .map(move |scope| (scope, tally))
+    });
+    let by_dropoff_zone = deliveries
+        .clone()
+        .map(|(id, state)| (id, delivery_tally(&state)))
+        .join(dropoff_zones.clone())
+        .explode(|(_, (tally, zone_id))| Some((Scope::DropoffZone(zone_id), tally)));
+    let by_courier = couriers
+        .clone()
+        .explode(|(courier_id, state)| Some((Scope::Courier(courier_id), courier_tally(&state))));
+    let metrics = by_delivery
+        .concat(by_dropoff_zone)
+        .concat(by_courier)
+        .count_total()
+        .map(|(scope, tally)| (scope, tally));
+
+    let rejections = zone_rejections
+        .concat(location_rejections)
+        .concat(delivery_rejections);
+    Collections {
+        couriers,
+        zones,
+        inside,
+        deliveries,
+        dropoff_zones,
+        etas,
+        metrics,
+        rejections,
+    }
+}
+
+/// The scopes a delivery counts in (dropoff zones come from the spatial join).
+pub fn delivery_scopes(state: &DeliveryState) -> Vec<Scope> {
+    let mut scopes = vec![Scope::Overall];
+    if let Some(courier_id) = state.courier_id {
+        scopes.push(Scope::Courier(courier_id));
+    }
+    if let Some((weekday, hour)) = weekday_hour(state.created_at) {
+        scopes.push(Scope::HourOfDay(hour));
+        scopes.push(Scope::WeekdayHour(weekday, hour));
+    }
+    scopes
+}
+
+/// Weekday (0 = Monday) and hour of a time, UTC.
+pub fn weekday_hour(at: UnixMillis) -> Option<(u8, u8)> {
+    let time = DateTime::from_timestamp_millis(at)?;
+    Some((
+        time.weekday().num_days_from_monday() as u8,
+        time.hour() as u8,
+    ))
+}
+
+/// What one delivery contributes to each of its scopes.
+pub fn delivery_tally(state: &DeliveryState) -> Tally {
+    let mut tally = Tally {
+        deliveries: 1,
+        active: i64::from(state.status.is_active()),
+        ..Tally::default()
+    };
+    match state.status {
+        Status::Delivered => {
+            tally.delivered = 1;
+            let ended = state.ended_at.unwrap_or(state.created_at);
+            tally.created_to_delivered_ms = (ended - state.created_at).max(0);
+            if let Some(picked_up) = state.picked_up_at {
+                tally.picked_up_delivered = 1;
+                tally.picked_up_to_delivered_ms = (ended - picked_up).max(0);
+            }
+            if let Some(promised_by) = state.promised_by {
+                tally.promised = 1;
+                tally.on_time = i64::from(ended <= promised_by);
+            }
+        }
+        Status::Failed => tally.failed = 1,
+        Status::Cancelled => tally.cancelled = 1,
+        _ => {}
+    }
+    if let Some(rating) = &state.rating {
+        tally.rated = 1;
+        tally.score_sum = i64::from(rating.score);
+        if let Some(bucket) = tally
+            .score_histogram
+            .get_mut(usize::from(rating.score).wrapping_sub(1))
+        {
+            *bucket = 1;
+        }
+    }
+    tally
+}
+
+/// What a courier's movement contributes to its scope.
+pub fn courier_tally(state: &CourierState) -> Tally {
+    Tally {
+        distance_mm: i64::try_from(state.odometer_mm).unwrap_or(i64::MAX),
+        active_hours: i64::from(state.active_hours),
+        ..Tally::default()
+    }
+}
+
+impl IsZero for Tally {
+    fn is_zero(&self) -> bool {
+        self.is_empty()
+    }
+}
+
+impl Semigroup for Tally {
+    fn plus_equals(&mut self, rhs: &Self) {
+        self.add_scaled(rhs, 1);
+    }
+}
+
+impl Multiply<isize> for Tally {
+    type Output = Tally;
+
+    fn multiply(self, rhs: &isize) -> Tally {
+        let mut product = Tally::default();
+        product.add_scaled(&self, *rhs as i64);
+        product
+    }
+}

@@ -1,10 +1,27 @@
 //! Runs the dataflow on timely worker threads: epochs of events in, one
-//! [`EpochOutput`](crate::model::EpochOutput) per epoch out, in epoch order.
+//! [`EpochOutput`] per epoch out, in epoch order.
+//!
+//! The input half ([`EpochSender`]) splits each epoch's events across the workers (every
+//! event is routed to the worker that owns its entity inside the dataflow, so any split is
+//! correct) and blocks while too many epochs are in flight. The output half
+//! ([`EpochReceiver`]) assembles the workers' shares of each closed epoch.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::Input;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::worker::Worker;
+
+use crate::compute::{ComputeConfig, delivery_tracking};
+use crate::eta::EtaConfig;
 use crate::event::Event;
 use crate::model::{Epoch, EpochOutput};
+use crate::operators::output::{WorkerReport, report};
 
 /// How the dataflow computes and how many threads it uses.
 #[derive(Clone, Debug)]
@@ -33,15 +50,24 @@ impl Default for DataflowConfig {
     }
 }
 
-/// The dataflow could not start.
+impl DataflowConfig {
+    fn compute(&self) -> ComputeConfig {
+        ComputeConfig {
+            eta: EtaConfig::from_mps(self.default_speed_mps, self.min_speed_mps),
+            speed_window: self.speed_window.max(2),
+        }
+    }
+}
+
+/// The dataflow could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum DataflowError {
     /// Timely refused the configuration.
     #[error("the dataflow workers did not start: {0}")]
     Start(String),
     /// A worker thread panicked.
-    #[error("a dataflow worker failed")]
-    WorkerFailed,
+    #[error("a dataflow worker failed: {0}")]
+    WorkerFailed(String),
 }
 
 /// The pipeline has shut down and takes no more input.
@@ -55,14 +81,117 @@ pub struct Closed;
 /// # Errors
 /// [`DataflowError::Start`] when timely cannot start the workers.
 pub fn start(config: DataflowConfig) -> Result<(EpochSender, EpochReceiver), DataflowError> {
-    let _ = config;
-    Err(DataflowError::Start("not yet".into()))
+    let workers = config.workers.max(1);
+    let in_flight = config.max_epochs_in_flight.max(1);
+    let compute = config.compute();
+
+    let (report_tx, report_rx) = sync_channel::<WorkerReport>(workers * in_flight);
+    let (final_tx, final_rx) = sync_channel::<Result<(), String>>(1);
+    let mut inputs = Vec::with_capacity(workers);
+    let mut worker_inputs = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, rx) = sync_channel::<Vec<Event>>(in_flight);
+        inputs.push(tx);
+        worker_inputs.push(Some(rx));
+    }
+    let worker_inputs = Arc::new(Mutex::new(worker_inputs));
+
+    let guards = timely::execute(timely::Config::process(workers), move |worker| {
+        let index = worker.index();
+        let events = worker_inputs
+            .lock()
+            .ok()
+            .and_then(|mut inputs| inputs.get_mut(index).and_then(Option::take));
+        let Some(events) = events else { return };
+        let probe = ProbeHandle::new();
+        let sender = report_tx.clone();
+        let mut input = worker.dataflow::<u64, _, _>(|scope| {
+            let (input, stream) = scope.new_input::<Vec<Event>>();
+            let (changes, rejections) = delivery_tracking(stream, compute).changes();
+            report(changes, rejections, index, sender, &probe);
+            input
+        });
+        drive(worker, &mut input, &events, &probe, in_flight as u64);
+        drop(input);
+        while worker.step_or_park(Some(Duration::from_millis(1))) {}
+    })
+    .map_err(DataflowError::Start)?;
+
+    // The supervisor waits for the workers so that a failure reaches the receiver.
+    std::thread::Builder::new()
+        .name("dataflow-supervisor".into())
+        .spawn(move || {
+            let failures: Vec<String> = guards.join().into_iter().filter_map(Result::err).collect();
+            let outcome = if failures.is_empty() {
+                Ok(())
+            } else {
+                Err(failures.join("; "))
+            };
+            let _ = final_tx.send(outcome);
+        })
+        .map_err(|error| DataflowError::Start(error.to_string()))?;
+
+    let submitted = Arc::new(AtomicU64::new(0));
+    let sender = EpochSender {
+        inputs,
+        next: 0,
+        submitted: Arc::clone(&submitted),
+    };
+    let receiver = EpochReceiver {
+        reports: report_rx,
+        finished: final_rx,
+        submitted,
+        frontiers: vec![Some(0); workers],
+        open: BTreeMap::new(),
+        next: 0,
+        outcome: None,
+    };
+    Ok((sender, receiver))
+}
+
+/// A worker's loop: admit epochs while fewer than `in_flight` are unfinished, step the
+/// dataflow, until the input is closed.
+fn drive(
+    worker: &mut Worker,
+    input: &mut timely::dataflow::InputHandle<u64, CapacityContainerBuilder<Vec<Event>>>,
+    events: &Receiver<Vec<Event>>,
+    probe: &ProbeHandle<u64>,
+    in_flight: u64,
+) {
+    loop {
+        let epoch = *input.time();
+        let idle = !probe.less_than(&epoch);
+        if !probe.less_than(&epoch.saturating_sub(in_flight)) {
+            let next = if idle {
+                // Nothing to compute: wait for input rather than spin.
+                events
+                    .recv_timeout(Duration::from_millis(20))
+                    .map_err(|error| match error {
+                        RecvTimeoutError::Timeout => TryRecvError::Empty,
+                        RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
+                    })
+            } else {
+                events.try_recv()
+            };
+            match next {
+                Ok(mut batch) => {
+                    input.send_batch(&mut batch);
+                    input.advance_to(epoch + 1);
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        worker.step_or_park(Some(Duration::from_millis(1)));
+    }
 }
 
 /// Feeds epochs to the workers.
 #[derive(Debug)]
 pub struct EpochSender {
+    inputs: Vec<SyncSender<Vec<Event>>>,
     next: Epoch,
+    submitted: Arc<AtomicU64>,
 }
 
 impl EpochSender {
@@ -71,11 +200,27 @@ impl EpochSender {
     ///
     /// # Errors
     /// [`Closed`] when the workers have stopped.
-    pub fn send(&mut self, events: Vec<Event>) -> Result<Epoch, Closed> {
-        let _ = events;
+    pub fn send(&mut self, mut events: Vec<Event>) -> Result<Epoch, Closed> {
+        let workers = self.inputs.len();
+        let share = events.len().div_ceil(workers.max(1));
+        let mut shares = Vec::with_capacity(workers);
+        for _ in 1..workers {
+            let rest = events.split_off(share.min(events.len()));
+            shares.push(std::mem::replace(&mut events, rest));
+        }
+        shares.push(events);
+        for (input, share) in self.inputs.iter().zip(shares) {
+            input.send(share).map_err(|_| Closed)?;
+        }
         let epoch = self.next;
         self.next += 1;
+        self.submitted.store(self.next, Ordering::Release);
         Ok(epoch)
+    }
+
+    /// The epoch the next [`send`](Self::send) will get.
+    pub fn next_epoch(&self) -> Epoch {
+        self.next
     }
 
     /// Closes the input: the workers finish the epochs already sent, output them and stop.
@@ -84,12 +229,31 @@ impl EpochSender {
 
 /// Receives the output of every epoch, in order.
 #[derive(Debug)]
-pub struct EpochReceiver {}
+pub struct EpochReceiver {
+    reports: Receiver<WorkerReport>,
+    finished: Receiver<Result<(), String>>,
+    submitted: Arc<AtomicU64>,
+    /// Per worker: every epoch below is closed there (`None`: done).
+    frontiers: Vec<Option<Epoch>>,
+    /// Shares received for epochs not yet complete everywhere.
+    open: BTreeMap<Epoch, EpochOutput>,
+    /// The next epoch to hand out.
+    next: Epoch,
+    /// Set once the workers have exited.
+    outcome: Option<Result<(), String>>,
+}
 
 impl EpochReceiver {
-    /// The next epoch's output; `None` once the input is closed and every epoch was output.
+    /// The next epoch's output; `None` once the input is closed and every epoch was output
+    /// (or a worker failed: see [`outcome`](Self::outcome)).
     pub fn recv(&mut self) -> Option<EpochOutput> {
-        None
+        loop {
+            match self.recv_timeout(Duration::from_secs(3600)) {
+                Ok(Some(output)) => return Some(output),
+                Ok(None) => continue,
+                Err(Closed) => return None,
+            }
+        }
     }
 
     /// As [`recv`](Self::recv), waiting at most `timeout`; `Ok(None)` when it elapsed.
@@ -97,7 +261,89 @@ impl EpochReceiver {
     /// # Errors
     /// [`Closed`] once the input is closed and every epoch was output.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<EpochOutput>, Closed> {
-        let _ = timeout;
-        Err(Closed)
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(output) = self.pop_complete() {
+                return Ok(Some(output));
+            }
+            if self.outcome.is_some() {
+                return Err(Closed);
+            }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match self
+                .reports
+                .recv_timeout(wait.min(Duration::from_millis(50)))
+            {
+                Ok(report) => self.absorb(report),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Ok(outcome) = self.finished.try_recv() {
+                        self.absorb_remaining();
+                        self.outcome = Some(outcome);
+                    } else if Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let outcome = self
+                        .finished
+                        .recv()
+                        .unwrap_or_else(|_| Err("the supervisor vanished".into()));
+                    self.outcome = Some(outcome);
+                }
+            }
+        }
+    }
+
+    /// How the workers ended, once they have: `Err` with the failure if one panicked.
+    ///
+    /// # Errors
+    /// [`DataflowError::WorkerFailed`] when a worker panicked.
+    pub fn outcome(&self) -> Option<Result<(), DataflowError>> {
+        self.outcome
+            .as_ref()
+            .map(|outcome| outcome.clone().map_err(DataflowError::WorkerFailed))
+    }
+
+    fn absorb_remaining(&mut self) {
+        while let Ok(report) = self.reports.try_recv() {
+            self.absorb(report);
+        }
+    }
+
+    fn absorb(&mut self, report: WorkerReport) {
+        if let Some(frontier) = self.frontiers.get_mut(report.worker) {
+            *frontier = report.frontier;
+        }
+        for (epoch, changes, rejections) in report.shares {
+            let output = self.open.entry(epoch).or_insert_with(|| EpochOutput {
+                epoch,
+                ..EpochOutput::default()
+            });
+            output.changes.extend(changes);
+            output.rejections.extend(rejections);
+        }
+    }
+
+    /// The next epoch, if every worker has closed it.
+    fn pop_complete(&mut self) -> Option<EpochOutput> {
+        let closed_below = self
+            .frontiers
+            .iter()
+            .map(|f| f.unwrap_or(Epoch::MAX))
+            .min()
+            .unwrap_or(Epoch::MAX);
+        let submitted = self.submitted.load(Ordering::Acquire);
+        if self.next >= closed_below || (closed_below == Epoch::MAX && self.next >= submitted) {
+            return None;
+        }
+        let epoch = self.next;
+        self.next += 1;
+        let mut output = self.open.remove(&epoch).unwrap_or(EpochOutput {
+            epoch,
+            ..EpochOutput::default()
+        });
+        output.changes.sort();
+        output.rejections.sort();
+        Some(output)
     }
 }

@@ -1,0 +1,309 @@
+//! Courier positions and the geofence join.
+//!
+//! Per courier: the latest fix wins by `(occurred_at, event_id)` (an older fix is reported as
+//! stale and changes nothing, so a replay cannot move a courier back or double its odometer);
+//! the odometer sums the steps between accepted fixes; the speed is the reported one or the
+//! path speed over the last few fixes.
+//!
+//! The geofence join is incremental in both inputs. A fix re-tests its courier against the
+//! zones whose bounding boxes hold it. A zone change re-tests only the couriers inside the
+//! zone's old and new bounding boxes. A courier is *present* in a zone from the first fix (or
+//! zone change) that puts it inside; it counts as *inside* once it has been present for the
+//! zone's dwell time, measured in event time at its fixes. Zone changes of an epoch apply
+//! before its fixes.
+
+use std::collections::{HashMap, VecDeque};
+
+use differential_dataflow::VecCollection;
+use timely::dataflow::StreamVec;
+
+use super::{Emitted, Freshness, ZoneJoin, freshness, rejection, select, stamped, zone_join};
+use crate::eta::{hour_bucket, step_mm, window_speed_mm_s};
+use crate::event::{Event, EventBody, UnixMillis};
+use crate::geometry::GeoPoint;
+use crate::ids::{CourierId, ZoneId};
+use crate::model::{CourierState, RejectReason, Rejection, ZoneState};
+use crate::spatial::{PointIndex, ZoneIndex};
+
+/// A courier's presence in a zone.
+#[derive(Debug, Clone, Copy)]
+struct Presence {
+    zone_id: ZoneId,
+    /// Event time at which the courier was first seen inside, without interruption.
+    since: UnixMillis,
+    /// Present for at least the zone's dwell time: a member of `inside`.
+    confirmed: bool,
+}
+
+/// Everything known about one courier.
+#[derive(Debug, Clone)]
+struct Track {
+    state: CourierState,
+    /// The last accepted fixes, oldest first, for the speed estimate.
+    window: VecDeque<(UnixMillis, GeoPoint)>,
+    /// Zones the courier is in (a handful).
+    presence: Vec<Presence>,
+}
+
+/// A record the tracker maintains.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TrackerRecord {
+    /// `couriers(courier, state)`.
+    Courier(CourierId, CourierState),
+    /// `inside(courier, zone)`.
+    Inside(CourierId, ZoneId),
+}
+
+/// The couriers of one worker's share, and every zone.
+#[derive(Debug)]
+pub struct CourierTracker {
+    zones: ZoneIndex,
+    dwell_ms: HashMap<ZoneId, i64>,
+    couriers: HashMap<CourierId, Track>,
+    positions: PointIndex<CourierId>,
+    speed_window: usize,
+}
+
+/// Net changes of one epoch.
+#[derive(Default)]
+struct Changes {
+    couriers_before: HashMap<CourierId, Option<CourierState>>,
+    inside: HashMap<(CourierId, ZoneId), isize>,
+}
+
+impl CourierTracker {
+    /// A tracker that estimates speed over `speed_window` fixes.
+    pub fn new(speed_window: usize) -> Self {
+        Self {
+            zones: ZoneIndex::new(),
+            dwell_ms: HashMap::new(),
+            couriers: HashMap::new(),
+            positions: PointIndex::new(),
+            speed_window: speed_window.max(2),
+        }
+    }
+
+    /// Applies a zone's net change and re-tests the couriers near its old and new shapes.
+    fn apply_zone(&mut self, zone_id: ZoneId, new: Option<ZoneState>, changes: &mut Changes) {
+        let mut candidates = Vec::new();
+        if let Some(old) = self.zones.get(zone_id) {
+            candidates.extend(self.positions.candidates_for(old));
+        }
+        match new {
+            Some(state) => {
+                candidates.extend(self.positions.candidates_for(&state.shape));
+                self.dwell_ms.insert(zone_id, state.dwell_ms);
+                self.zones.upsert(zone_id, state.shape);
+            }
+            None => {
+                self.dwell_ms.remove(&zone_id);
+                self.zones.remove(zone_id);
+            }
+        }
+        candidates.sort();
+        candidates.dedup();
+        for courier_id in candidates {
+            self.retest(courier_id, zone_id, changes);
+        }
+    }
+
+    /// Re-evaluates one courier's membership of one zone at its latest fix.
+    fn retest(&mut self, courier_id: CourierId, zone_id: ZoneId, changes: &mut Changes) {
+        let Some(track) = self.couriers.get_mut(&courier_id) else {
+            return;
+        };
+        let (position, now) = (track.state.position, track.state.at);
+        let inside = self.zones.zone_contains(zone_id, position);
+        let dwell = self.dwell_ms.get(&zone_id).copied().unwrap_or(0);
+        let index = track.presence.iter().position(|p| p.zone_id == zone_id);
+        match (index, inside) {
+            (Some(i), true) => {
+                let presence = &mut track.presence[i];
+                let confirmed = now - presence.since >= dwell;
+                if confirmed != presence.confirmed {
+                    presence.confirmed = confirmed;
+                    *changes.inside.entry((courier_id, zone_id)).or_default() +=
+                        if confirmed { 1 } else { -1 };
+                }
+            }
+            (None, true) => {
+                let confirmed = dwell <= 0;
+                track.presence.push(Presence {
+                    zone_id,
+                    since: now,
+                    confirmed,
+                });
+                if confirmed {
+                    *changes.inside.entry((courier_id, zone_id)).or_default() += 1;
+                }
+            }
+            (Some(i), false) => {
+                if track.presence.swap_remove(i).confirmed {
+                    *changes.inside.entry((courier_id, zone_id)).or_default() -= 1;
+                }
+            }
+            (None, false) => {}
+        }
+    }
+
+    /// Applies one fix; `Err(Stale)` if older than the courier's latest.
+    fn apply_fix(&mut self, event: &Event, changes: &mut Changes) -> Result<(), RejectReason> {
+        let EventBody::LocationUpdated(fix) = &event.body else {
+            return Ok(());
+        };
+        let (courier_id, at) = (fix.courier_id, event.occurred_at);
+        let current = self.couriers.get(&courier_id);
+        match freshness(
+            (at, event.event_id),
+            current.map(|t| (t.state.at, t.state.event_id)),
+        ) {
+            Freshness::Newer => {}
+            Freshness::Replay => return Ok(()),
+            Freshness::Stale => return Err(RejectReason::Stale),
+        }
+        changes
+            .couriers_before
+            .entry(courier_id)
+            .or_insert_with(|| current.map(|track| track.state.clone()));
+        let window_len = self.speed_window;
+        let track = self.couriers.entry(courier_id).or_insert_with(|| Track {
+            state: CourierState {
+                position: fix.position,
+                at,
+                event_id: event.event_id,
+                speed_mm_s: None,
+                heading_ddeg: None,
+                odometer_mm: 0,
+                active_hours: 1,
+            },
+            window: VecDeque::with_capacity(window_len),
+            presence: Vec::new(),
+        });
+        let state = &mut track.state;
+        if let Some(&(last_at, last_position)) = track.window.back() {
+            state.odometer_mm += step_mm(last_position, fix.position);
+            if hour_bucket(at) != hour_bucket(last_at) {
+                state.active_hours += 1;
+            }
+        }
+        track.window.push_back((at, fix.position));
+        while track.window.len() > window_len {
+            track.window.pop_front();
+        }
+        state.position = fix.position;
+        state.at = at;
+        state.event_id = event.event_id;
+        state.heading_ddeg = fix.heading_ddeg;
+        state.speed_mm_s = fix
+            .speed_mm_s
+            .or_else(|| window_speed_mm_s(track.window.make_contiguous()));
+        self.positions.set(courier_id, fix.position);
+
+        // Leave the zones the courier is no longer in, then (re)enter those it is in.
+        let containing: Vec<ZoneId> = self.zones.containing(fix.position).collect();
+        let left: Vec<ZoneId> = track
+            .presence
+            .iter()
+            .map(|p| p.zone_id)
+            .filter(|zone_id| !containing.contains(zone_id))
+            .collect();
+        for zone_id in left.into_iter().chain(containing) {
+            self.retest(courier_id, zone_id, changes);
+        }
+        Ok(())
+    }
+}
+
+impl ZoneJoin for CourierTracker {
+    type Input = Event;
+    type Record = TrackerRecord;
+
+    fn apply_epoch(
+        &mut self,
+        zone_changes: Vec<((ZoneId, ZoneState), isize)>,
+        input: Vec<(Event, isize)>,
+    ) -> (Vec<(TrackerRecord, isize)>, Vec<Rejection>) {
+        let mut changes = Changes::default();
+        for (zone_id, new) in net_zone_changes(zone_changes) {
+            self.apply_zone(zone_id, new, &mut changes);
+        }
+        let mut fixes: Vec<Event> = input.into_iter().map(|(event, _)| event).collect();
+        fixes.sort_by_key(Event::apply_order);
+        let mut rejections = Vec::new();
+        for event in &fixes {
+            if let Err(reason) = self.apply_fix(event, &mut changes) {
+                rejections.push(rejection(event.event_id, event.kind(), reason));
+            }
+        }
+        let mut records = Vec::new();
+        for (courier_id, old) in changes.couriers_before {
+            let new = self
+                .couriers
+                .get(&courier_id)
+                .map(|track| track.state.clone());
+            if old != new {
+                records.extend(old.map(|state| (TrackerRecord::Courier(courier_id, state), -1)));
+                records.extend(new.map(|state| (TrackerRecord::Courier(courier_id, state), 1)));
+            }
+        }
+        for ((courier_id, zone_id), diff) in changes.inside {
+            if diff != 0 {
+                records.push((TrackerRecord::Inside(courier_id, zone_id), diff));
+            }
+        }
+        records.sort();
+        (records, rejections)
+    }
+}
+
+/// The state each changed zone ends the epoch in (`None`: deleted), in zone order.
+pub(crate) fn net_zone_changes(
+    changes: Vec<((ZoneId, ZoneState), isize)>,
+) -> Vec<(ZoneId, Option<ZoneState>)> {
+    let mut by_zone: HashMap<ZoneId, Option<ZoneState>> = HashMap::new();
+    for ((zone_id, state), diff) in changes {
+        let entry = by_zone.entry(zone_id).or_default();
+        if diff > 0 {
+            *entry = Some(state);
+        }
+    }
+    let mut net: Vec<_> = by_zone.into_iter().collect();
+    net.sort_by_key(|(zone_id, _)| *zone_id);
+    net
+}
+
+/// Maintains `couriers(courier, state)` and `inside(courier, zone)` from location events
+/// and the zones, partitioned by courier.
+pub fn track_couriers<'scope>(
+    locations: StreamVec<'scope, u64, Event>,
+    zones: VecCollection<'scope, u64, (ZoneId, ZoneState)>,
+    speed_window: usize,
+) -> (
+    VecCollection<'scope, u64, (CourierId, CourierState)>,
+    VecCollection<'scope, u64, (CourierId, ZoneId)>,
+    VecCollection<'scope, u64, Rejection>,
+) {
+    let emitted = zone_join(
+        CourierTracker::new(speed_window),
+        "TrackCouriers",
+        stamped(locations),
+        |event: &Event| match &event.body {
+            EventBody::LocationUpdated(fix) => fix.courier_id.route(),
+            _ => 0,
+        },
+        zones,
+    );
+    let couriers = select(&emitted, |emitted| match emitted {
+        Emitted::Record(TrackerRecord::Courier(courier_id, state)) => Some((courier_id, state)),
+        _ => None,
+    });
+    let inside = select(&emitted, |emitted| match emitted {
+        Emitted::Record(TrackerRecord::Inside(courier_id, zone_id)) => Some((courier_id, zone_id)),
+        _ => None,
+    });
+    let rejections = select(&emitted, |emitted| match emitted {
+        Emitted::Rejected(refused) => Some(refused),
+        Emitted::Record(_) => None,
+    });
+    (couriers, inside, rejections)
+}
