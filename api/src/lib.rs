@@ -1,1 +1,210 @@
-//! api
+//! The HTTP and WebSocket face of DeliverTrack, served by axum.
+//!
+//! [`router`] builds the whole application from one [`AppState`]; [`serve`] runs it on a
+//! listener until the state's shutdown token fires. Reads come from the in-memory
+//! [`ReadModel`](delivertrack_sinks::ReadModel); live changes from its broadcast stream.
+//!
+//! Routes so far (each resource module exposes its own `router()`):
+//!
+//! | route | module | |
+//! |---|---|---|
+//! | `GET /` | [`map`] | the operations map page |
+//! | `GET /healthz`, `GET /readyz` | [`health`] | liveness; readiness (first epoch applied) |
+//! | `GET /api/snapshot` | [`snapshot`] | aggregates, counts, positions, zones |
+//! | `GET /api/couriers/{id}` | [`couriers`] | one courier |
+//! | `GET /api/deliveries/{id}` | [`deliveries`] | one delivery |
+//! | `GET /ws/changes` | [`live`] | WebSocket: a snapshot, then one message per epoch |
+//!
+//! Every error is JSON of one shape, `{"error": {"code": "...", "message": "..."}}`
+//! ([`ApiError`]).
+//!
+//! # Layout
+//! - [`state`]: [`AppState`] and [`ApiConfig`].
+//! - [`error`]: [`ApiError`], the one error type of every handler.
+//! - [`id`]: parsing typed ids out of paths.
+//! - [`health`], [`snapshot`], [`couriers`], [`deliveries`], [`live`], [`map`]: the
+//!   resources.
+//! - [`server`]: [`serve`], with graceful shutdown.
+
+pub mod couriers;
+pub mod deliveries;
+pub mod error;
+pub mod health;
+pub mod id;
+pub mod live;
+pub mod map;
+pub mod server;
+pub mod snapshot;
+pub mod state;
+
+use axum::Router;
+use axum::http::StatusCode;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+pub use server::serve;
+pub use state::{ApiConfig, AppState};
+
+/// The whole application: every resource's routes, a JSON 404 for anything else, request
+/// tracing and a request timeout.
+pub fn router(state: AppState) -> Router {
+    let timeout = state.config.request_timeout;
+    Router::new()
+        .merge(map::router())
+        .merge(health::router())
+        .merge(snapshot::router())
+        .merge(couriers::router())
+        .merge(deliveries::router())
+        .merge(live::router())
+        .fallback(|| async { ApiError::RouteNotFound })
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, Response};
+    use delivertrack_dataflow::geometry::GeoPoint;
+    use delivertrack_dataflow::ids::{CustomerId, EventId};
+    use delivertrack_dataflow::model::{CourierState, DeliveryState};
+    use delivertrack_dataflow::{Change, CourierId, DeliveryId, EpochOutput, Status};
+    use delivertrack_sinks::ReadModel;
+    use serde_json::Value;
+    use tokio_util::sync::CancellationToken;
+    use tower::ServiceExt;
+    use uuid::Uuid;
+
+    const COURIER: Uuid = Uuid::from_u128(1);
+    const DELIVERY: Uuid = Uuid::from_u128(2);
+
+    fn ready_model() -> ReadModel {
+        let model = ReadModel::default();
+        let courier = CourierState {
+            position: GeoPoint::from_degrees(52.52, 13.40),
+            at: 1_000,
+            event_id: EventId(Uuid::from_u128(10)),
+            speed_mm_s: None,
+            heading_ddeg: None,
+            odometer_mm: 0,
+            active_hours: 1,
+        };
+        let delivery = DeliveryState {
+            customer_id: CustomerId(Uuid::from_u128(3)),
+            courier_id: Some(CourierId(COURIER)),
+            pickup: GeoPoint::from_degrees(52.52, 13.41),
+            dropoff: GeoPoint::from_degrees(52.50, 13.45),
+            promised_by: None,
+            status: Status::Assigned,
+            created_at: 500,
+            assigned_at: Some(600),
+            picked_up_at: None,
+            ended_at: None,
+            rating: None,
+            version: 2,
+        };
+        model.apply(&EpochOutput {
+            epoch: 0,
+            changes: vec![
+                (Change::Courier(CourierId(COURIER), courier), 1),
+                (Change::Delivery(DeliveryId(DELIVERY), delivery), 1),
+            ],
+            rejections: Vec::new(),
+        });
+        model
+    }
+
+    async fn get(model: &ReadModel, uri: &str) -> (u16, Value) {
+        let app = router(AppState::new(model.clone(), CancellationToken::new()));
+        let response: Response<Body> = app
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = if bytes.starts_with(b"<!doctype") {
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn health_and_readiness() {
+        let empty = ReadModel::default();
+        assert_eq!(
+            get(&empty, "/healthz").await,
+            (200, serde_json::json!({"status": "ok"}))
+        );
+        let (status, body) = get(&empty, "/readyz").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (503, Some("not_ready"))
+        );
+        let (status, body) = get(&ready_model(), "/readyz").await;
+        assert_eq!((status, body["epoch"].as_u64()), (200, Some(0)));
+    }
+
+    #[tokio::test]
+    async fn snapshot_and_lookups() {
+        let model = ready_model();
+        let (status, body) = get(&model, "/api/snapshot").await;
+        assert_eq!(status, 200);
+        assert_eq!(body["epoch"], 0);
+        assert_eq!(body["counts"]["couriers"], 1);
+        assert_eq!(body["counts"]["active_deliveries"], 1);
+
+        let (status, body) = get(&model, &format!("/api/couriers/{COURIER}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["active_deliveries"][0], DELIVERY.to_string());
+        assert!((body["position"]["lat"].as_f64().unwrap() - 52.52).abs() < 1e-6);
+
+        let (status, body) = get(&model, &format!("/api/deliveries/{DELIVERY}")).await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("assigned")));
+    }
+
+    #[tokio::test]
+    async fn errors_are_json_with_stable_codes() {
+        let model = ready_model();
+        let (status, body) = get(&model, "/api/couriers/not-a-uuid").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_id"))
+        );
+        let (status, body) = get(&model, "/api/deliveries/42").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_id"))
+        );
+        let unknown = Uuid::from_u128(99);
+        let (status, body) = get(&model, &format!("/api/deliveries/{unknown}")).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("not_found"))
+        );
+        let (status, body) = get(&model, "/nowhere").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("route_not_found"))
+        );
+        assert!(body["error"]["message"].is_string());
+    }
+
+    #[tokio::test]
+    async fn the_map_page_is_self_contained() {
+        let (status, body) = get(&ReadModel::default(), "/").await;
+        assert_eq!(status, 200);
+        let page = body.as_str().unwrap();
+        assert!(page.contains("/ws/changes") && page.contains("/api/snapshot"));
+        assert!(!page.contains("<script src"), "no external scripts");
+    }
+}

@@ -1,0 +1,239 @@
+//! `GET /ws/changes`: the live stream of every change, over a WebSocket.
+//!
+//! Server → client, text frames of JSON, each tagged by `"type"`:
+//! - `{"type": "snapshot", "reason": "connected" | "lagged", "snapshot": {...}}`: the
+//!   whole [`Snapshot`]; first on connect, and again whenever the client fell behind;
+//! - `{"type": "epoch", "epoch": N, "changes": [...], "rejected": k}`: one per applied
+//!   epoch after the snapshot's, in increasing order; each change is tagged by `"type"`
+//!   (`courier_moved`, `geofence_entered`, `geofence_exited`, `delivery_status`, `eta`,
+//!   `eta_cleared`, `metric`, `zone_upserted`, ...; see
+//!   [`LiveChange`](delivertrack_sinks::LiveChange)).
+//!
+//! Client → server: nothing is expected; pongs and any message count as signs of life.
+//!
+//! Each session is two tasks: one sends, one receives. The per-client buffer is the read
+//! model's bounded broadcast ([`ReadModelConfig::live_capacity`] epochs): the publisher
+//! never waits for a client, and a client that falls further behind gets a fresh snapshot
+//! (a resync) instead of the updates it missed. A peer that stops answering pings, or does
+//! not take a message within [`ApiConfig::ws_send_timeout`], is closed.
+//!
+//! [`ReadModelConfig::live_capacity`]: delivertrack_sinks::ReadModelConfig::live_capacity
+//! [`ApiConfig::ws_send_timeout`]: crate::ApiConfig::ws_send_timeout
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::response::Response;
+use axum::routing::get;
+use delivertrack_dataflow::Epoch;
+use delivertrack_sinks::read_model::{EpochUpdate, Snapshot};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+
+use crate::state::AppState;
+
+/// The routes of this module.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/ws/changes", get(upgrade))
+}
+
+/// A message to the client.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ServerMessage<'a> {
+    /// The whole state.
+    Snapshot {
+        /// `connected` or `lagged`.
+        reason: &'static str,
+        /// The state.
+        snapshot: &'a Snapshot,
+    },
+    /// One epoch's changes.
+    Epoch(&'a EpochUpdate),
+}
+
+async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| session(socket, state))
+}
+
+/// Runs one client's session until either side ends it.
+async fn session(socket: WebSocket, state: AppState) {
+    let started = Instant::now();
+    // Milliseconds since `started` at which the peer last sent anything.
+    let heard_from = Arc::new(AtomicU64::new(0));
+    let (sink, stream) = socket.split();
+    let mut send = tokio::spawn(send_loop(sink, state, started, Arc::clone(&heard_from)));
+    let mut receive = tokio::spawn(receive_loop(stream, started, heard_from));
+    tokio::select! {
+        _ = &mut send => receive.abort(),
+        _ = &mut receive => send.abort(),
+    }
+    tracing::debug!("A live WebSocket session ended.");
+}
+
+/// Reads until the peer closes, noting when it was last heard from.
+async fn receive_loop(
+    mut stream: SplitStream<WebSocket>,
+    started: Instant,
+    heard_from: Arc<AtomicU64>,
+) {
+    while let Some(Ok(message)) = stream.next().await {
+        heard_from.store(millis_since(started), Ordering::Relaxed);
+        if let Message::Close(_) = message {
+            break;
+        }
+    }
+}
+
+/// Why the send loop stopped.
+enum End {
+    /// Close with this frame.
+    Close(u16, &'static str),
+    /// The peer is gone or stuck: drop the connection.
+    Drop,
+}
+
+/// Sends the snapshot, then every epoch, pings, and the final close frame.
+async fn send_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    state: AppState,
+    started: Instant,
+    heard_from: Arc<AtomicU64>,
+) {
+    let end = stream_changes(&mut sink, &state, started, &heard_from).await;
+    if let End::Close(code, reason) = end {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(
+            state.config.ws_send_timeout,
+            sink.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+}
+
+async fn stream_changes(
+    sink: &mut SplitSink<WebSocket, Message>,
+    state: &AppState,
+    started: Instant,
+    heard_from: &AtomicU64,
+) -> End {
+    let timeout = state.config.ws_send_timeout;
+    let ping_every = state.config.ws_ping_interval;
+    // Subscribe before taking the snapshot: every later epoch is then either in the
+    // snapshot or received below (and the ones already in the snapshot are skipped).
+    let mut updates = state.read_model.subscribe();
+    let mut last = match send_snapshot(sink, state, "connected", timeout).await {
+        Some(epoch) => epoch,
+        None => return End::Drop,
+    };
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => {
+                return End::Close(close_code::AWAY, "the server is shutting down");
+            }
+            _ = ping.tick() => {
+                let silent = millis_since(started).saturating_sub(heard_from.load(Ordering::Relaxed));
+                if silent > 2 * duration_millis(ping_every) + duration_millis(timeout) {
+                    tracing::info!(silent_ms = silent, "A live WebSocket peer stopped answering pings; closing it.");
+                    return End::Close(close_code::POLICY, "no answer to pings");
+                }
+                if !send(sink, Message::Ping(Default::default()), timeout).await {
+                    return End::Drop;
+                }
+            }
+            update = updates.recv() => match update {
+                Ok(update) => {
+                    if last.is_some_and(|last| update.epoch <= last) {
+                        continue;
+                    }
+                    last = Some(update.epoch);
+                    if !send_json(sink, &ServerMessage::Epoch(&update), timeout).await {
+                        return End::Drop;
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::info!(missed, "A live WebSocket client fell behind; sending it a fresh snapshot.");
+                    last = match send_snapshot(sink, state, "lagged", timeout).await {
+                        Some(epoch) => epoch,
+                        None => return End::Drop,
+                    };
+                }
+                Err(RecvError::Closed) => {
+                    return End::Close(close_code::AWAY, "the pipeline has stopped");
+                }
+            },
+        }
+    }
+}
+
+/// Sends a fresh snapshot; `Some(its epoch)` on success, `None` when the peer is gone.
+async fn send_snapshot(
+    sink: &mut SplitSink<WebSocket, Message>,
+    state: &AppState,
+    reason: &'static str,
+    timeout: Duration,
+) -> Option<Option<Epoch>> {
+    let snapshot = state.read_model.snapshot();
+    send_json(
+        sink,
+        &ServerMessage::Snapshot {
+            reason,
+            snapshot: &snapshot,
+        },
+        timeout,
+    )
+    .await
+    .then_some(snapshot.epoch)
+}
+
+async fn send_json(
+    sink: &mut SplitSink<WebSocket, Message>,
+    message: &ServerMessage<'_>,
+    timeout: Duration,
+) -> bool {
+    match serde_json::to_string(message) {
+        Ok(text) => send(sink, Message::Text(text.into()), timeout).await,
+        Err(error) => {
+            tracing::error!(%error, "A live message could not be serialized.");
+            false
+        }
+    }
+}
+
+/// Sends one message; `false` when the peer is gone or did not take it in time.
+async fn send(
+    sink: &mut SplitSink<WebSocket, Message>,
+    message: Message,
+    timeout: Duration,
+) -> bool {
+    match tokio::time::timeout(timeout, sink.send(message)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "A live WebSocket peer went away.");
+            false
+        }
+        Err(_) => {
+            tracing::info!("A live WebSocket peer did not take a message in time; dropping it.");
+            false
+        }
+    }
+}
+
+fn millis_since(start: Instant) -> u64 {
+    duration_millis(start.elapsed())
+}
+
+fn duration_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,1 @@
+//! DeliverTrack: the wiring of sources, the dataflow, sinks and the API.
