@@ -1,0 +1,463 @@
+//! The dataflow equals a plain sequential reference after every epoch, on generated event
+//! streams (moves, zone edits and deletes, lifecycles with illegal steps, ratings, out-of-order
+//! and duplicated events), with 1, 2 and 4 workers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use delivertrack_dataflow::eta::EtaConfig;
+use delivertrack_dataflow::event::*;
+use delivertrack_dataflow::geometry::{GeoPoint, ZoneShape};
+use delivertrack_dataflow::pipeline::{self, DataflowConfig};
+use delivertrack_dataflow::{Change, CourierId, CustomerId, DeliveryId, EventId, Status, ZoneId};
+use geo::{LineString, MultiPolygon, Polygon};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+use support::reference::Reference;
+
+/// An abstract step of a generated stream; `build` turns a list of them into events.
+#[derive(Clone, Debug)]
+enum Op {
+    Move {
+        courier: u8,
+        x: u8,
+        y: u8,
+        speed: Option<u16>,
+    },
+    Zone {
+        zone: u8,
+        x0: u8,
+        y0: u8,
+        x1: u8,
+        y1: u8,
+        dwell: u8,
+        triangle: bool,
+    },
+    DeleteZone {
+        zone: u8,
+    },
+    Create {
+        delivery: u8,
+        customer: u8,
+        pickup: (u8, u8),
+        dropoff: (u8, u8),
+        promise: Option<u8>,
+    },
+    /// The next legal step of a delivery (as far as the generator knows), or a detour.
+    Advance {
+        delivery: u8,
+        courier: u8,
+        ending: u8,
+    },
+    /// Any status at all: mostly illegal.
+    Status {
+        delivery: u8,
+        status: u8,
+        courier: u8,
+    },
+    Rate {
+        delivery: u8,
+        score: u8,
+    },
+    /// Send an earlier event again (a redelivery).
+    Repeat {
+        back: u8,
+    },
+    /// Close the epoch.
+    Cut,
+}
+
+#[derive(Clone, Debug)]
+struct Step {
+    op: Op,
+    /// Clock advance before this step, in quarter seconds.
+    advance: u8,
+    /// How far the event's time lags the clock, in quarter seconds (out-of-order input).
+    lag: u8,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0..4u8, 0..12u8, 0..12u8, proptest::option::of(0..15_000u16))
+            .prop_map(|(courier, x, y, speed)| Op::Move { courier, x, y, speed }),
+        2 => (0..3u8, 0..12u8, 0..12u8, 0..12u8, 0..12u8, 0..3u8, any::<bool>())
+            .prop_map(|(zone, x0, y0, x1, y1, dwell, triangle)| Op::Zone { zone, x0, y0, x1, y1, dwell, triangle }),
+        1 => (0..3u8).prop_map(|zone| Op::DeleteZone { zone }),
+        2 => (0..6u8, 0..2u8, (0..12u8, 0..12u8), (0..12u8, 0..12u8), proptest::option::of(0..80u8))
+            .prop_map(|(delivery, customer, pickup, dropoff, promise)| Op::Create { delivery, customer, pickup, dropoff, promise }),
+        5 => (0..6u8, 0..4u8, 0..10u8).prop_map(|(delivery, courier, ending)| Op::Advance { delivery, courier, ending }),
+        1 => (0..6u8, 0..7u8, 0..4u8).prop_map(|(delivery, status, courier)| Op::Status { delivery, status, courier }),
+        2 => (0..6u8, 1..=5u8).prop_map(|(delivery, score)| Op::Rate { delivery, score }),
+        1 => (0..40u8).prop_map(|back| Op::Repeat { back }),
+        2 => Just(Op::Cut),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    (op(), 0..8u8, prop_oneof![6 => Just(0u8), 1 => 1..12u8]).prop_map(|(op, advance, lag)| Step {
+        op,
+        advance,
+        lag,
+    })
+}
+
+const START: UnixMillis = 1_764_500_000_000; // a Sunday evening, so hours and weekdays vary
+
+fn point(x: u8, y: u8) -> GeoPoint {
+    GeoPoint::from_degrees(52.50 + f64::from(y) * 0.001, 13.40 + f64::from(x) * 0.001)
+}
+
+fn shape(x0: u8, y0: u8, x1: u8, y1: u8, triangle: bool) -> ZoneShape {
+    let (lo_x, hi_x) = (x0.min(x1), x0.max(x1) + 1);
+    let (lo_y, hi_y) = (y0.min(y1), y0.max(y1) + 1);
+    let corner = |x: u8, y: u8| {
+        let p = point(x, y);
+        (p.lon(), p.lat())
+    };
+    let ring = if triangle {
+        vec![
+            corner(lo_x, lo_y),
+            corner(hi_x, lo_y),
+            corner(lo_x, hi_y),
+            corner(lo_x, lo_y),
+        ]
+    } else {
+        vec![
+            corner(lo_x, lo_y),
+            corner(hi_x, lo_y),
+            corner(hi_x, hi_y),
+            corner(lo_x, hi_y),
+            corner(lo_x, lo_y),
+        ]
+    };
+    ZoneShape(MultiPolygon(vec![Polygon::new(
+        LineString::from(ring),
+        vec![],
+    )]))
+}
+
+/// Turns steps into epochs of events.
+fn build(steps: &[Step]) -> Vec<Vec<Event>> {
+    let mut epochs = vec![Vec::new()];
+    let mut sent: Vec<Event> = Vec::new();
+    let mut clock = START;
+    let mut next_id = 1u128;
+    // What the generator believes each delivery's status is, to produce mostly legal paths.
+    let mut believed: BTreeMap<u8, Status> = BTreeMap::new();
+    for step in steps {
+        clock += i64::from(step.advance) * 250;
+        let at = clock - i64::from(step.lag) * 250;
+        let body = match &step.op {
+            Op::Cut => {
+                epochs.push(Vec::new());
+                continue;
+            }
+            Op::Repeat { back } => {
+                if let Some(event) = sent
+                    .len()
+                    .checked_sub(1 + usize::from(*back))
+                    .map(|i| sent[i].clone())
+                {
+                    epochs.last_mut().unwrap().push(event);
+                }
+                continue;
+            }
+            Op::Move {
+                courier,
+                x,
+                y,
+                speed,
+            } => EventBody::LocationUpdated(LocationUpdated {
+                courier_id: courier_id(*courier),
+                position: point(*x, *y),
+                speed_mm_s: speed.map(u32::from),
+                heading_ddeg: Some(u16::from(*x) * 100),
+                accuracy_cm: None,
+            }),
+            Op::Zone {
+                zone,
+                x0,
+                y0,
+                x1,
+                y1,
+                dwell,
+                triangle,
+            } => EventBody::ZoneUpserted(ZoneUpserted {
+                zone_id: zone_id(*zone),
+                name: format!("zone {zone}"),
+                shape: shape(*x0, *y0, *x1, *y1, *triangle),
+                dwell_ms: [0, 1_500, 4_000][usize::from(*dwell)],
+            }),
+            Op::DeleteZone { zone } => EventBody::ZoneDeleted(ZoneDeleted {
+                zone_id: zone_id(*zone),
+            }),
+            Op::Create {
+                delivery,
+                customer,
+                pickup,
+                dropoff,
+                promise,
+            } => {
+                believed.insert(*delivery, Status::Created);
+                EventBody::DeliveryCreated(DeliveryCreated {
+                    delivery_id: delivery_id(*delivery),
+                    customer_id: CustomerId(Uuid::from_u128(0x300 + u128::from(*customer))),
+                    pickup: point(pickup.0, pickup.1),
+                    dropoff: point(dropoff.0, dropoff.1),
+                    promised_by: promise.map(|p| at + i64::from(p) * 250),
+                })
+            }
+            Op::Advance {
+                delivery,
+                courier,
+                ending,
+            } => {
+                let current = believed.get(delivery).copied().unwrap_or(Status::Created);
+                let next = match (current, ending) {
+                    (s, 0) if !s.is_terminal() => Status::Cancelled,
+                    (Status::Created, _) => Status::Assigned,
+                    (Status::Assigned, _) => Status::PickedUp,
+                    (Status::PickedUp, _) => Status::InTransit,
+                    (Status::InTransit, 1) => Status::Failed,
+                    (Status::InTransit, _) => Status::Delivered,
+                    (terminal, _) => terminal,
+                };
+                believed.insert(*delivery, next);
+                status_changed(*delivery, next, *courier)
+            }
+            Op::Status {
+                delivery,
+                status,
+                courier,
+            } => status_changed(*delivery, Status::ALL[usize::from(*status)], *courier),
+            Op::Rate { delivery, score } => EventBody::DeliveryRated(DeliveryRated {
+                delivery_id: delivery_id(*delivery),
+                score: *score,
+                comment: (*score < 3).then(|| "late".to_owned()),
+            }),
+        };
+        let event = Event {
+            event_id: EventId(Uuid::from_u128(next_id)),
+            occurred_at: at,
+            body,
+        };
+        next_id += 1;
+        sent.push(event.clone());
+        epochs.last_mut().unwrap().push(event);
+    }
+    epochs
+}
+
+fn status_changed(delivery: u8, status: Status, courier: u8) -> EventBody {
+    EventBody::StatusChanged(StatusChanged {
+        delivery_id: delivery_id(delivery),
+        status,
+        courier_id: (status == Status::Assigned).then(|| courier_id(courier)),
+    })
+}
+
+fn courier_id(n: u8) -> CourierId {
+    CourierId(Uuid::from_u128(0x100 + u128::from(n)))
+}
+fn delivery_id(n: u8) -> DeliveryId {
+    DeliveryId(Uuid::from_u128(0x200 + u128::from(n)))
+}
+fn zone_id(n: u8) -> ZoneId {
+    ZoneId(Uuid::from_u128(0x400 + u128::from(n)))
+}
+
+const SPEED_WINDOW: usize = 3;
+
+fn config(workers: usize) -> DataflowConfig {
+    DataflowConfig {
+        workers,
+        default_speed_mps: 4.0,
+        min_speed_mps: 0.5,
+        speed_window: SPEED_WINDOW,
+        max_epochs_in_flight: 2,
+    }
+}
+
+/// Runs the dataflow and checks every epoch's output against the reference.
+fn check(epochs: &[Vec<Event>], workers: usize) -> Result<(), TestCaseError> {
+    let mut reference = Reference::new(SPEED_WINDOW, EtaConfig::from_mps(4.0, 0.5));
+    let (mut sender, mut receiver) = pipeline::start(config(workers)).expect("the dataflow starts");
+    let feed = epochs.to_vec();
+    let feeder = std::thread::spawn(move || {
+        for events in feed {
+            sender.send(events).expect("the dataflow takes input");
+        }
+        sender.close();
+    });
+    let mut accumulated: BTreeMap<Change, i64> = BTreeMap::new();
+    for (epoch, events) in epochs.iter().enumerate() {
+        let output = receiver.recv().expect("an output per epoch");
+        prop_assert_eq!(output.epoch, epoch as u64);
+        let mut seen = BTreeSet::new();
+        for (change, diff) in &output.changes {
+            prop_assert!(
+                *diff == 1 || *diff == -1,
+                "unconsolidated diff {} for {:?}",
+                diff,
+                change
+            );
+            prop_assert!(
+                seen.insert(change.clone()),
+                "{:?} twice in one epoch",
+                change
+            );
+            *accumulated.entry(change.clone()).or_default() += diff;
+        }
+        accumulated.retain(|_, count| *count != 0);
+        for (change, count) in &accumulated {
+            prop_assert_eq!(
+                *count,
+                1,
+                "{:?} has multiplicity {} after epoch {}",
+                change,
+                count,
+                epoch
+            );
+        }
+        let expected_rejections = reference.epoch(events);
+        let expected = reference.records();
+        let actual: BTreeSet<Change> = accumulated.keys().cloned().collect();
+        if actual != expected {
+            let missing: Vec<_> = expected.difference(&actual).collect();
+            let extra: Vec<_> = actual.difference(&expected).collect();
+            return Err(TestCaseError::fail(format!(
+                "epoch {epoch}, {workers} workers: missing {missing:#?}\nextra {extra:#?}"
+            )));
+        }
+        prop_assert_eq!(
+            &output.rejections,
+            &expected_rejections,
+            "rejections of epoch {}",
+            epoch
+        );
+    }
+    prop_assert!(receiver.recv().is_none(), "no output after the last epoch");
+    feeder.join().expect("the feeder ends");
+    prop_assert!(
+        matches!(receiver.outcome(), Some(Ok(()))),
+        "the workers exit cleanly"
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn dataflow_equals_the_sequential_reference(steps in proptest::collection::vec(step(), 1..160)) {
+        let epochs = build(&steps);
+        for workers in [1, 2, 4] {
+            check(&epochs, workers)?;
+        }
+    }
+}
+
+/// A hand-written stream that must exercise every collection, so the generated ones are
+/// known to be able to reach them.
+#[test]
+fn a_full_lifecycle_touches_every_collection() {
+    use Op::*;
+    let s = |op| Step {
+        op,
+        advance: 4,
+        lag: 0,
+    };
+    let steps = vec![
+        s(Zone {
+            zone: 0,
+            x0: 0,
+            y0: 0,
+            x1: 5,
+            y1: 5,
+            dwell: 1,
+            triangle: false,
+        }),
+        s(Create {
+            delivery: 0,
+            customer: 0,
+            pickup: (1, 1),
+            dropoff: (3, 3),
+            promise: Some(70),
+        }),
+        s(Cut),
+        s(Move {
+            courier: 0,
+            x: 8,
+            y: 8,
+            speed: None,
+        }),
+        s(Advance {
+            delivery: 0,
+            courier: 0,
+            ending: 5,
+        }),
+        s(Move {
+            courier: 0,
+            x: 2,
+            y: 2,
+            speed: None,
+        }),
+        s(Cut),
+        s(Move {
+            courier: 0,
+            x: 2,
+            y: 3,
+            speed: Some(5_000),
+        }),
+        s(Advance {
+            delivery: 0,
+            courier: 0,
+            ending: 5,
+        }),
+        s(Advance {
+            delivery: 0,
+            courier: 0,
+            ending: 5,
+        }),
+        s(Cut),
+        s(Advance {
+            delivery: 0,
+            courier: 0,
+            ending: 5,
+        }),
+        s(Rate {
+            delivery: 0,
+            score: 4,
+        }),
+        s(Status {
+            delivery: 0,
+            status: 1,
+            courier: 0,
+        }),
+        s(Repeat { back: 1 }),
+        s(Cut),
+        s(DeleteZone { zone: 0 }),
+    ];
+    let epochs = build(&steps);
+    let mut kinds = std::collections::HashSet::new();
+    let mut reference = Reference::new(SPEED_WINDOW, EtaConfig::from_mps(4.0, 0.5));
+    let mut rejected = 0;
+    for events in &epochs {
+        rejected += reference.epoch(events).len();
+        for change in reference.records() {
+            kinds.insert(std::mem::discriminant(&change));
+        }
+    }
+    assert_eq!(kinds.len(), 7, "every kind of record appears");
+    assert_eq!(
+        rejected, 1,
+        "the illegal assigned-after-delivered is refused, the replay is not"
+    );
+    for workers in [1, 2, 4] {
+        check(&epochs, workers).unwrap();
+    }
+}
