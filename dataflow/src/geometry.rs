@@ -81,7 +81,11 @@ impl ZoneShape {
         self.0.0.iter().flat_map(|polygon| {
             std::iter::once(polygon.interiors().len() as u64)
                 .chain(std::iter::once(polygon.exterior().0.len() as u64))
-                .chain(polygon.coords_iter().flat_map(|c| [c.x.to_bits(), c.y.to_bits()]))
+                .chain(
+                    polygon
+                        .coords_iter()
+                        .flat_map(|c| [c.x.to_bits(), c.y.to_bits()]),
+                )
         })
     }
 }
@@ -102,7 +106,11 @@ impl PartialOrd for ZoneShape {
 
 impl Ord for ZoneShape {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.0.0.len().cmp(&other.0.0.len()).then_with(|| self.bits().cmp(other.bits()))
+        self.0
+            .0
+            .len()
+            .cmp(&other.0.0.len())
+            .then_with(|| self.bits().cmp(other.bits()))
     }
 }
 

@@ -75,7 +75,10 @@ impl Status {
 
     /// A courier is working on it: the statuses that have an ETA.
     pub fn is_active(self) -> bool {
-        matches!(self, Status::Assigned | Status::PickedUp | Status::InTransit)
+        matches!(
+            self,
+            Status::Assigned | Status::PickedUp | Status::InTransit
+        )
     }
 }
 
@@ -131,7 +134,11 @@ mod tests {
     #[test]
     fn cancel_is_allowed_before_delivery_only() {
         for from in Status::ALL {
-            assert_eq!(from.can_become(Status::Cancelled), !from.is_terminal(), "{from}");
+            assert_eq!(
+                from.can_become(Status::Cancelled),
+                !from.is_terminal(),
+                "{from}"
+            );
         }
     }
 

@@ -124,7 +124,9 @@ pub enum Scope {
 
 /// Additive counters kept per [`Scope`]. Every derived figure (rates, means) is a ratio of
 /// two of them, so that a late correction is a subtraction and an addition, never a rescan.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Tally {
     /// Deliveries.
     pub deliveries: i64,
@@ -167,13 +169,15 @@ impl Tally {
 
     /// Mean created → delivered, seconds.
     pub fn mean_delivery_seconds(&self) -> Option<f64> {
-        (self.delivered > 0).then(|| self.created_to_delivered_ms as f64 / 1000.0 / self.delivered as f64)
+        (self.delivered > 0)
+            .then(|| self.created_to_delivered_ms as f64 / 1000.0 / self.delivered as f64)
     }
 
     /// Mean picked up → delivered, seconds.
     pub fn mean_pickup_to_delivery_seconds(&self) -> Option<f64> {
-        (self.picked_up_delivered > 0)
-            .then(|| self.picked_up_to_delivered_ms as f64 / 1000.0 / self.picked_up_delivered as f64)
+        (self.picked_up_delivered > 0).then(|| {
+            self.picked_up_to_delivered_ms as f64 / 1000.0 / self.picked_up_delivered as f64
+        })
     }
 
     /// on time / promised.

@@ -40,7 +40,10 @@ impl ZoneIndex {
             }
             shapes.insert(id, (shape, entry));
         }
-        Self { shapes, tree: RTree::bulk_load(entries) }
+        Self {
+            shapes,
+            tree: RTree::bulk_load(entries),
+        }
     }
 
     /// Inserts or replaces a zone; returns the shape it replaced.
@@ -109,7 +112,10 @@ pub struct PointIndex<K> {
 
 impl<K> Default for PointIndex<K> {
     fn default() -> Self {
-        Self { points: HashMap::new(), tree: RTree::new() }
+        Self {
+            points: HashMap::new(),
+            tree: RTree::new(),
+        }
     }
 }
 
@@ -189,10 +195,15 @@ mod tests {
         index.upsert(id(1), square(13.0, 52.0, 0.1));
         index.upsert(id(2), square(13.05, 52.05, 0.1));
         index.upsert(id(3), square(14.0, 53.0, 0.1));
-        let mut found: Vec<_> = index.containing(GeoPoint::from_degrees(52.07, 13.07)).collect();
+        let mut found: Vec<_> = index
+            .containing(GeoPoint::from_degrees(52.07, 13.07))
+            .collect();
         found.sort();
         assert_eq!(found, vec![id(1), id(2)]);
-        assert_eq!(index.containing(GeoPoint::from_degrees(52.5, 13.5)).count(), 0);
+        assert_eq!(
+            index.containing(GeoPoint::from_degrees(52.5, 13.5)).count(),
+            0
+        );
     }
 
     #[test]
@@ -202,8 +213,18 @@ mod tests {
             (x: 13.0, y: 52.0), (x: 13.1, y: 52.0), (x: 13.0, y: 52.1), (x: 13.0, y: 52.0)
         ]]));
         let index = ZoneIndex::bulk_load([(id(1), triangle)]);
-        assert_eq!(index.containing(GeoPoint::from_degrees(52.09, 13.09)).count(), 0);
-        assert_eq!(index.containing(GeoPoint::from_degrees(52.01, 13.01)).count(), 1);
+        assert_eq!(
+            index
+                .containing(GeoPoint::from_degrees(52.09, 13.09))
+                .count(),
+            0
+        );
+        assert_eq!(
+            index
+                .containing(GeoPoint::from_degrees(52.01, 13.01))
+                .count(),
+            1
+        );
     }
 
     #[test]
