@@ -1,1 +1,165 @@
-fn main() {}
+//! The `delivertrack` command: parses the command line and hands over to the library.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use delivertrack::telemetry::{self, LogFormat};
+use delivertrack::{DemoConfig, run_demo};
+
+/// Real-time delivery tracking on an incremental dataflow.
+#[derive(Debug, Parser)]
+#[command(name = "delivertrack", version, about)]
+struct Cli {
+    /// How log lines look (filter them with RUST_LOG).
+    #[arg(long, env = "DELIVERTRACK_LOG_FORMAT", value_enum, default_value_t = Format::Human, global = true)]
+    log_format: Format,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the whole pipeline with a simulated fleet and no external service.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Address the API and the map page listen on.
+    #[arg(long, env = "DELIVERTRACK_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Timely worker threads.
+    #[arg(long, env = "DELIVERTRACK_WORKERS", default_value_t = 2)]
+    workers: usize,
+    /// Simulated couriers.
+    #[arg(long, env = "DELIVERTRACK_COURIERS", default_value_t = 100)]
+    couriers: usize,
+    /// Simulated zones.
+    #[arg(long, env = "DELIVERTRACK_ZONES", default_value_t = 6)]
+    zones: usize,
+    /// Latitude of the simulated city's centre.
+    #[arg(
+        long,
+        env = "DELIVERTRACK_CENTER_LAT",
+        default_value_t = 52.52,
+        allow_negative_numbers = true
+    )]
+    center_lat: f64,
+    /// Longitude of the simulated city's centre.
+    #[arg(
+        long,
+        env = "DELIVERTRACK_CENTER_LON",
+        default_value_t = 13.405,
+        allow_negative_numbers = true
+    )]
+    center_lon: f64,
+    /// New deliveries per simulated minute.
+    #[arg(
+        long,
+        env = "DELIVERTRACK_DELIVERIES_PER_MINUTE",
+        default_value_t = 10.0
+    )]
+    deliveries_per_minute: f64,
+    /// An epoch closes at this many events ...
+    #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_EVENTS", default_value_t = 5_000)]
+    epoch_max_events: usize,
+    /// ... or this many milliseconds after its first event.
+    #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_MS", default_value_t = 200)]
+    epoch_max_ms: u64,
+    /// Simulated time per wall-clock time (5: five times faster than real time).
+    #[arg(long, env = "DELIVERTRACK_SPEED", default_value_t = 5.0)]
+    speed: f64,
+    /// Seed of the simulation.
+    #[arg(long, env = "DELIVERTRACK_SEED", default_value_t = 0)]
+    seed: u64,
+}
+
+impl From<DemoArgs> for DemoConfig {
+    fn from(args: DemoArgs) -> Self {
+        DemoConfig {
+            listen: args.listen,
+            workers: args.workers,
+            couriers: args.couriers,
+            zones: args.zones,
+            center_lat: args.center_lat,
+            center_lon: args.center_lon,
+            deliveries_per_minute: args.deliveries_per_minute,
+            epoch_max_events: args.epoch_max_events,
+            epoch_max_wait: Duration::from_millis(args.epoch_max_ms),
+            speed: args.speed,
+            seed: args.seed,
+            ..DemoConfig::default()
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = match cli.log_format {
+        Format::Human => LogFormat::Human,
+        Format::Json => LogFormat::Json,
+    };
+    if let Err(error) = telemetry::init(format) {
+        eprintln!("error: {error:#}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "The async runtime could not start.");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo(args) => run_demo(args.into(), shutdown_signal()).await,
+        }
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("DeliverTrack stopped cleanly.");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "DeliverTrack stopped with an error.");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or, on Unix, SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "Ctrl-C cannot be watched; waiting for SIGTERM only.");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "SIGTERM cannot be watched; waiting for Ctrl-C only.");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received."),
+        () = terminate => tracing::info!("SIGTERM received."),
+    }
+}

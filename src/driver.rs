@@ -1,0 +1,376 @@
+//! The driver loop: source → epochs → dataflow → every sink → acknowledgement.
+//!
+//! ```text
+//!  source task ──batch──► input thread ──send──► dataflow workers ──► output thread
+//!      ▲   (async)   cap 1  (EpochSender)                          (EpochReceiver)
+//!      │                         │ (epoch, ack token)                     │ cap 1
+//!      │ ack tokens              ▼                                        ▼
+//!      └──────────────────────── commit task: every sink commits epoch N, then its tokens
+//! ```
+//!
+//! The dataflow's calls block, so they run on two dedicated threads, never on the async
+//! runtime. Every channel is bounded, and the dataflow itself bounds the epochs in flight,
+//! so a slow sink slows the reading of the source (ARCHITECTURE rule 6). An epoch's ack
+//! token goes back to the source only after every sink has committed that epoch
+//! (rule 3). Shutdown (rule 7) is the input closing: the source task stops reading, the
+//! input thread closes the dataflow's input, the workers output every epoch already sent,
+//! the sinks commit them, their tokens are acknowledged, and [`drive`] returns.
+//!
+//! The loop is generic over the [`Source`] and takes the sinks as trait objects, so
+//! `delivertrack run` reuses it with RabbitMQ and the stores.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use delivertrack_dataflow::pipeline::{self, DataflowConfig, EpochReceiver, EpochSender};
+use delivertrack_dataflow::{Epoch, EpochOutput, Event};
+use delivertrack_ingest::{EpochPolicy, Source, SourceBatch};
+use delivertrack_sinks::{Sink, SinkError};
+use futures::future::join_all;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How the driver cuts epochs and retries sinks.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// When a batch of input closes into an epoch.
+    pub epoch_policy: EpochPolicy,
+    /// How the dataflow runs (workers, epochs in flight).
+    pub dataflow: DataflowConfig,
+    /// Attempts per epoch for a sink whose error is retryable, the first included.
+    pub sink_attempts: u32,
+    /// Wait before the first retry; doubled for each further one.
+    pub sink_backoff: Duration,
+    /// The longest wait between two retries.
+    pub sink_max_backoff: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            epoch_policy: EpochPolicy::default(),
+            dataflow: DataflowConfig::default(),
+            sink_attempts: 5,
+            sink_backoff: Duration::from_millis(100),
+            sink_max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a finished [`drive`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriveReport {
+    /// Epochs committed by every sink.
+    pub epochs: u64,
+    /// Events submitted to the dataflow.
+    pub events: u64,
+    /// The last epoch committed by every sink.
+    pub last_epoch: Option<Epoch>,
+    /// Ack tokens handed back to the source.
+    pub acked: u64,
+}
+
+/// A batch's ack token, tagged with the epoch its events went into.
+struct Pending<A> {
+    epoch: Epoch,
+    ack: A,
+}
+
+/// Runs the pipeline until the source ends or `stop` fires, then drains: every epoch
+/// already read is computed, committed by every sink and acknowledged before this returns.
+///
+/// # Errors
+/// The dataflow could not start or a worker failed; the source failed; a sink failed
+/// (after its retries). Input read but not committed is then not acknowledged, so a source
+/// that redelivers (RabbitMQ) loses nothing.
+pub async fn drive<S>(
+    source: S,
+    sinks: Vec<Box<dyn Sink>>,
+    config: DriverConfig,
+    stop: CancellationToken,
+) -> anyhow::Result<DriveReport>
+where
+    S: Source + 'static,
+{
+    let dataflow = config.dataflow.clone();
+    let (input, output) = tokio::task::spawn_blocking(move || pipeline::start(dataflow))
+        .await
+        .context("the dataflow start-up task failed")?
+        .context("the dataflow did not start")?;
+
+    // A fatal error anywhere stops the reading of the source.
+    let halt = stop.child_token();
+    let (batch_tx, batch_rx) = mpsc::channel::<SourceBatch<S::Ack>>(1);
+    let (pending_tx, pending_rx) =
+        mpsc::channel::<Pending<S::Ack>>(config.dataflow.max_epochs_in_flight.max(1) + 2);
+    let (output_tx, output_rx) = mpsc::channel::<EpochOutput>(1);
+    let (ack_tx, ack_rx) = mpsc::channel::<S::Ack>(config.dataflow.max_epochs_in_flight.max(1) + 2);
+
+    let input_thread = thread::Builder::new()
+        .name("delivertrack-input".into())
+        .spawn(move || feed_dataflow(input, batch_rx, pending_tx))
+        .context("the dataflow input thread did not start")?;
+    let output_thread = thread::Builder::new()
+        .name("delivertrack-output".into())
+        .spawn(move || drain_dataflow(output, output_tx))
+        .context("the dataflow output thread did not start")?;
+
+    let reader = tokio::spawn(read_source(
+        source,
+        config.epoch_policy.clone(),
+        batch_tx,
+        ack_rx,
+        halt.clone(),
+    ));
+    let committed = commit_epochs(sinks, output_rx, pending_rx, ack_tx, &config, &halt).await;
+    if committed.is_err() {
+        halt.cancel();
+    }
+
+    let read = reader.await.context("the source task panicked")?;
+    // Both threads have ended or are ending (their channels are closed): join them off the
+    // runtime all the same.
+    let (fed, drained) = tokio::task::spawn_blocking(move || {
+        (
+            join_thread(input_thread, "input"),
+            join_thread(output_thread, "output"),
+        )
+    })
+    .await
+    .context("joining the dataflow threads failed")?;
+    let (fed, drained) = (fed?, drained?);
+
+    let mut report = committed?;
+    report.events = fed?;
+    drained?;
+    report.acked = read?;
+    Ok(report)
+}
+
+/// The source task: reads batches while not stopped, hands them to the input thread and
+/// acknowledges committed ones. Returns the number of acks once every token came back.
+async fn read_source<S: Source>(
+    mut source: S,
+    policy: EpochPolicy,
+    batch_tx: mpsc::Sender<SourceBatch<S::Ack>>,
+    mut ack_rx: mpsc::Receiver<S::Ack>,
+    stop: CancellationToken,
+) -> anyhow::Result<u64> {
+    let mut batch_tx = Some(batch_tx);
+    let mut next: Option<SourceBatch<S::Ack>> = None;
+    let mut reading = true;
+    let mut failure = None;
+    let mut acked = 0;
+    loop {
+        if !reading && next.is_none() {
+            // Nothing more goes in: closing the batch channel closes the dataflow's input.
+            batch_tx = None;
+        }
+        tokio::select! {
+            biased;
+            ack = ack_rx.recv() => match ack {
+                Some(ack) => {
+                    if let Err(error) = source.ack(ack).await {
+                        tracing::error!(%error, "The source could not acknowledge a committed epoch.");
+                        failure.get_or_insert(anyhow!(error).context("acknowledging the source failed"));
+                        reading = false;
+                        stop.cancel();
+                    } else {
+                        acked += 1;
+                    }
+                }
+                // The commit task has ended: every token that will come back came back.
+                None => break,
+            },
+            () = stop.cancelled(), if reading => {
+                tracing::info!("The driver stops reading its source and drains the epochs in flight.");
+                reading = false;
+            }
+            permit = reserve(batch_tx.as_ref()), if next.is_some() => match (permit, next.take()) {
+                (Some(permit), Some(batch)) => permit.send(batch),
+                _ => reading = false,
+            },
+            batch = source.next_batch(&policy), if reading && next.is_none() => match batch {
+                Ok(Some(batch)) if batch.events.is_empty() => {
+                    // Nothing to compute: acknowledge at once.
+                    if let Err(error) = source.ack(batch.ack).await {
+                        tracing::warn!(%error, "The source could not acknowledge an empty batch.");
+                    }
+                }
+                Ok(Some(batch)) => next = Some(batch),
+                Ok(None) => {
+                    tracing::info!("The source has ended; the driver drains the epochs in flight.");
+                    reading = false;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "The source failed; the driver drains the epochs in flight.");
+                    failure = Some(anyhow!(error).context("the source failed"));
+                    reading = false;
+                    stop.cancel();
+                }
+            },
+        }
+    }
+    drop(batch_tx);
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(acked),
+    }
+}
+
+async fn reserve<T>(tx: Option<&mpsc::Sender<T>>) -> Option<mpsc::Permit<'_, T>> {
+    tx?.reserve().await.ok()
+}
+
+/// The input thread: submits every batch as an epoch, in order, and passes its ack token
+/// on to the commit task. Ends when the source task closes the batch channel; closing the
+/// dataflow's input then lets the workers finish. Returns the number of events submitted.
+fn feed_dataflow<A>(
+    mut input: EpochSender,
+    mut batch_rx: mpsc::Receiver<SourceBatch<A>>,
+    pending_tx: mpsc::Sender<Pending<A>>,
+) -> anyhow::Result<u64> {
+    let mut events = 0;
+    while let Some(SourceBatch { events: batch, ack }) = batch_rx.blocking_recv() {
+        events += batch.len() as u64;
+        let epoch = submit(&mut input, batch)?;
+        if pending_tx.blocking_send(Pending { epoch, ack }).is_err() {
+            bail!("the commit task ended before the input did");
+        }
+    }
+    input.close();
+    Ok(events)
+}
+
+fn submit(input: &mut EpochSender, batch: Vec<Event>) -> anyhow::Result<Epoch> {
+    input
+        .send(batch)
+        .context("the dataflow stopped taking input")
+}
+
+/// The output thread: passes every epoch's output on, in order, until the workers are done.
+fn drain_dataflow(
+    mut output: EpochReceiver,
+    output_tx: mpsc::Sender<EpochOutput>,
+) -> anyhow::Result<()> {
+    while let Some(epoch) = output.recv() {
+        if output_tx.blocking_send(epoch).is_err() {
+            bail!("the commit task ended before the dataflow did");
+        }
+    }
+    match output.outcome() {
+        Some(Err(error)) => Err(error).context("a dataflow worker failed"),
+        _ => Ok(()),
+    }
+}
+
+/// The commit task: every sink commits each epoch (the sinks in parallel, the epochs in
+/// order), then the tokens of every batch up to that epoch go back to the source.
+async fn commit_epochs<A>(
+    mut sinks: Vec<Box<dyn Sink>>,
+    mut output_rx: mpsc::Receiver<EpochOutput>,
+    mut pending_rx: mpsc::Receiver<Pending<A>>,
+    ack_tx: mpsc::Sender<A>,
+    config: &DriverConfig,
+    halt: &CancellationToken,
+) -> anyhow::Result<DriveReport> {
+    let mut report = DriveReport::default();
+    let mut waiting: VecDeque<Pending<A>> = VecDeque::new();
+    let mut failure: Option<anyhow::Error> = None;
+    let (mut outputs_open, mut pending_open) = (true, true);
+    while outputs_open || pending_open {
+        tokio::select! {
+            pending = pending_rx.recv(), if pending_open => match pending {
+                Some(pending) => waiting.push_back(pending),
+                None => pending_open = false,
+            },
+            output = output_rx.recv(), if outputs_open => match output {
+                Some(output) if failure.is_none() => {
+                    let epoch = output.epoch;
+                    let output = Arc::new(output);
+                    let results = join_all(sinks.iter_mut().map(|sink| commit_with_retry(sink.as_mut(), Arc::clone(&output), config))).await;
+                    if let Some(error) = results.into_iter().find_map(Result::err) {
+                        tracing::error!(epoch, sink = error.sink(), error = %error, "A sink failed; the driver stops without acknowledging this epoch.");
+                        failure = Some(anyhow!(error).context(format!("epoch {epoch} could not be committed")));
+                        halt.cancel();
+                        continue;
+                    }
+                    report.epochs += 1;
+                    report.last_epoch = Some(epoch);
+                    tracing::debug!(epoch, changes = output.changes.len(), rejected = output.rejections.len(), "Every sink committed an epoch.");
+                }
+                // After a failure, outputs are only drained so that the dataflow can stop.
+                Some(_) => {}
+                None => {
+                    // The dataflow is done (input closed, or a worker failed): stop reading.
+                    outputs_open = false;
+                    halt.cancel();
+                }
+            },
+        }
+        if failure.is_none() {
+            while let Some(front) = waiting.front() {
+                if report.last_epoch.is_none_or(|last| front.epoch > last) {
+                    break;
+                }
+                if let Some(Pending { ack, .. }) = waiting.pop_front() {
+                    // The source task keeps receiving acks until this task ends.
+                    if ack_tx.send(ack).await.is_err() {
+                        bail!("the source task ended before every epoch was acknowledged");
+                    }
+                }
+            }
+        }
+    }
+    if !waiting.is_empty() && failure.is_none() {
+        tracing::warn!(
+            unacknowledged = waiting.len(),
+            "Some batches never came out of the dataflow and stay unacknowledged."
+        );
+    }
+    for sink in &mut sinks {
+        if let Err(error) = sink.close().await {
+            tracing::error!(sink = sink.name(), %error, "A sink failed to close.");
+            failure.get_or_insert(anyhow!(error).context("closing a sink failed"));
+        }
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(report),
+    }
+}
+
+/// Commits one epoch to one sink, retrying retryable errors with bounded exponential
+/// backoff.
+async fn commit_with_retry(
+    sink: &mut dyn Sink,
+    output: Arc<EpochOutput>,
+    config: &DriverConfig,
+) -> Result<(), SinkError> {
+    let mut backoff = config.sink_backoff;
+    let mut attempt = 1;
+    loop {
+        match sink.commit(Arc::clone(&output)).await {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_retryable() && attempt < config.sink_attempts => {
+                tracing::warn!(sink = sink.name(), epoch = output.epoch, attempt, error = %error, "A sink could not commit an epoch; retrying.");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.sink_max_backoff);
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn join_thread<T>(
+    handle: thread::JoinHandle<anyhow::Result<T>>,
+    name: &str,
+) -> anyhow::Result<anyhow::Result<T>> {
+    handle
+        .join()
+        .map_err(|_| anyhow!("the dataflow {name} thread panicked"))
+}
