@@ -4,10 +4,10 @@
 //! so that everything it does can be tested in-process.
 //!
 //! # Layout
-//! - [`driver`]: [`drive`], the generic loop source → epochs → dataflow → sinks → ack.
-//! - [`demo`]: [`run_demo`], the whole pipeline with the fleet simulator and no external
+//! - [`driver`] — [`drive`], the generic loop source → epochs → dataflow → sinks → ack.
+//! - [`demo`] — [`run_demo`], the whole pipeline with the fleet simulator and no external
 //!   service.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`] — logging set-up.
 
 pub mod demo;
 pub mod driver;

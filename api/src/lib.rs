@@ -19,12 +19,12 @@
 //! ([`ApiError`]).
 //!
 //! # Layout
-//! - [`state`]: [`AppState`] and [`ApiConfig`].
-//! - [`error`]: [`ApiError`], the one error type of every handler.
-//! - [`id`]: parsing typed ids out of paths.
+//! - [`state`] — [`AppState`] and [`ApiConfig`].
+//! - [`error`] — [`ApiError`], the one error type of every handler.
+//! - [`id`] — parsing typed ids out of paths.
 //! - [`health`], [`snapshot`], [`couriers`], [`deliveries`], [`live`], [`map`]: the
 //!   resources.
-//! - [`server`]: [`serve`], with graceful shutdown.
+//! - [`server`] — [`serve`], with graceful shutdown.
 
 pub mod couriers;
 pub mod deliveries;
@@ -67,6 +67,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use axum::body::Body;

@@ -132,6 +132,7 @@ impl Default for ReadModel {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::read_model::state::tests::{courier, courier_id, output};

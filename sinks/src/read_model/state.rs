@@ -350,6 +350,7 @@ fn is_active(status: Status) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub(crate) mod tests {
     use super::*;
     use delivertrack_dataflow::EventKind;
