@@ -374,3 +374,104 @@ fn join_thread<T>(
         .join()
         .map_err(|_| anyhow!("the dataflow {name} thread panicked"))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use delivertrack_ingest::{FleetSimulator, SimulatorConfig, in_process};
+    use delivertrack_sinks::{ReadModel, ReadModelSink, SinkFuture};
+
+    /// Fails every commit, without retry.
+    struct Refusing;
+
+    impl Sink for Refusing {
+        fn name(&self) -> &'static str {
+            "refusing"
+        }
+
+        fn commit(&mut self, output: Arc<EpochOutput>) -> SinkFuture<'_> {
+            Box::pin(async move {
+                Err(SinkError::Rejected {
+                    sink: "refusing",
+                    epoch: output.epoch,
+                    source: "no".into(),
+                })
+            })
+        }
+    }
+
+    fn events() -> Vec<Event> {
+        let config = SimulatorConfig {
+            couriers: 5,
+            zones: 2,
+            seed: 3,
+            ..SimulatorConfig::default()
+        };
+        let mut sim = FleetSimulator::new(config, 1_700_000_000_000);
+        let mut events = sim.initial_events();
+        events.extend(sim.step(60_000));
+        events
+    }
+
+    fn config() -> DriverConfig {
+        DriverConfig {
+            epoch_policy: EpochPolicy {
+                max_events: 50,
+                max_wait: Duration::from_millis(10),
+            },
+            dataflow: DataflowConfig {
+                workers: 2,
+                ..DataflowConfig::default()
+            },
+            ..DriverConfig::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ended_source_is_drained_through_every_sink_and_acknowledged() {
+        let events = events();
+        let (sender, source) = in_process(64);
+        let feeder = tokio::spawn({
+            let events = events.clone();
+            async move { sender.send_batch(events).await }
+        });
+        let model = ReadModel::default();
+        let sinks: Vec<Box<dyn Sink>> = vec![Box::new(ReadModelSink::new(model.clone()))];
+        let report = tokio::time::timeout(
+            Duration::from_secs(60),
+            drive(source, sinks, config(), CancellationToken::new()),
+        )
+        .await
+        .expect("the driver ends when its source ends")
+        .unwrap();
+        feeder.await.unwrap().unwrap();
+        assert_eq!(report.events, events.len() as u64);
+        assert!(report.epochs >= (events.len() as u64).div_ceil(50));
+        assert_eq!(report.acked, report.epochs);
+        assert_eq!(model.epoch(), report.last_epoch);
+        assert_eq!(model.snapshot().counts.couriers, 5);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_sink_stops_the_driver_without_acknowledging() {
+        let (sender, source) = in_process(64);
+        let feeder = tokio::spawn(async move {
+            let _ = sender.send_batch(events()).await;
+            // Keep the source open: only the failure may end the driver.
+            sender.closed().await;
+        });
+        let model = ReadModel::default();
+        let sinks: Vec<Box<dyn Sink>> =
+            vec![Box::new(ReadModelSink::new(model)), Box::new(Refusing)];
+        let result = tokio::time::timeout(
+            Duration::from_secs(60),
+            drive(source, sinks, config(), CancellationToken::new()),
+        )
+        .await
+        .expect("a sink failure ends the driver");
+        let error = result.expect_err("the failure is reported");
+        assert!(format!("{error:#}").contains("refusing"), "{error:#}");
+        feeder.await.unwrap();
+    }
+}
