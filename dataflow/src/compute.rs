@@ -115,8 +115,9 @@ pub fn delivery_tracking<'scope>(
     };
 
     let (zones, zone_rejections) = upsert_zones(zone_events);
+    let tracked = track_couriers(locations, zones.clone(), config.speed_window);
     let (couriers, inside, location_rejections) =
-        track_couriers(locations, zones.clone(), config.speed_window);
+        (tracked.couriers, tracked.inside, tracked.rejections);
     let (deliveries, delivery_rejections) = upsert_deliveries(delivery_events);
     let dropoff_zones = dropoff_zones(
         deliveries.clone().map(|(id, state)| (id, state.dropoff)),
@@ -273,5 +274,126 @@ impl Multiply<isize> for Tally {
         let mut product = Tally::default();
         product.add_scaled(&self, *rhs as i64);
         product
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::GeoPoint;
+    use crate::ids::CustomerId;
+    use crate::model::Rating;
+    use uuid::Uuid;
+
+    const HOUR: i64 = 3_600_000;
+
+    fn delivered(
+        created_at: i64,
+        picked_up_at: i64,
+        ended_at: i64,
+        promised_by: Option<i64>,
+    ) -> DeliveryState {
+        DeliveryState {
+            customer_id: CustomerId(Uuid::from_u128(1)),
+            courier_id: Some(CourierId(Uuid::from_u128(2))),
+            pickup: GeoPoint::from_degrees(52.5, 13.4),
+            dropoff: GeoPoint::from_degrees(52.6, 13.4),
+            promised_by,
+            status: Status::Delivered,
+            created_at,
+            assigned_at: Some(created_at + 1),
+            picked_up_at: Some(picked_up_at),
+            ended_at: Some(ended_at),
+            rating: None,
+            version: 5,
+        }
+    }
+
+    #[test]
+    fn a_delivery_on_the_promised_minute_is_on_time_and_a_later_one_is_not() {
+        let exactly = delivery_tally(&delivered(0, 10, 100, Some(100)));
+        assert_eq!((exactly.promised, exactly.on_time), (1, 1));
+        let late = delivery_tally(&delivered(0, 10, 101, Some(100)));
+        assert_eq!((late.promised, late.on_time), (1, 0));
+        let unpromised = delivery_tally(&delivered(0, 10, 101, None));
+        assert_eq!((unpromised.promised, unpromised.on_time), (0, 0));
+    }
+
+    #[test]
+    fn durations_are_measured_from_creation_and_from_pickup() {
+        let tally = delivery_tally(&delivered(1_000, 4_000, 10_000, None));
+        assert_eq!(tally.created_to_delivered_ms, 9_000);
+        assert_eq!(
+            (tally.picked_up_delivered, tally.picked_up_to_delivered_ms),
+            (1, 6_000)
+        );
+        assert_eq!(tally.mean_delivery_seconds(), Some(9.0));
+        // Timestamps out of order never make a negative duration.
+        let skewed = delivery_tally(&delivered(10_000, 12_000, 9_000, None));
+        assert_eq!(
+            (
+                skewed.created_to_delivered_ms,
+                skewed.picked_up_to_delivered_ms
+            ),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn ratings_fill_the_histogram_and_outcomes_are_exclusive() {
+        let mut state = delivered(0, 1, 2, None);
+        state.rating = Some(Rating {
+            score: 4,
+            comment: None,
+            at: 3,
+        });
+        let tally = delivery_tally(&state);
+        assert_eq!(
+            (tally.rated, tally.score_sum, tally.score_histogram),
+            (1, 4, [0, 0, 0, 1, 0])
+        );
+        state.status = Status::Failed;
+        let failed = delivery_tally(&state);
+        assert_eq!(
+            (
+                failed.delivered,
+                failed.failed,
+                failed.cancelled,
+                failed.active
+            ),
+            (0, 1, 0, 0)
+        );
+        state.status = Status::PickedUp;
+        assert_eq!(delivery_tally(&state).active, 1);
+    }
+
+    #[test]
+    fn a_delivery_counts_overall_for_its_courier_and_at_its_creation_hour() {
+        // 2026-11-30 was a Monday; 13:00 UTC.
+        let monday_1pm = DateTime::parse_from_rfc3339("2026-11-30T13:05:00Z")
+            .map(|t| t.timestamp_millis())
+            .unwrap_or(0);
+        let state = delivered(monday_1pm, monday_1pm + HOUR, monday_1pm + 2 * HOUR, None);
+        let scopes = delivery_scopes(&state);
+        assert_eq!(
+            scopes,
+            vec![
+                Scope::Overall,
+                Scope::Courier(CourierId(Uuid::from_u128(2))),
+                Scope::HourOfDay(13),
+                Scope::WeekdayHour(0, 13)
+            ]
+        );
+    }
+
+    #[test]
+    fn tallies_add_and_cancel_as_differences() {
+        let a = delivery_tally(&delivered(0, 10, 100, Some(100)));
+        let mut sum = a;
+        sum.plus_equals(&a.multiply(&-1));
+        assert!(sum.is_zero());
+        let doubled = a.multiply(&2);
+        assert_eq!(doubled.delivered, 2);
+        assert_eq!(doubled.created_to_delivered_ms, 200);
     }
 }

@@ -314,13 +314,14 @@ impl EpochReceiver {
         if let Some(frontier) = self.frontiers.get_mut(report.worker) {
             *frontier = report.frontier;
         }
-        for (epoch, changes, rejections) in report.shares {
+        for share in report.shares {
+            let epoch = share.epoch;
             let output = self.open.entry(epoch).or_insert_with(|| EpochOutput {
                 epoch,
                 ..EpochOutput::default()
             });
-            output.changes.extend(changes);
-            output.rejections.extend(rejections);
+            output.changes.extend(share.changes);
+            output.rejections.extend(share.rejections);
         }
     }
 

@@ -36,7 +36,7 @@ impl ZoneIndex {
         for (id, shape) in zones {
             let entry = envelope_entry(id, &shape);
             if let Some(entry) = &entry {
-                entries.push(entry.clone());
+                entries.push(*entry);
             }
             shapes.insert(id, (shape, entry));
         }
@@ -51,7 +51,7 @@ impl ZoneIndex {
         let previous = self.remove(id);
         let entry = envelope_entry(id, &shape);
         if let Some(entry) = &entry {
-            self.tree.insert(entry.clone());
+            self.tree.insert(*entry);
         }
         self.shapes.insert(id, (shape, entry));
         previous

@@ -109,11 +109,30 @@ impl CourierTracker {
 
     /// Re-evaluates one courier's membership of one zone at its latest fix.
     fn retest(&mut self, courier_id: CourierId, zone_id: ZoneId, changes: &mut Changes) {
+        let Some(position) = self
+            .couriers
+            .get(&courier_id)
+            .map(|track| track.state.position)
+        else {
+            return;
+        };
+        let inside = self.zones.zone_contains(zone_id, position);
+        self.set_presence(courier_id, zone_id, inside, changes);
+    }
+
+    /// Records whether a courier's latest fix is inside a zone, and whether that makes it a
+    /// member of `inside` (present for the zone's dwell time).
+    fn set_presence(
+        &mut self,
+        courier_id: CourierId,
+        zone_id: ZoneId,
+        inside: bool,
+        changes: &mut Changes,
+    ) {
         let Some(track) = self.couriers.get_mut(&courier_id) else {
             return;
         };
-        let (position, now) = (track.state.position, track.state.at);
-        let inside = self.zones.zone_contains(zone_id, position);
+        let now = track.state.at;
         let dwell = self.dwell_ms.get(&zone_id).copied().unwrap_or(0);
         let index = track.presence.iter().position(|p| p.zone_id == zone_id);
         match (index, inside) {
@@ -207,8 +226,11 @@ impl CourierTracker {
             .map(|p| p.zone_id)
             .filter(|zone_id| !containing.contains(zone_id))
             .collect();
-        for zone_id in left.into_iter().chain(containing) {
-            self.retest(courier_id, zone_id, changes);
+        for zone_id in left {
+            self.set_presence(courier_id, zone_id, false, changes);
+        }
+        for zone_id in containing {
+            self.set_presence(courier_id, zone_id, true, changes);
         }
         Ok(())
     }
@@ -278,11 +300,7 @@ pub fn track_couriers<'scope>(
     locations: StreamVec<'scope, u64, Event>,
     zones: VecCollection<'scope, u64, (ZoneId, ZoneState)>,
     speed_window: usize,
-) -> (
-    VecCollection<'scope, u64, (CourierId, CourierState)>,
-    VecCollection<'scope, u64, (CourierId, ZoneId)>,
-    VecCollection<'scope, u64, Rejection>,
-) {
+) -> Tracked<'scope> {
     let emitted = zone_join(
         CourierTracker::new(speed_window),
         "TrackCouriers",
@@ -305,5 +323,20 @@ pub fn track_couriers<'scope>(
         Emitted::Rejected(refused) => Some(refused),
         Emitted::Record(_) => None,
     });
-    (couriers, inside, rejections)
+    Tracked {
+        couriers,
+        inside,
+        rejections,
+    }
+}
+
+/// The collections [`track_couriers`] maintains.
+#[allow(missing_debug_implementations)] // handles into a running dataflow
+pub struct Tracked<'scope> {
+    /// `couriers(courier, state)`.
+    pub couriers: VecCollection<'scope, u64, (CourierId, CourierState)>,
+    /// `inside(courier, zone)`.
+    pub inside: VecCollection<'scope, u64, (CourierId, ZoneId)>,
+    /// Stale fixes.
+    pub rejections: VecCollection<'scope, u64, Rejection>,
 }

@@ -134,6 +134,9 @@ pub(crate) fn upsert<'scope, S: EpochState>(
     (records, rejections)
 }
 
+/// A change of the zones collection: `((zone, state), diff)`.
+pub type ZoneChange = ((ZoneId, ZoneState), isize);
+
 /// State joined against the zones: a zone change re-tests the keys near it, an input change
 /// re-tests that key.
 pub trait ZoneJoin: 'static {
@@ -145,7 +148,7 @@ pub trait ZoneJoin: 'static {
     /// Applies one epoch: first the net zone changes, then the input.
     fn apply_epoch(
         &mut self,
-        zone_changes: Vec<((ZoneId, ZoneState), isize)>,
+        zone_changes: Vec<ZoneChange>,
         input: Vec<(Self::Input, isize)>,
     ) -> (Vec<(Self::Record, isize)>, Vec<Rejection>);
 }
@@ -165,7 +168,7 @@ pub(crate) fn zone_join<'scope, S: ZoneJoin>(
         Pipeline,
         name,
         |_cap, _info| {
-            let mut stash: Stash<(S::Input, isize), ((ZoneId, ZoneState), isize)> = Stash::default();
+            let mut stash: Stash<(S::Input, isize), ZoneChange> = Stash::default();
             move |(input, input_frontier), (zones, zone_frontier), output| {
                 input.for_each(|cap, data| {
                     for (item, epoch, diff) in data.drain(..) {

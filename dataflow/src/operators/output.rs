@@ -13,7 +13,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::{Handle as ProbeHandle, Probe};
 
-use crate::model::{Change, Epoch, Rejection};
+use crate::model::{Change, Epoch, EpochOutput, Rejection};
 
 /// One worker's share of some closed epochs.
 #[derive(Debug)]
@@ -24,7 +24,7 @@ pub struct WorkerReport {
     pub frontier: Option<Epoch>,
     /// The worker's consolidated share of the epochs that closed since its last report (only
     /// non-empty ones).
-    pub shares: Vec<(Epoch, Vec<(Change, i64)>, Vec<Rejection>)>,
+    pub shares: Vec<EpochOutput>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -78,7 +78,11 @@ pub fn report<'scope>(
                         }
                     }
                 }
-                shares.push((epoch, changes, rejections));
+                shares.push(EpochOutput {
+                    epoch,
+                    changes,
+                    rejections,
+                });
             }
             reported = now;
             // The receiver may be gone during shutdown; the dataflow still runs to completion.

@@ -353,19 +353,21 @@ impl Reference {
             for zone_id in &dropoff_zones {
                 records.insert(Change::DropoffZone(*id, *zone_id));
             }
-            if let (true, Some(courier_id)) = (state.status.is_active(), state.courier_id) {
-                if let Some(courier) = self.couriers.get(&courier_id) {
-                    let input = EtaInput {
-                        courier_id,
-                        status: state.status,
-                        pickup: state.pickup,
-                        dropoff: state.dropoff,
-                        position: courier.state.position,
-                        at: courier.state.at,
-                        speed_mm_s: courier.state.speed_mm_s,
-                    };
-                    records.insert(Change::Eta(*id, estimate(&input, &self.eta)));
-                }
+            let courier = state
+                .courier_id
+                .filter(|_| state.status.is_active())
+                .and_then(|courier_id| self.couriers.get(&courier_id).map(|c| (courier_id, c)));
+            if let Some((courier_id, courier)) = courier {
+                let input = EtaInput {
+                    courier_id,
+                    status: state.status,
+                    pickup: state.pickup,
+                    dropoff: state.dropoff,
+                    position: courier.state.position,
+                    at: courier.state.at,
+                    speed_mm_s: courier.state.speed_mm_s,
+                };
+                records.insert(Change::Eta(*id, estimate(&input, &self.eta)));
             }
 
             let mut scopes = vec![Scope::Overall];
