@@ -1,0 +1,283 @@
+//! An in-process source: a bounded channel of already validated events.
+//!
+//! `delivertrack demo` and the tests feed the dataflow through it, without a broker. The
+//! channel is bounded, so a producer that outruns the dataflow waits in
+//! [`InProcessSender::send`] instead of growing memory (ARCHITECTURE rule 6). Nothing can be
+//! redelivered, so the acknowledgement token is `()`.
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout_at};
+
+use delivertrack_dataflow::Event;
+
+use crate::source::{EpochPolicy, Source, SourceBatch, SourceError};
+
+/// Creates a connected sender and source. `capacity` bounds the events in flight between
+/// them (`0` is treated as `1`, the smallest channel tokio allows).
+pub fn in_process(capacity: usize) -> (InProcessSender, InProcessSource) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    (
+        InProcessSender { tx },
+        InProcessSource {
+            rx,
+            pending: Vec::new(),
+            deadline: None,
+        },
+    )
+}
+
+/// The producing half of [`in_process`]. Clone it for every producer; the source ends once
+/// all clones are dropped.
+#[derive(Clone, Debug)]
+pub struct InProcessSender {
+    tx: mpsc::Sender<Event>,
+}
+
+impl InProcessSender {
+    /// Sends one event, waiting while the channel is full (backpressure).
+    ///
+    /// # Errors
+    /// [`SourceError::Closed`] when the source was dropped.
+    pub async fn send(&self, event: Event) -> Result<(), SourceError> {
+        self.tx.send(event).await.map_err(|_| SourceError::Closed)
+    }
+
+    /// Sends events in order, waiting while the channel is full. When the source is dropped
+    /// part-way, the events not yet sent are discarded.
+    ///
+    /// # Errors
+    /// [`SourceError::Closed`] when the source was dropped.
+    pub async fn send_batch(
+        &self,
+        events: impl IntoIterator<Item = Event>,
+    ) -> Result<(), SourceError> {
+        for event in events {
+            self.send(event).await?;
+        }
+        Ok(())
+    }
+
+    /// Resolves once the source is dropped, so that a producer can stop even while it has
+    /// nothing to send.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+
+    /// Has the source been dropped?
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// The consuming half of [`in_process`]: a [`Source`] whose batches need no acknowledgement.
+///
+/// [`next_batch`](Source::next_batch) is cancel safe: the batch being gathered, and the
+/// deadline set by its first event, are kept in the source when the future is dropped and
+/// the next call continues it.
+#[derive(Debug)]
+pub struct InProcessSource {
+    rx: mpsc::Receiver<Event>,
+    /// Events of the batch being gathered; kept here rather than in the future so that
+    /// dropping the future loses nothing.
+    pending: Vec<Event>,
+    /// When the batch being gathered must be returned; set by its first event.
+    deadline: Option<Instant>,
+}
+
+impl InProcessSource {
+    async fn gather(&mut self, policy: &EpochPolicy) -> Option<SourceBatch<()>> {
+        let limit = policy.batch_limit();
+        if self.pending.is_empty() {
+            // Wait, without a deadline, for the first event: an idle source makes no epochs.
+            if self.rx.recv_many(&mut self.pending, limit).await == 0 {
+                return None;
+            }
+            self.deadline = Some(Instant::now() + policy.max_wait);
+        }
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + policy.max_wait);
+        while self.pending.len() < limit {
+            let room = limit - self.pending.len();
+            match timeout_at(deadline, self.rx.recv_many(&mut self.pending, room)).await {
+                // Every sender is gone: return what is left; the next call ends the source.
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_elapsed) => break,
+            }
+        }
+        let events = if self.pending.len() > limit {
+            // Only after a cancelled call with a larger policy: the rest keeps its deadline.
+            let rest = self.pending.split_off(limit);
+            std::mem::replace(&mut self.pending, rest)
+        } else {
+            self.deadline = None;
+            std::mem::take(&mut self.pending)
+        };
+        Some(SourceBatch { events, ack: () })
+    }
+}
+
+impl Source for InProcessSource {
+    type Ack = ();
+
+    async fn next_batch(
+        &mut self,
+        policy: &EpochPolicy,
+    ) -> Result<Option<SourceBatch<()>>, SourceError> {
+        Ok(self.gather(policy).await)
+    }
+
+    async fn ack(&mut self, _ack: ()) -> Result<(), SourceError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use delivertrack_dataflow::event::{EventBody, ZoneDeleted};
+    use delivertrack_dataflow::ids::{EventId, ZoneId};
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn event(n: u64) -> Event {
+        Event {
+            event_id: EventId(Uuid::from_u64_pair(0, n)),
+            occurred_at: n as i64,
+            body: EventBody::ZoneDeleted(ZoneDeleted {
+                zone_id: ZoneId(Uuid::from_u64_pair(1, n)),
+            }),
+        }
+    }
+
+    fn ids(batch: &SourceBatch<()>) -> Vec<i64> {
+        batch.events.iter().map(|e| e.occurred_at).collect()
+    }
+
+    fn policy(max_events: usize, max_wait_ms: u64) -> EpochPolicy {
+        EpochPolicy {
+            max_events,
+            max_wait: Duration::from_millis(max_wait_ms),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_is_returned_at_once_without_waiting() {
+        let (tx, mut source) = in_process(64);
+        tx.send_batch((0..25).map(event)).await.unwrap();
+        let start = Instant::now();
+        let policy = policy(10, 100);
+
+        let first = source.next_batch(&policy).await.unwrap().unwrap();
+        let second = source.next_batch(&policy).await.unwrap().unwrap();
+        assert_eq!(ids(&first), (0..10).collect::<Vec<_>>());
+        assert_eq!(ids(&second), (10..20).collect::<Vec<_>>());
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "full batches must not wait"
+        );
+
+        // Five are left and the sender is alive: the time bound closes the batch.
+        let third = source.next_batch(&policy).await.unwrap().unwrap();
+        assert_eq!(ids(&third), (20..25).collect::<Vec<_>>());
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_time_bound_counts_from_the_first_event() {
+        let (tx, mut source) = in_process(64);
+        let start = Instant::now();
+        let producer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            tx.send(event(1)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            tx.send(event(2)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            tx.send(event(3)).await.unwrap();
+        });
+
+        let policy = policy(100, 100);
+        let first = source.next_batch(&policy).await.unwrap().unwrap();
+        // Waited 5 s idle for the first event, then at most 100 ms more.
+        assert_eq!(ids(&first), vec![1, 2]);
+        assert_eq!(start.elapsed(), Duration::from_millis(5_100));
+
+        let second = source.next_batch(&policy).await.unwrap().unwrap();
+        assert_eq!(ids(&second), vec![3]);
+        producer.await.unwrap();
+        // The sender is gone now: the source ends.
+        assert!(source.next_batch(&policy).await.unwrap().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_source_ends_after_returning_what_is_left() {
+        let (tx, mut source) = in_process(8);
+        let other = tx.clone();
+        tx.send_batch((0..3).map(event)).await.unwrap();
+        other.send(event(3)).await.unwrap();
+        drop(tx);
+        drop(other);
+        let start = Instant::now();
+        let policy = policy(100, 1_000);
+
+        let last = source.next_batch(&policy).await.unwrap().unwrap();
+        assert_eq!(ids(&last), vec![0, 1, 2, 3]);
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "an ended source must not wait"
+        );
+        assert!(source.next_batch(&policy).await.unwrap().is_none());
+        assert!(source.next_batch(&policy).await.unwrap().is_none());
+        source.ack(()).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_call_loses_nothing_and_keeps_its_deadline() {
+        let (tx, mut source) = in_process(8);
+        tx.send(event(1)).await.unwrap();
+        let start = Instant::now();
+        let policy = policy(10, 100);
+
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(40), source.next_batch(&policy)).await;
+        assert!(cancelled.is_err(), "the batch is not due yet");
+        tx.send(event(2)).await.unwrap();
+
+        let batch = source.next_batch(&policy).await.unwrap().unwrap();
+        assert_eq!(ids(&batch), vec![1, 2]);
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_size_bound_still_makes_progress() {
+        let (tx, mut source) = in_process(0);
+        let producer = tokio::spawn(async move { tx.send_batch((0..3).map(event)).await });
+        let policy = policy(0, 100);
+        let mut seen = Vec::new();
+        while let Some(batch) = source.next_batch(&policy).await.unwrap() {
+            assert_eq!(batch.events.len(), 1);
+            seen.extend(ids(&batch));
+        }
+        assert_eq!(seen, vec![0, 1, 2]);
+        producer.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_channel_holds_the_sender_back_and_a_dropped_source_stops_it() {
+        let (tx, source) = in_process(2);
+        tx.send_batch((0..2).map(event)).await.unwrap();
+        let blocked = tokio::time::timeout(Duration::from_secs(1), tx.send(event(2))).await;
+        assert!(blocked.is_err(), "a full channel must make the sender wait");
+
+        assert!(!tx.is_closed());
+        drop(source);
+        tx.closed().await;
+        assert!(matches!(tx.send(event(3)).await, Err(SourceError::Closed)));
+    }
+}

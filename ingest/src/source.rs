@@ -1,0 +1,96 @@
+//! The source seam: where epochs of events come from and where their acknowledgements go.
+//!
+//! The driver loop asks a [`Source`] for the next batch, submits its events to the dataflow as
+//! one epoch, and hands the batch's [`SourceBatch::ack`] back through [`Source::ack`] only
+//! when every enabled sink has committed that epoch. A source whose transport redelivers
+//! unacknowledged input (RabbitMQ) therefore loses nothing in a crash; one that cannot
+//! redeliver (the in-process channel) uses `()` as its token.
+
+use std::future::Future;
+use std::time::Duration;
+
+use delivertrack_dataflow::Event;
+
+/// A batch of events read from a source, with the token to acknowledge it once its epoch is
+/// committed by every sink.
+#[derive(Debug)]
+pub struct SourceBatch<A> {
+    /// The events, in the order the source received them (the dataflow orders each epoch by
+    /// [`Event::apply_order`] itself, so no order is promised here).
+    pub events: Vec<Event>,
+    /// What [`Source::ack`] needs to acknowledge exactly these events (for RabbitMQ, the
+    /// highest delivery tag; for the in-process channel, nothing).
+    pub ack: A,
+}
+
+/// When to close an epoch: whichever bound comes first.
+///
+/// The size bound keeps an epoch's work and memory predictable under load; the time bound
+/// keeps latency low when input trickles in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpochPolicy {
+    /// At most this many events per batch. `0` is treated as `1`, so a batch always makes
+    /// progress.
+    pub max_events: usize,
+    /// A batch is returned at the latest this long after its first event arrived at the
+    /// source; the clock starts with the first event, not with the call, so an idle source
+    /// does not produce empty epochs.
+    pub max_wait: Duration,
+}
+
+impl Default for EpochPolicy {
+    /// 10 000 events or 100 ms.
+    fn default() -> Self {
+        Self {
+            max_events: 10_000,
+            max_wait: Duration::from_millis(100),
+        }
+    }
+}
+
+impl EpochPolicy {
+    /// The size bound actually applied: `max_events`, at least 1.
+    pub fn batch_limit(&self) -> usize {
+        self.max_events.max(1)
+    }
+}
+
+/// Where batches of events come from.
+///
+/// `next_batch` is called again only after the previous batch was handed on, and `ack` is
+/// called for batches in the order they were returned. Implementations should make
+/// `next_batch` cancel safe (a batch being gathered survives the future being dropped), so
+/// that a driver can `select!` it against a shutdown signal.
+pub trait Source: Send {
+    /// The token that acknowledges one batch.
+    type Ack: Send + 'static;
+
+    /// The next batch (at most `policy.max_events`, returned at the latest `policy.max_wait`
+    /// after its first event arrived); waits while nothing arrives. `Ok(None)` when the
+    /// source has ended.
+    fn next_batch(
+        &mut self,
+        policy: &EpochPolicy,
+    ) -> impl Future<Output = Result<Option<SourceBatch<Self::Ack>>, SourceError>> + Send;
+
+    /// Acknowledges a batch after every sink committed its epoch.
+    fn ack(&mut self, ack: Self::Ack) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+/// Why a source (or a sender feeding one) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The other end of an in-process channel is gone: the source was dropped, so nothing
+    /// sent now would ever be read. Producers treat this as the signal to stop.
+    #[error("the source is closed")]
+    Closed,
+    /// A setting cannot work (a non-positive speed, ...); fixing the configuration is the
+    /// only remedy, so this is not worth a retry.
+    #[error("invalid source configuration: {0}")]
+    Config(String),
+    /// The transport under a source failed (a broker connection or channel). Reconnecting
+    /// may help; unacknowledged input comes back on transports that redeliver.
+    #[error("the source's transport failed")]
+    Transport(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+}
