@@ -27,6 +27,8 @@ pub struct DemoConfig {
     pub listen: SocketAddr,
     /// Timely worker threads.
     pub workers: usize,
+    /// ETA speed for couriers whose own speed is unknown, m/s.
+    pub default_speed_mps: f64,
     /// Simulated couriers.
     pub couriers: usize,
     /// Simulated zones.
@@ -62,6 +64,7 @@ impl Default for DemoConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             workers: 2,
+            default_speed_mps: DataflowConfig::default().default_speed_mps,
             couriers: 100,
             zones: 6,
             center_lat: 52.52,
@@ -155,6 +158,7 @@ pub async fn run_demo_on(
         },
         dataflow: DataflowConfig {
             workers: config.workers.max(1),
+            default_speed_mps: config.default_speed_mps,
             ..DataflowConfig::default()
         },
         ..DriverConfig::default()

@@ -40,6 +40,9 @@ struct DemoArgs {
     /// Timely worker threads.
     #[arg(long, env = "DELIVERTRACK_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// ETA speed for a courier whose own speed is unknown (or implausibly low), m/s.
+    #[arg(long, env = "DELIVERTRACK_DEFAULT_SPEED_MPS", default_value_t = 5.0, value_parser = positive_speed)]
+    default_speed_mps: f64,
     /// Simulated couriers.
     #[arg(long, env = "DELIVERTRACK_COURIERS", default_value_t = 100)]
     couriers: usize,
@@ -83,11 +86,26 @@ struct DemoArgs {
     seed: u64,
 }
 
+/// A speed in m/s that an ETA can be computed with: finite, above 0, below 150.
+fn positive_speed(text: &str) -> Result<f64, String> {
+    let speed: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if speed.is_finite() && speed > 0.0 && speed < 150.0 {
+        Ok(speed)
+    } else {
+        Err(format!(
+            "{speed} m/s is not a usable speed (0 < speed < 150)"
+        ))
+    }
+}
+
 impl From<DemoArgs> for DemoConfig {
     fn from(args: DemoArgs) -> Self {
         DemoConfig {
             listen: args.listen,
             workers: args.workers,
+            default_speed_mps: args.default_speed_mps,
             couriers: args.couriers,
             zones: args.zones,
             center_lat: args.center_lat,
