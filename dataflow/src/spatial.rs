@@ -104,9 +104,18 @@ fn envelope_entry(id: ZoneId, shape: &ZoneShape) -> Option<ZoneEntry> {
 type PointEntry<K> = GeomWithData<[f64; 2], K>;
 
 /// The current position of many keyed points (couriers, dropoffs), indexed for box queries.
+///
+/// Points move far more often than the boxes are queried (a courier reports every few
+/// seconds; a zone is edited now and then), so the R-tree is brought up to date lazily:
+/// [`set`](Self::set) only records the move, and the next query first applies every move
+/// since the last one — once per key, however often it moved — or rebuilds the tree in
+/// bulk when most points have moved.
 #[derive(Debug)]
 pub struct PointIndex<K> {
+    /// Where every key is now.
     points: HashMap<K, GeoPoint>,
+    /// Keys moved or removed since the tree was last updated, with where the tree has them.
+    moved: HashMap<K, Option<GeoPoint>>,
     tree: RTree<PointEntry<K>>,
 }
 
@@ -114,6 +123,7 @@ impl<K> Default for PointIndex<K> {
     fn default() -> Self {
         Self {
             points: HashMap::new(),
+            moved: HashMap::new(),
             tree: RTree::new(),
         }
     }
@@ -127,19 +137,16 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> PointIndex<K> {
 
     /// Places `key` at `point`, moving it if it was elsewhere.
     pub fn set(&mut self, key: K, point: GeoPoint) {
-        if let Some(old) = self.points.insert(key, point) {
-            if old == point {
-                return;
-            }
-            self.tree.remove(&GeomWithData::new(old.to_rtree(), key));
+        let old = self.points.insert(key, point);
+        if old != Some(point) {
+            self.moved.entry(key).or_insert(old);
         }
-        self.tree.insert(GeomWithData::new(point.to_rtree(), key));
     }
 
     /// Forgets `key`.
     pub fn remove(&mut self, key: K) {
         if let Some(old) = self.points.remove(&key) {
-            self.tree.remove(&GeomWithData::new(old.to_rtree(), key));
+            self.moved.entry(key).or_insert(Some(old));
         }
     }
 
@@ -159,17 +166,44 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> PointIndex<K> {
     }
 
     /// The keys whose points lie in the box `[lo, hi]` (`[lon, lat]` corners, inclusive).
-    pub fn within(&self, lo: [f64; 2], hi: [f64; 2]) -> impl Iterator<Item = K> + '_ {
+    pub fn within(&mut self, lo: [f64; 2], hi: [f64; 2]) -> Vec<K> {
+        self.catch_up();
         self.tree
             .locate_in_envelope_intersecting(AABB::from_corners(lo, hi))
             .map(|entry| entry.data)
+            .collect()
     }
 
     /// The keys whose points lie in the bounding box of `shape` (and so may be inside it).
-    pub fn candidates_for(&self, shape: &ZoneShape) -> Vec<K> {
+    pub fn candidates_for(&mut self, shape: &ZoneShape) -> Vec<K> {
         match shape.bounds() {
-            Some((lo, hi)) => self.within(lo, hi).collect(),
+            Some((lo, hi)) => self.within(lo, hi),
             None => Vec::new(),
+        }
+    }
+
+    /// Applies the moves recorded since the last query to the tree.
+    fn catch_up(&mut self) {
+        if self.moved.is_empty() {
+            return;
+        }
+        if self.moved.len() * 2 >= self.points.len() {
+            let entries = self
+                .points
+                .iter()
+                .map(|(key, point)| GeomWithData::new(point.to_rtree(), *key))
+                .collect();
+            self.tree = RTree::bulk_load(entries);
+            self.moved.clear();
+            return;
+        }
+        for (key, in_tree) in self.moved.drain() {
+            if let Some(old) = in_tree {
+                self.tree.remove(&GeomWithData::new(old.to_rtree(), key));
+            }
+            if let Some(point) = self.points.get(&key) {
+                self.tree.insert(GeomWithData::new(point.to_rtree(), key));
+            }
         }
     }
 }
@@ -254,5 +288,55 @@ mod tests {
         points.remove(1);
         assert_eq!(points.candidates_for(&zone), vec![2]);
         assert_eq!(points.len(), 1);
+    }
+
+    #[test]
+    fn lazy_updates_answer_like_a_scan_of_all_points() {
+        use rand::{Rng, SeedableRng, rngs::SmallRng};
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut index = PointIndex::new();
+        let mut truth: HashMap<u32, GeoPoint> = HashMap::new();
+        let random_point = |rng: &mut SmallRng| {
+            GeoPoint::from_degrees(rng.random_range(52.0..52.2), rng.random_range(13.0..13.2))
+        };
+        for key in 0..300u32 {
+            let point = random_point(&mut rng);
+            index.set(key, point);
+            truth.insert(key, point);
+        }
+        for round in 0..200 {
+            // A few moves (the incremental path) and now and then most of them (a rebuild).
+            let moves = if round % 50 == 0 {
+                250
+            } else {
+                rng.random_range(0..12)
+            };
+            for _ in 0..moves {
+                let key = rng.random_range(0..320u32);
+                if rng.random_bool(0.1) {
+                    index.remove(key);
+                    truth.remove(&key);
+                } else {
+                    let point = random_point(&mut rng);
+                    index.set(key, point);
+                    truth.insert(key, point);
+                }
+            }
+            let (a, b) = (random_point(&mut rng), random_point(&mut rng));
+            let lo = [a.lon().min(b.lon()), a.lat().min(b.lat())];
+            let hi = [a.lon().max(b.lon()), a.lat().max(b.lat())];
+            let mut found = index.within(lo, hi);
+            found.sort();
+            let mut expected: Vec<u32> = truth
+                .iter()
+                .filter(|(_, p)| {
+                    (lo[0]..=hi[0]).contains(&p.lon()) && (lo[1]..=hi[1]).contains(&p.lat())
+                })
+                .map(|(key, _)| *key)
+                .collect();
+            expected.sort();
+            assert_eq!(found, expected, "round {round}");
+            assert_eq!(index.len(), truth.len());
+        }
     }
 }
