@@ -19,14 +19,14 @@
 //! The loop is generic over the [`Source`] and takes the sinks as trait objects, so
 //! `delivertrack run` reuses it with RabbitMQ and the stores.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use delivertrack_dataflow::pipeline::{self, DataflowConfig, EpochReceiver, EpochSender};
-use delivertrack_dataflow::{Epoch, EpochOutput, Event};
+use delivertrack_dataflow::{Epoch, EpochOutput, Event, Rejection};
 use delivertrack_ingest::{EpochPolicy, Source, SourceBatch};
 use delivertrack_sinks::{Sink, SinkError};
 use futures::future::join_all;
@@ -107,7 +107,8 @@ where
     let (pending_tx, pending_rx) =
         mpsc::channel::<Pending<S::Ack>>(config.dataflow.max_epochs_in_flight.max(1) + 2);
     let (output_tx, output_rx) = mpsc::channel::<EpochOutput>(1);
-    let (ack_tx, ack_rx) = mpsc::channel::<S::Ack>(config.dataflow.max_epochs_in_flight.max(1) + 2);
+    let (ack_tx, ack_rx) =
+        mpsc::channel::<(S::Ack, Vec<Rejection>)>(config.dataflow.max_epochs_in_flight.max(1) + 2);
 
     let input_thread = thread::Builder::new()
         .name("delivertrack-input".into())
@@ -156,7 +157,7 @@ async fn read_source<S: Source>(
     mut source: S,
     policy: EpochPolicy,
     batch_tx: mpsc::Sender<SourceBatch<S::Ack>>,
-    mut ack_rx: mpsc::Receiver<S::Ack>,
+    mut ack_rx: mpsc::Receiver<(S::Ack, Vec<Rejection>)>,
     stop: CancellationToken,
 ) -> anyhow::Result<u64> {
     let mut batch_tx = Some(batch_tx);
@@ -172,8 +173,8 @@ async fn read_source<S: Source>(
         tokio::select! {
             biased;
             ack = ack_rx.recv() => match ack {
-                Some(ack) => {
-                    if let Err(error) = source.ack(ack).await {
+                Some((ack, rejected)) => {
+                    if let Err(error) = source.ack(ack, rejected).await {
                         tracing::error!(%error, "The source could not acknowledge a committed epoch.");
                         failure.get_or_insert(anyhow!(error).context("acknowledging the source failed"));
                         reading = false;
@@ -196,7 +197,7 @@ async fn read_source<S: Source>(
             batch = source.next_batch(&policy), if reading && next.is_none() => match batch {
                 Ok(Some(batch)) if batch.events.is_empty() => {
                     // Nothing to compute: acknowledge at once.
-                    if let Err(error) = source.ack(batch.ack).await {
+                    if let Err(error) = source.ack(batch.ack, Vec::new()).await {
                         tracing::warn!(%error, "The source could not acknowledge an empty batch.");
                     }
                 }
@@ -273,12 +274,14 @@ async fn commit_epochs<A>(
     mut sinks: Vec<Box<dyn Sink>>,
     mut output_rx: mpsc::Receiver<EpochOutput>,
     mut pending_rx: mpsc::Receiver<Pending<A>>,
-    ack_tx: mpsc::Sender<A>,
+    ack_tx: mpsc::Sender<(A, Vec<Rejection>)>,
     config: &DriverConfig,
     halt: &CancellationToken,
 ) -> anyhow::Result<DriveReport> {
     let mut report = DriveReport::default();
     let mut waiting: VecDeque<Pending<A>> = VecDeque::new();
+    // The refusals of committed epochs, until their batch's token goes back.
+    let mut refused: BTreeMap<Epoch, Vec<Rejection>> = BTreeMap::new();
     let mut failure: Option<anyhow::Error> = None;
     let (mut outputs_open, mut pending_open) = (true, true);
     while outputs_open || pending_open {
@@ -300,6 +303,9 @@ async fn commit_epochs<A>(
                     }
                     report.epochs += 1;
                     report.last_epoch = Some(epoch);
+                    if !output.rejections.is_empty() {
+                        refused.insert(epoch, output.rejections.clone());
+                    }
                     tracing::debug!(epoch, changes = output.changes.len(), rejected = output.rejections.len(), "Every sink committed an epoch.");
                 }
                 // After a failure, outputs are only drained so that the dataflow can stop.
@@ -316,9 +322,10 @@ async fn commit_epochs<A>(
                 if report.last_epoch.is_none_or(|last| front.epoch > last) {
                     break;
                 }
-                if let Some(Pending { ack, .. }) = waiting.pop_front() {
+                if let Some(Pending { epoch, ack }) = waiting.pop_front() {
+                    let rejected = refused.remove(&epoch).unwrap_or_default();
                     // The source task keeps receiving acks until this task ends.
-                    if ack_tx.send(ack).await.is_err() {
+                    if ack_tx.send((ack, rejected)).await.is_err() {
                         bail!("the source task ended before every epoch was acknowledged");
                     }
                 }

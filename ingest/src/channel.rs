@@ -8,7 +8,7 @@
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
-use delivertrack_dataflow::Event;
+use delivertrack_dataflow::{Event, Rejection};
 
 use crate::source::{EpochPolicy, Source, SourceBatch, SourceError};
 
@@ -128,7 +128,7 @@ impl Source for InProcessSource {
         Ok(self.gather(policy).await)
     }
 
-    async fn ack(&mut self, _ack: ()) -> Result<(), SourceError> {
+    async fn ack(&mut self, _ack: (), _rejected: Vec<Rejection>) -> Result<(), SourceError> {
         Ok(())
     }
 }
@@ -234,7 +234,7 @@ mod tests {
         );
         assert!(source.next_batch(&policy).await.unwrap().is_none());
         assert!(source.next_batch(&policy).await.unwrap().is_none());
-        source.ack(()).await.unwrap();
+        source.ack((), Vec::new()).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

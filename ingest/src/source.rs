@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use delivertrack_dataflow::Event;
+use delivertrack_dataflow::{Event, Rejection};
 
 /// A batch of events read from a source, with the token to acknowledge it once its epoch is
 /// committed by every sink.
@@ -73,8 +73,14 @@ pub trait Source: Send {
         policy: &EpochPolicy,
     ) -> impl Future<Output = Result<Option<SourceBatch<Self::Ack>>, SourceError>> + Send;
 
-    /// Acknowledges a batch after every sink committed its epoch.
-    fn ack(&mut self, ack: Self::Ack) -> impl Future<Output = Result<(), SourceError>> + Send;
+    /// Acknowledges a batch after every sink committed its epoch. `rejected` are the batch's
+    /// events the dataflow refused in context (an illegal transition, a stale fix, ...): a
+    /// source that dead-letters does so for them before it acknowledges.
+    fn ack(
+        &mut self,
+        ack: Self::Ack,
+        rejected: Vec<Rejection>,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
 }
 
 /// Why a source (or a sender feeding one) failed.
