@@ -9,7 +9,8 @@
 //! | route | module | |
 //! |---|---|---|
 //! | `GET /` | [`map`] | the operations map page |
-//! | `GET /healthz`, `GET /readyz` | [`health`] | liveness; readiness (first epoch applied) |
+//! | `GET /healthz`, `GET /readyz` | [`health`] | liveness; readiness (source connected, first epoch applied) |
+//! | `GET /metrics` | [`metrics`] | Prometheus text format of the state's registry |
 //! | `GET /api/snapshot` | [`snapshot`] | aggregates, counts, positions, zones |
 //! | `GET /api/couriers/{id}` | [`couriers`] | one courier |
 //! | `GET /api/deliveries/{id}` | [`deliveries`] | one delivery |
@@ -20,10 +21,11 @@
 //!
 //! # Layout
 //! - [`state`] — [`AppState`] and [`ApiConfig`].
+//! - [`readiness`] — [`Readiness`], the source's status as `/readyz` sees it.
 //! - [`error`] — [`ApiError`], the one error type of every handler.
 //! - [`id`] — parsing typed ids out of paths.
-//! - [`health`], [`snapshot`], [`couriers`], [`deliveries`], [`live`], [`map`]: the
-//!   resources.
+//! - [`health`], [`metrics`], [`snapshot`], [`couriers`], [`deliveries`], [`live`],
+//!   [`map`]: the resources.
 //! - [`server`] — [`serve`], with graceful shutdown.
 
 pub mod couriers;
@@ -33,6 +35,8 @@ pub mod health;
 pub mod id;
 pub mod live;
 pub mod map;
+pub mod metrics;
+pub mod readiness;
 pub mod server;
 pub mod snapshot;
 pub mod state;
@@ -43,6 +47,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use readiness::{Readiness, SourceProbe, SourceStatus};
 pub use server::serve;
 pub use state::{ApiConfig, AppState};
 
@@ -53,6 +58,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(map::router())
         .merge(health::router())
+        .merge(metrics::router())
         .merge(snapshot::router())
         .merge(couriers::router())
         .merge(deliveries::router())
@@ -117,12 +123,24 @@ mod tests {
                 (Change::Delivery(DeliveryId(DELIVERY), delivery), 1),
             ],
             rejections: Vec::new(),
+            events: Vec::new(),
         });
         model
     }
 
     async fn get(model: &ReadModel, uri: &str) -> (u16, Value) {
-        let app = router(AppState::new(model.clone(), CancellationToken::new()));
+        get_with(AppState::new(model.clone(), CancellationToken::new()), uri).await
+    }
+
+    async fn get_raw(state: AppState, uri: &str) -> Response<Body> {
+        router(state)
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn get_with(state: AppState, uri: &str) -> (u16, Value) {
+        let app = router(state);
         let response: Response<Body> = app
             .oneshot(Request::get(uri).body(Body::empty()).unwrap())
             .await
@@ -153,6 +171,81 @@ mod tests {
         );
         let (status, body) = get(&ready_model(), "/readyz").await;
         assert_eq!((status, body["epoch"].as_u64()), (200, Some(0)));
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_source() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let connected = Arc::new(AtomicBool::new(false));
+        let probe = {
+            let connected = Arc::clone(&connected);
+            move || {
+                if connected.load(Ordering::SeqCst) {
+                    SourceStatus::Connected
+                } else {
+                    SourceStatus::Unavailable {
+                        reason: "RabbitMQ is unreachable (attempt 2): connection refused".into(),
+                    }
+                }
+            }
+        };
+        let state = AppState::new(ready_model(), CancellationToken::new())
+            .with_readiness(Readiness::new(probe));
+
+        // Results exist, but the source is gone: not ready, and the reason is shown.
+        let (status, body) = get_with(state.clone(), "/readyz").await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error"]["code"], "source_unavailable");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("connection refused"),
+            "{body}"
+        );
+
+        connected.store(true, Ordering::SeqCst);
+        let (status, body) = get_with(state, "/readyz").await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
+
+        // Connected but nothing computed yet: still not ready.
+        let empty = AppState::new(ReadModel::default(), CancellationToken::new());
+        let (status, body) = get_with(empty, "/readyz").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (503, Some("not_ready"))
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_render_the_registry_as_prometheus_text() {
+        let registry = prometheus::Registry::new();
+        let counter =
+            prometheus::IntCounter::new("delivertrack_test_total", "A counter for the test.")
+                .unwrap();
+        registry.register(Box::new(counter.clone())).unwrap();
+        counter.inc_by(3);
+        let state =
+            AppState::new(ReadModel::default(), CancellationToken::new()).with_registry(registry);
+
+        let response = get_raw(state, "/metrics").await;
+        assert_eq!(response.status().as_u16(), 200);
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(content_type.starts_with("text/plain"), "{content_type}");
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        assert!(
+            text.contains("# TYPE delivertrack_test_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("delivertrack_test_total 3"), "{text}");
     }
 
     #[tokio::test]

@@ -74,7 +74,7 @@ impl std::fmt::Display for EventKind {
 }
 
 /// One validated event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// Unique per event; a redelivered message carries the same id.
     pub event_id: EventId,
@@ -85,7 +85,7 @@ pub struct Event {
 }
 
 /// The kind-specific part of an event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventBody {
     /// A courier's GPS fix.
     LocationUpdated(LocationUpdated),
@@ -102,7 +102,7 @@ pub enum EventBody {
 }
 
 /// `location.updated`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocationUpdated {
     /// Who moved.
     pub courier_id: CourierId,
@@ -117,7 +117,7 @@ pub struct LocationUpdated {
 }
 
 /// `delivery.created`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryCreated {
     /// The new delivery.
     pub delivery_id: DeliveryId,
@@ -132,7 +132,7 @@ pub struct DeliveryCreated {
 }
 
 /// `status.changed`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusChanged {
     /// Which delivery.
     pub delivery_id: DeliveryId,
@@ -143,7 +143,7 @@ pub struct StatusChanged {
 }
 
 /// `delivery.rated`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryRated {
     /// Which delivery.
     pub delivery_id: DeliveryId,
@@ -154,7 +154,7 @@ pub struct DeliveryRated {
 }
 
 /// `zone.upserted`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ZoneUpserted {
     /// Which zone.
     pub zone_id: ZoneId,
@@ -167,7 +167,7 @@ pub struct ZoneUpserted {
 }
 
 /// `zone.deleted`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ZoneDeleted {
     /// Which zone.
     pub zone_id: ZoneId,

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{EventKind, UnixMillis};
+use crate::event::{Event, EventKind, UnixMillis};
 use crate::geometry::{GeoPoint, ZoneShape};
 use crate::ids::{CourierId, CustomerId, DeliveryId, EventId, ZoneId};
 use crate::lifecycle::Status;
@@ -306,11 +306,14 @@ pub enum Change {
 }
 
 /// Everything one closed epoch changed: consolidated (no record appears twice, no zero
-/// diffs), sorted, with the events the dataflow rejected in it.
+/// diffs), sorted, with the events the dataflow rejected in it and the epoch's input.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochOutput {
     /// The epoch.
     pub epoch: Epoch,
+    /// The epoch's input as it was submitted, refused events included: for sinks that keep
+    /// the raw event log (an append-only table, a location history).
+    pub events: Vec<Event>,
     /// `(record, diff)`, diff `+1` or `-1`.
     pub changes: Vec<(Change, i64)>,
     /// Refused events, sorted.

@@ -132,13 +132,16 @@ pub fn start(config: DataflowConfig) -> Result<(EpochSender, EpochReceiver), Dat
         .map_err(|error| DataflowError::Start(error.to_string()))?;
 
     let submitted = Arc::new(AtomicU64::new(0));
+    let inputs_kept = Arc::new(Mutex::new(BTreeMap::new()));
     let sender = EpochSender {
         inputs,
         next: 0,
         submitted: Arc::clone(&submitted),
+        inputs_kept: Arc::clone(&inputs_kept),
     };
     let receiver = EpochReceiver {
         reports: report_rx,
+        inputs_kept,
         finished: final_rx,
         submitted,
         frontiers: vec![Some(0); workers],
@@ -192,6 +195,8 @@ pub struct EpochSender {
     inputs: Vec<SyncSender<Vec<Event>>>,
     next: Epoch,
     submitted: Arc<AtomicU64>,
+    /// Each epoch's input, until the receiver attaches it to the epoch's output.
+    inputs_kept: Arc<Mutex<BTreeMap<Epoch, Vec<Event>>>>,
 }
 
 impl EpochSender {
@@ -201,6 +206,9 @@ impl EpochSender {
     /// # Errors
     /// [`Closed`] when the workers have stopped.
     pub fn send(&mut self, mut events: Vec<Event>) -> Result<Epoch, Closed> {
+        if let Ok(mut kept) = self.inputs_kept.lock() {
+            kept.insert(self.next, events.clone());
+        }
         let workers = self.inputs.len();
         let share = events.len().div_ceil(workers.max(1));
         let mut shares = Vec::with_capacity(workers);
@@ -231,6 +239,7 @@ impl EpochSender {
 #[derive(Debug)]
 pub struct EpochReceiver {
     reports: Receiver<WorkerReport>,
+    inputs_kept: Arc<Mutex<BTreeMap<Epoch, Vec<Event>>>>,
     finished: Receiver<Result<(), String>>,
     submitted: Arc<AtomicU64>,
     /// Per worker: every epoch below is closed there (`None`: done).
@@ -345,6 +354,9 @@ impl EpochReceiver {
         });
         output.changes.sort();
         output.rejections.sort();
+        if let Ok(mut kept) = self.inputs_kept.lock() {
+            output.events = kept.remove(&epoch).unwrap_or_default();
+        }
         Some(output)
     }
 }

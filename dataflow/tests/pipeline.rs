@@ -108,10 +108,13 @@ fn every_epoch_is_output_once_in_order_even_when_empty() {
                 sender.send(events).unwrap();
             }
         });
-        let epochs: Vec<Epoch> = std::iter::from_fn(|| receiver.recv())
-            .map(|output| output.epoch)
-            .collect();
+        let outputs: Vec<EpochOutput> = std::iter::from_fn(|| receiver.recv()).collect();
+        let epochs: Vec<Epoch> = outputs.iter().map(|output| output.epoch).collect();
         assert_eq!(epochs, (0..expected).collect::<Vec<_>>());
+        // Each output carries its epoch's input, for the sinks that log raw events.
+        let inputs: Vec<usize> = outputs.iter().map(|output| output.events.len()).collect();
+        assert_eq!(inputs, vec![0, 1, 0, 1, 0]);
+        assert_eq!(outputs[1].events[0].event_id, EventId(Uuid::from_u128(1)));
         feeder.join().unwrap();
         assert!(matches!(receiver.outcome(), Some(Ok(()))));
     }

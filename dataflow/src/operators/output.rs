@@ -79,6 +79,7 @@ pub fn report<'scope>(
                     }
                 }
                 shares.push(EpochOutput {
+                    events: Vec::new(),
                     epoch,
                     changes,
                     rejections,

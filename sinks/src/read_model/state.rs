@@ -422,6 +422,7 @@ pub(crate) mod tests {
             epoch,
             changes,
             rejections: Vec::new(),
+            events: Vec::new(),
         }
     }
 
