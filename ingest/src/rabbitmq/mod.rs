@@ -1,0 +1,25 @@
+//! The RabbitMQ source: topology, decoding, dead-lettering, batching, acknowledgement and
+//! reconnection.
+//!
+//! # Layout
+//! - [`config`]: [`RabbitConfig`], names, prefetch, backoff, limits.
+//! - [`topology`]: [`declare_topology`], and why the queue is a classic one.
+//! - [`source`]: [`RabbitSource`], its ack token [`RabbitAck`] and [`SourceHealth`].
+//! - `batch`: gathering deliveries into batches in delivery-tag order.
+//! - `link`: the connection task that reconnects with backoff.
+//! - [`dead_letter`]: the dead-letter headers and publishing with confirms.
+//! - [`metrics`]: [`IngestMetrics`], the Prometheus counters.
+
+mod batch;
+pub mod config;
+pub mod dead_letter;
+mod link;
+pub mod metrics;
+pub mod source;
+pub mod topology;
+
+pub use config::RabbitConfig;
+pub use link::ConnectError;
+pub use metrics::IngestMetrics;
+pub use source::{RabbitAck, RabbitSource, SourceHealth};
+pub use topology::declare_topology;

@@ -1,0 +1,438 @@
+//! [`RabbitSource`]: the [`Source`] that consumes the ingest queue.
+//!
+//! ```text
+//!  broker ──► link task (link.rs) ──Incoming{generation, delivery}──► RabbitSource::next_batch
+//!  (prefetch)   reconnects, redeclares      bounded (prefetch)        decode, gather (batch.rs)
+//!                                                                          │ SourceBatch + RabbitAck
+//!                                                                          ▼
+//!  broker ◄── basic_ack(last tag, multiple) ◄── dead letters confirmed ◄── RabbitSource::ack
+//! ```
+//!
+//! Every delivery, good or bad, lands in exactly one batch's ack range; the batch's token is
+//! the channel generation and its highest complete delivery tag. Acknowledging it first
+//! publishes the batch's dead letters — decode refusals, and the dataflow's refusals except
+//! `stale` — and waits for the broker's confirms, then multiple-acks the tag. So nothing is
+//! acknowledged before it is either committed by every sink or safely dead-lettered.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use delivertrack_dataflow::contract::decode_message;
+use delivertrack_dataflow::{EventId, Rejection};
+use lapin::options::BasicAckOptions;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::batch::{Gathering, Taken};
+use super::config::RabbitConfig;
+use super::dead_letter::{self, DeadLetter, Origin, Wire};
+use super::link::{self, Incoming, LinkTask, Shared, SharedState};
+use super::metrics::IngestMetrics;
+use crate::source::{EpochPolicy, Source, SourceBatch, SourceError};
+
+/// Whether the source has a live connection. Watched by `/readyz`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceHealth {
+    /// Consuming.
+    Connected,
+    /// The connection was lost; the source is reconnecting with backoff. `attempts` counts
+    /// the failed attempts since the loss (0 right after it), `last_error` is the latest
+    /// cause.
+    Reconnecting {
+        /// Failed attempts since the loss.
+        attempts: u32,
+        /// The loss or the latest failed attempt, on one line.
+        last_error: String,
+    },
+}
+
+/// The acknowledgement of one batch: the channel generation and the highest delivery tag
+/// it completes, with the dead letters to publish first and the origin of each event (so
+/// that an event the dataflow refuses can be dead-lettered in its wire form).
+#[derive(Debug)]
+pub struct RabbitAck {
+    generation: u64,
+    last_tag: Option<u64>,
+    deliveries: usize,
+    dead_letters: Vec<DeadLetter>,
+    origins: Vec<(EventId, Origin)>,
+}
+
+impl RabbitAck {
+    /// The channel generation the batch was delivered on (1 for the first connection).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// How many deliveries this token acknowledges.
+    pub fn deliveries(&self) -> usize {
+        self.deliveries
+    }
+}
+
+/// The RabbitMQ source. See the [module](self) documentation.
+pub struct RabbitSource {
+    config: RabbitConfig,
+    metrics: IngestMetrics,
+    /// Deliveries from the link task; bounded by the prefetch.
+    incoming: mpsc::Receiver<Incoming>,
+    /// Reused by `recv_many`; always empty between calls, so cancelling loses nothing.
+    buffer: Vec<Incoming>,
+    shared: SharedState,
+    health: watch::Receiver<SourceHealth>,
+    /// The batch being gathered; kept here, not in the `next_batch` future, for cancel
+    /// safety.
+    gathering: Gathering,
+    /// When the batch being gathered must be returned; set by its first delivery.
+    deadline: Option<Instant>,
+    task: JoinHandle<()>,
+}
+
+impl fmt::Debug for RabbitSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitSource")
+            .field("url", &self.config.redacted_url())
+            .field("queue", &self.config.queue)
+            .field("health", &*self.health.borrow())
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitSource {
+    /// Connects, declares the topology idempotently and starts consuming. An unreachable
+    /// broker at start is an error naming it (ARCHITECTURE rule 8); later drops are healed
+    /// by reconnecting.
+    ///
+    /// # Errors
+    /// [`SourceError::Config`] for settings no retry can fix; [`SourceError::Transport`]
+    /// (with a [`ConnectError`](super::ConnectError) naming the broker) when the broker
+    /// cannot be reached or refuses the topology.
+    pub async fn connect(
+        config: RabbitConfig,
+        metrics: IngestMetrics,
+    ) -> Result<Self, SourceError> {
+        config.validate()?;
+        let (link, consumer) = link::establish(&config, 1)
+            .await
+            .map_err(|error| SourceError::Transport(Box::new(error)))?;
+        let link = Arc::new(link);
+        tracing::info!(url = %config.redacted_url(), queue = %config.queue, prefetch = config.prefetch, "Consuming from RabbitMQ.");
+        let shared: SharedState = Arc::new(Mutex::new(Shared {
+            link: Some(Arc::clone(&link)),
+            in_flight: 0,
+        }));
+        metrics.set_in_flight(0);
+        let (health_tx, health) = watch::channel(SourceHealth::Connected);
+        let (tx, incoming) = mpsc::channel(usize::from(config.prefetch));
+        let task = LinkTask {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            shared: Arc::clone(&shared),
+            health: health_tx,
+            deliveries: tx,
+        };
+        let task = tokio::spawn(task.run(link, consumer));
+        Ok(Self {
+            config,
+            metrics,
+            incoming,
+            buffer: Vec::new(),
+            shared,
+            health,
+            gathering: Gathering::default(),
+            deadline: None,
+            task,
+        })
+    }
+
+    /// Watches the connection's health (for `/readyz`).
+    pub fn health(&self) -> watch::Receiver<SourceHealth> {
+        self.health.clone()
+    }
+
+    /// Deliveries received and not yet acknowledged (for tests and the in-flight gauge).
+    pub fn in_flight(&self) -> usize {
+        link::lock(&self.shared).in_flight
+    }
+
+    /// Stops consuming and closes the connection cleanly. Deliveries not acknowledged by
+    /// then are requeued by the broker. Dropping the source does the same in the
+    /// background.
+    pub async fn close(self) {
+        let Self {
+            incoming,
+            task,
+            config,
+            ..
+        } = self;
+        drop(incoming);
+        // The task closes the connection within the connect timeout; give it a margin.
+        let limit = config.connect_timeout + config.connect_timeout;
+        if tokio::time::timeout(limit, task).await.is_err() {
+            tracing::warn!("The RabbitMQ connection did not close in time.");
+        }
+    }
+
+    /// Decodes one delivery into the batch being gathered.
+    fn receive(&mut self, incoming: Incoming, policy: &EpochPolicy) {
+        let Incoming {
+            generation,
+            delivery,
+        } = incoming;
+        if generation < self.gathering.generation() {
+            // Delivered on a channel that is gone; the broker redelivers it.
+            return;
+        }
+        if generation > self.gathering.generation() {
+            self.gathering.reset(generation);
+            self.deadline = None;
+        }
+        self.metrics.message_received();
+        let routing_key = delivery.routing_key.to_string();
+        let payload = delivery.data;
+        let decoded = decode_message(
+            Some(&routing_key),
+            &payload,
+            Utc::now().timestamp_millis(),
+            &self.config.limits,
+        );
+        for event in &decoded.events {
+            self.metrics.event_ingested(event.kind().as_str());
+        }
+        for error in &decoded.errors {
+            self.metrics.event_rejected(error.code());
+            tracing::debug!(%error, routing_key, "An event was refused at decoding and will be dead-lettered.");
+        }
+        let dead_letters = if decoded.errors.is_empty() {
+            Vec::new()
+        } else {
+            DeadLetter::decoded(&routing_key, &payload, &decoded.errors)
+        };
+        let is_array = payload
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| *b == b'[');
+        let wire = Arc::new(Wire {
+            routing_key,
+            payload,
+        });
+        let events = if is_array {
+            // The good events are the elements without an error, in order.
+            let refused: std::collections::BTreeSet<usize> =
+                decoded.errors.iter().filter_map(|e| e.index).collect();
+            let indices = (0..).filter(|i| !refused.contains(i));
+            decoded
+                .events
+                .into_iter()
+                .zip(indices)
+                .map(|(event, index)| {
+                    let origin = Origin {
+                        wire: Arc::clone(&wire),
+                        index: Some(index),
+                    };
+                    (event, origin)
+                })
+                .collect()
+        } else {
+            decoded
+                .events
+                .into_iter()
+                .map(|event| {
+                    let origin = Origin {
+                        wire: Arc::clone(&wire),
+                        index: None,
+                    };
+                    (event, origin)
+                })
+                .collect()
+        };
+        if self.gathering.is_empty() {
+            self.deadline = Some(Instant::now() + policy.max_wait);
+        }
+        self.gathering
+            .push(delivery.delivery_tag, events, dead_letters);
+    }
+
+    /// Is the batch being gathered due, by size or because it cannot grow any more?
+    fn is_full(&self, policy: &EpochPolicy) -> bool {
+        self.gathering.event_count() >= policy.batch_limit()
+            // The broker sends no more than the prefetch unacknowledged.
+            || self.gathering.delivery_count() >= usize::from(self.config.prefetch)
+    }
+
+    fn take(&mut self, policy: &EpochPolicy) -> SourceBatch<RabbitAck> {
+        let Taken {
+            generation,
+            events,
+            origins,
+            last_tag,
+            deliveries,
+            dead_letters,
+        } = self.gathering.take(policy.batch_limit());
+        // What is left (the rest of a split message) starts the next batch's clock.
+        self.deadline = (!self.gathering.is_empty()).then(|| Instant::now() + policy.max_wait);
+        SourceBatch {
+            events,
+            ack: RabbitAck {
+                generation,
+                last_tag,
+                deliveries,
+                dead_letters,
+                origins,
+            },
+        }
+    }
+
+    async fn gather(
+        &mut self,
+        policy: &EpochPolicy,
+    ) -> Result<SourceBatch<RabbitAck>, SourceError> {
+        /// Deliveries taken from the link task at once.
+        const RECEIVE_AT_ONCE: usize = 256;
+        loop {
+            let deadline = match self.deadline {
+                Some(deadline) if !self.gathering.is_empty() => {
+                    if self.is_full(policy) || Instant::now() >= deadline {
+                        return Ok(self.take(policy));
+                    }
+                    Some(deadline)
+                }
+                _ => None,
+            };
+            let received = match deadline {
+                Some(deadline) => tokio::select! {
+                    biased;
+                    n = self.incoming.recv_many(&mut self.buffer, RECEIVE_AT_ONCE) => n,
+                    () = tokio::time::sleep_until(deadline) => return Ok(self.take(policy)),
+                },
+                // Idle: wait without a deadline; an idle source makes no epochs.
+                None => {
+                    self.incoming
+                        .recv_many(&mut self.buffer, RECEIVE_AT_ONCE)
+                        .await
+                }
+            };
+            if received == 0 {
+                // The link task ends only when this source drops its receiver; if it is gone
+                // otherwise, nothing can be received again.
+                return Err(SourceError::Transport(
+                    "the RabbitMQ connection task ended".into(),
+                ));
+            }
+            let mut buffer = std::mem::take(&mut self.buffer);
+            for incoming in buffer.drain(..) {
+                self.receive(incoming, policy);
+            }
+            self.buffer = buffer;
+        }
+    }
+
+    /// The link of `generation`, if it is still the current one.
+    fn current_link(&self, generation: u64) -> Option<Arc<link::Link>> {
+        link::lock(&self.shared)
+            .link
+            .as_ref()
+            .filter(|link| link.generation == generation)
+            .map(Arc::clone)
+    }
+}
+
+impl Source for RabbitSource {
+    type Ack = RabbitAck;
+
+    /// Waits for deliveries, decodes them and returns a batch by the policy's bounds. Keeps
+    /// waiting through reconnections. Cancel safe.
+    async fn next_batch(
+        &mut self,
+        policy: &EpochPolicy,
+    ) -> Result<Option<SourceBatch<RabbitAck>>, SourceError> {
+        self.gather(policy).await.map(Some)
+    }
+
+    /// Dead-letters the batch's refusals (decode refusals, and `rejected` except `stale`),
+    /// waits for the broker's confirms, then multiple-acks the batch's last delivery tag.
+    /// A token of a replaced channel is dropped: its deliveries come back. Failures of the
+    /// connection are logged and healed by reconnecting, never returned.
+    async fn ack(&mut self, ack: RabbitAck, rejected: Vec<Rejection>) -> Result<(), SourceError> {
+        let RabbitAck {
+            generation,
+            last_tag,
+            deliveries,
+            mut dead_letters,
+            origins,
+        } = ack;
+        let Some(link) = self.current_link(generation) else {
+            tracing::debug!(
+                generation,
+                deliveries,
+                "An acknowledgement of a replaced channel is dropped; its deliveries are redelivered."
+            );
+            return Ok(());
+        };
+        if !rejected.is_empty() {
+            let origins: HashMap<EventId, &Origin> =
+                origins.iter().map(|(id, origin)| (*id, origin)).collect();
+            for rejection in &rejected {
+                self.metrics.event_rejected(rejection.reason.code());
+                if dead_letter::is_dead_lettered(&rejection.reason) {
+                    let origin = origins.get(&rejection.event_id).copied();
+                    dead_letters.push(DeadLetter::refused(rejection, origin));
+                }
+            }
+        }
+        if let Err(error) = dead_letter::publish(
+            &link.publish,
+            &self.config.dead_letter_exchange,
+            &dead_letters,
+            &self.metrics,
+            self.config.confirm_timeout,
+        )
+        .await
+        {
+            // Not acknowledging on a live channel would strand the deliveries until the
+            // channel closes, so replace the connection: the broker then redelivers them.
+            tracing::warn!(error = %link::error_chain(&error), "Dead letters could not be published; reconnecting so that their deliveries come back.");
+            link.close("dead-lettering failed", self.config.confirm_timeout)
+                .await;
+            return Ok(());
+        }
+        let Some(tag) = last_tag else {
+            return Ok(());
+        };
+        let acked = tokio::time::timeout(
+            self.config.confirm_timeout,
+            link.consume
+                .basic_ack(tag, BasicAckOptions { multiple: true }),
+        )
+        .await;
+        match acked {
+            Ok(Ok(())) => {
+                let in_flight = {
+                    let mut shared = link::lock(&self.shared);
+                    if shared
+                        .link
+                        .as_ref()
+                        .is_some_and(|current| current.generation == generation)
+                    {
+                        shared.in_flight = shared.in_flight.saturating_sub(deliveries);
+                    }
+                    shared.in_flight
+                };
+                self.metrics.set_in_flight(in_flight);
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, generation, "An acknowledgement failed; the channel is being replaced and its deliveries come back.");
+            }
+            Err(_elapsed) => {
+                tracing::warn!(generation, "An acknowledgement timed out; reconnecting.");
+                link.close("acknowledgement timed out", self.config.confirm_timeout)
+                    .await;
+            }
+        }
+        Ok(())
+    }
+}
