@@ -17,7 +17,9 @@ use std::collections::{HashMap, VecDeque};
 use differential_dataflow::VecCollection;
 use timely::dataflow::StreamVec;
 
-use super::{Emitted, Freshness, ZoneJoin, freshness, rejection, select, stamped, zone_join};
+use super::{
+    Emitted, Freshness, ZoneJoin, freshness, net_changes, rejection, select, stamped, zone_join,
+};
 use crate::eta::{hour_bucket, step_mm, window_speed_mm_s};
 use crate::event::{Event, EventBody, UnixMillis};
 use crate::geometry::GeoPoint;
@@ -257,17 +259,15 @@ impl ZoneJoin for CourierTracker {
                 rejections.push(rejection(event.event_id, event.kind(), reason));
             }
         }
-        let mut records = Vec::new();
-        for (courier_id, old) in changes.couriers_before {
-            let new = self
-                .couriers
-                .get(&courier_id)
-                .map(|track| track.state.clone());
-            if old != new {
-                records.extend(old.map(|state| (TrackerRecord::Courier(courier_id, state), -1)));
-                records.extend(new.map(|state| (TrackerRecord::Courier(courier_id, state), 1)));
-            }
-        }
+        let mut records: Vec<(TrackerRecord, isize)> =
+            net_changes(changes.couriers_before, |courier_id| {
+                self.couriers
+                    .get(courier_id)
+                    .map(|track| track.state.clone())
+            })
+            .into_iter()
+            .map(|((courier_id, state), diff)| (TrackerRecord::Courier(courier_id, state), diff))
+            .collect();
         for ((courier_id, zone_id), diff) in changes.inside {
             if diff != 0 {
                 records.push((TrackerRecord::Inside(courier_id, zone_id), diff));

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use differential_dataflow::VecCollection;
 use timely::dataflow::StreamVec;
 
-use super::{EpochState, Freshness, Version, freshness, rejection, upsert};
+use super::{EpochState, Freshness, Version, freshness, net_changes, rejection, upsert};
 use crate::event::{Event, EventBody};
 use crate::ids::{DeliveryId, EventId};
 use crate::lifecycle::Status;
@@ -65,17 +65,11 @@ impl EpochState for DeliveryRegisters {
                 Err(reason) => rejections.push(rejection(event_id, kind, reason)),
             }
         }
-        let mut changes = Vec::new();
-        for (delivery_id, old) in before {
-            let new = self
-                .deliveries
-                .get(&delivery_id)
-                .map(|entry| entry.state.clone());
-            if old != new {
-                changes.extend(old.map(|state| ((delivery_id, state), -1)));
-                changes.extend(new.map(|state| ((delivery_id, state), 1)));
-            }
-        }
+        let mut changes = net_changes(before, |delivery_id| {
+            self.deliveries
+                .get(delivery_id)
+                .map(|entry| entry.state.clone())
+        });
         changes.sort();
         (changes, rejections)
     }

@@ -227,6 +227,23 @@ where
         .as_collection()
 }
 
+/// The net change of every entity an epoch touched: `-old` and `+new` where they differ,
+/// given each one's state before the epoch and a way to read its state now.
+pub(crate) fn net_changes<K: Copy, V: PartialEq>(
+    before: std::collections::HashMap<K, Option<V>>,
+    now: impl Fn(&K) -> Option<V>,
+) -> Vec<((K, V), isize)> {
+    let mut changes = Vec::new();
+    for (key, old) in before {
+        let new = now(&key);
+        if old != new {
+            changes.extend(old.map(|state| ((key, state), -1)));
+            changes.extend(new.map(|state| ((key, state), 1)));
+        }
+    }
+    changes
+}
+
 pub(crate) fn rejection(event_id: EventId, kind: EventKind, reason: RejectReason) -> Rejection {
     Rejection {
         event_id,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use differential_dataflow::VecCollection;
 use timely::dataflow::StreamVec;
 
-use super::{EpochState, Freshness, Version, freshness, rejection, upsert};
+use super::{EpochState, Freshness, Version, freshness, net_changes, rejection, upsert};
 use crate::event::{Event, EventBody};
 use crate::ids::ZoneId;
 use crate::model::{RejectReason, Rejection, ZoneState};
@@ -66,17 +66,11 @@ impl EpochState for ZoneRegisters {
                 }
             }
         }
-        let mut changes = Vec::new();
-        for (zone_id, old) in before {
-            let new = self
-                .zones
-                .get(&zone_id)
-                .and_then(|register| register.state.clone());
-            if old != new {
-                changes.extend(old.map(|state| ((zone_id, state), -1)));
-                changes.extend(new.map(|state| ((zone_id, state), 1)));
-            }
-        }
+        let mut changes = net_changes(before, |zone_id| {
+            self.zones
+                .get(zone_id)
+                .and_then(|register| register.state.clone())
+        });
         changes.sort();
         (changes, rejections)
     }
