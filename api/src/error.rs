@@ -33,6 +33,13 @@ pub enum ApiError {
     /// `503 not_ready`: the pipeline has not applied its first epoch yet.
     #[error("the pipeline has not produced its first results yet")]
     NotReady,
+    /// `503 source_unavailable`: the pipeline's source cannot deliver input now (RabbitMQ
+    /// is down or being reconnected to); the message says why.
+    #[error("{reason}")]
+    SourceUnavailable {
+        /// A sentence for operators.
+        reason: String,
+    },
     /// `500 internal`: a bug or a failed dependency; the cause is logged, never sent.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -44,7 +51,9 @@ impl ApiError {
         match self {
             ApiError::NotFound { .. } | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::InvalidId { .. } => StatusCode::BAD_REQUEST,
-            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady | ApiError::SourceUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -56,6 +65,7 @@ impl ApiError {
             ApiError::InvalidId { .. } => "invalid_id",
             ApiError::RouteNotFound => "route_not_found",
             ApiError::NotReady => "not_ready",
+            ApiError::SourceUnavailable { .. } => "source_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }

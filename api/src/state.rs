@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use delivertrack_sinks::ReadModel;
+use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
+
+use crate::readiness::Readiness;
 
 /// Limits and timings of the API.
 #[derive(Clone, Debug)]
@@ -39,16 +42,35 @@ pub struct AppState {
     /// Fires once at shutdown: the server stops accepting and WebSocket sessions close
     /// with a final close frame.
     pub shutdown: CancellationToken,
+    /// Whether the pipeline's source is connected, for `/readyz`.
+    pub readiness: Readiness,
+    /// What `/metrics` renders; the pipeline's parts register their metrics in it.
+    pub registry: Registry,
 }
 
 impl AppState {
-    /// State over a read model, with the default [`ApiConfig`].
+    /// State over a read model, with the default [`ApiConfig`], a source that is always
+    /// connected and an empty registry.
     pub fn new(read_model: ReadModel, shutdown: CancellationToken) -> Self {
         Self {
             read_model,
             config: ApiConfig::default(),
             shutdown,
+            readiness: Readiness::always_connected(),
+            registry: Registry::new(),
         }
+    }
+
+    /// The same state with another readiness probe.
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
+    }
+
+    /// The same state serving another registry on `/metrics`.
+    pub fn with_registry(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
     }
 
     /// The same state with another configuration.
