@@ -9,26 +9,19 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use delivertrack_api::{ApiConfig, AppState};
-use delivertrack_dataflow::pipeline::DataflowConfig;
-use delivertrack_ingest::{
-    EpochPolicy, FleetSimulator, SimulatorConfig, in_process, run_simulator,
-};
-use delivertrack_sinks::{ReadModel, ReadModelConfig, ReadModelSink, Sink};
+use delivertrack_api::Readiness;
+use delivertrack_ingest::{FleetSimulator, SimulatorConfig, in_process, run_simulator};
+use prometheus::Registry;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-use crate::driver::{DriveReport, DriverConfig, drive};
+use crate::driver::DriveReport;
+use crate::service::{Companion, PipelineConfig, Service};
 
 /// Everything `delivertrack demo` can be told.
 #[derive(Clone, Debug)]
 pub struct DemoConfig {
-    /// Where the API listens.
-    pub listen: SocketAddr,
-    /// Timely worker threads.
-    pub workers: usize,
-    /// ETA speed for couriers whose own speed is unknown, m/s.
-    pub default_speed_mps: f64,
+    /// The settings shared with `run`: listen address, workers, epoch bounds, API.
+    pub pipeline: PipelineConfig,
     /// Simulated couriers.
     pub couriers: usize,
     /// Simulated zones.
@@ -41,10 +34,6 @@ pub struct DemoConfig {
     pub radius_m: f64,
     /// New deliveries per simulated minute.
     pub deliveries_per_minute: f64,
-    /// An epoch closes at this many events ...
-    pub epoch_max_events: usize,
-    /// ... or this long after its first event, whichever comes first.
-    pub epoch_max_wait: Duration,
     /// Simulated time per wall-clock time (2.0: twice as fast as real time).
     pub speed: f64,
     /// How often the simulator advances.
@@ -53,32 +42,22 @@ pub struct DemoConfig {
     pub seed: u64,
     /// Events buffered between the simulator and the dataflow.
     pub channel_capacity: usize,
-    /// API limits and timings.
-    pub api: ApiConfig,
-    /// Epoch updates buffered per live WebSocket client before it is resynced.
-    pub live_capacity: usize,
 }
 
 impl Default for DemoConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            workers: 2,
-            default_speed_mps: DataflowConfig::default().default_speed_mps,
+            pipeline: PipelineConfig::default(),
             couriers: 100,
             zones: 6,
             center_lat: 52.52,
             center_lon: 13.405,
             radius_m: 6_000.0,
             deliveries_per_minute: 10.0,
-            epoch_max_events: 5_000,
-            epoch_max_wait: Duration::from_millis(200),
             speed: 5.0,
             tick: Duration::from_millis(100),
             seed: 0,
             channel_capacity: 10_000,
-            api: ApiConfig::default(),
-            live_capacity: ReadModelConfig::default().live_capacity,
         }
     }
 }
@@ -104,9 +83,9 @@ pub async fn run_demo(
     config: DemoConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
+    let listener = TcpListener::bind(config.pipeline.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+        .with_context(|| format!("cannot listen on {}", config.pipeline.listen))?;
     let addr = listener
         .local_addr()
         .context("the listener has no local address")?;
@@ -129,94 +108,27 @@ pub async fn run_demo_on(
     let addr = listener
         .local_addr()
         .context("the listener has no local address")?;
-    let read_model = ReadModel::new(ReadModelConfig {
-        live_capacity: config.live_capacity,
-    });
-    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(ReadModelSink::new(read_model.clone()))];
-
-    // Two signals: the pipeline stops first and drains, the API after it.
-    let pipeline_stop = CancellationToken::new();
-    let api_stop = CancellationToken::new();
-
-    let state = AppState::new(read_model, api_stop.clone()).with_config(config.api.clone());
-    let mut server = tokio::spawn(delivertrack_api::serve(listener, state));
-
     let (sender, source) = in_process(config.channel_capacity);
+    let mut service = Service::assemble(
+        source,
+        &config.pipeline,
+        Vec::new(),
+        Readiness::always_connected(),
+        Registry::new(),
+    )?;
     let simulator = FleetSimulator::new(simulator_config(&config), now_ms());
-    let mut simulation = tokio::spawn(run_simulator(
-        simulator,
-        sender,
-        config.tick,
-        config.speed,
-        pipeline_stop.clone().cancelled_owned(),
-    ));
-
-    let driver_config = DriverConfig {
-        epoch_policy: EpochPolicy {
-            max_events: config.epoch_max_events,
-            max_wait: config.epoch_max_wait,
-        },
-        dataflow: DataflowConfig {
-            workers: config.workers.max(1),
-            default_speed_mps: config.default_speed_mps,
-            ..DataflowConfig::default()
-        },
-        ..DriverConfig::default()
-    };
-    let mut driver = tokio::spawn(drive(source, sinks, driver_config, pipeline_stop.clone()));
-    tracing::info!(%addr, couriers = config.couriers, zones = config.zones, workers = config.workers, "The demo is running.");
-
-    // Run until asked to stop, or until a part ends on its own (which is an error).
-    let mut shutdown = std::pin::pin!(shutdown);
-    let early: Option<anyhow::Error> = tokio::select! {
-        () = &mut shutdown => None,
-        ended = &mut server => Some(match ended {
-            Ok(Ok(())) => anyhow::anyhow!("the API server stopped unexpectedly"),
-            Ok(Err(error)) => anyhow::Error::new(error).context("the API server failed"),
-            Err(error) => anyhow::Error::new(error).context("the API server task panicked"),
+    let stopped = service.stop.clone().cancelled_owned();
+    let (tick, speed) = (config.tick, config.speed);
+    service.companions.push(Companion {
+        name: "the simulator",
+        task: tokio::spawn(async move {
+            run_simulator(simulator, sender, tick, speed, stopped)
+                .await
+                .map_err(anyhow::Error::new)
         }),
-        ended = &mut simulation => Some(match ended {
-            Ok(Ok(())) => anyhow::anyhow!("the simulator stopped unexpectedly"),
-            Ok(Err(error)) => anyhow::Error::new(error).context("the simulator failed"),
-            Err(error) => anyhow::Error::new(error).context("the simulator task panicked"),
-        }),
-        ended = &mut driver => {
-            let error = match ended {
-                Ok(Ok(_)) => anyhow::anyhow!("the pipeline stopped unexpectedly"),
-                Ok(Err(error)) => error,
-                Err(error) => anyhow::Error::new(error).context("the pipeline task panicked"),
-            };
-            pipeline_stop.cancel();
-            api_stop.cancel();
-            return Err(error);
-        }
-    };
-    if let Some(error) = &early {
-        tracing::error!(error = %format!("{error:#}"), "A part of the demo ended early; shutting down.");
-    } else {
-        tracing::info!("Shutting down: draining the epochs in flight.");
-    }
-
-    pipeline_stop.cancel();
-    let report = driver.await.context("the pipeline task panicked")??;
-    tracing::info!(epochs = report.epochs, events = report.events, last_epoch = ?report.last_epoch, "The pipeline drained.");
-    if !simulation.is_finished() {
-        simulation
-            .await
-            .context("the simulator task panicked")?
-            .context("the simulator failed")?;
-    }
-    api_stop.cancel();
-    if !server.is_finished() {
-        server
-            .await
-            .context("the API server task panicked")?
-            .context("the API server failed")?;
-    }
-    match early {
-        Some(error) => Err(error),
-        None => Ok(report),
-    }
+    });
+    tracing::info!(%addr, couriers = config.couriers, zones = config.zones, workers = config.pipeline.workers, "The demo is running.");
+    service.run(listener, shutdown).await
 }
 
 fn simulator_config(config: &DemoConfig) -> SimulatorConfig {

@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use delivertrack_dataflow::pipeline::{self, DataflowConfig, EpochReceiver, EpochSender};
@@ -32,6 +32,8 @@ use delivertrack_sinks::{Sink, SinkError};
 use futures::future::join_all;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::DriverMetrics;
 
 /// How the driver cuts epochs and retries sinks.
 #[derive(Clone, Debug)]
@@ -46,6 +48,8 @@ pub struct DriverConfig {
     pub sink_backoff: Duration,
     /// The longest wait between two retries.
     pub sink_max_backoff: Duration,
+    /// Where to count committed epochs and their commit time; `None` counts nothing.
+    pub metrics: Option<DriverMetrics>,
 }
 
 impl Default for DriverConfig {
@@ -56,6 +60,7 @@ impl Default for DriverConfig {
             sink_attempts: 5,
             sink_backoff: Duration::from_millis(100),
             sink_max_backoff: Duration::from_secs(5),
+            metrics: None,
         }
     }
 }
@@ -294,6 +299,7 @@ async fn commit_epochs<A>(
                 Some(output) if failure.is_none() => {
                     let epoch = output.epoch;
                     let output = Arc::new(output);
+                    let started = Instant::now();
                     let results = join_all(sinks.iter_mut().map(|sink| commit_with_retry(sink.as_mut(), Arc::clone(&output), config))).await;
                     if let Some(error) = results.into_iter().find_map(Result::err) {
                         tracing::error!(epoch, sink = error.sink(), error = %error, "A sink failed; the driver stops without acknowledging this epoch.");
@@ -303,6 +309,10 @@ async fn commit_epochs<A>(
                     }
                     report.epochs += 1;
                     report.last_epoch = Some(epoch);
+                    if let Some(metrics) = &config.metrics {
+                        metrics.epochs_committed.inc();
+                        metrics.epoch_commit_duration.observe(started.elapsed().as_secs_f64());
+                    }
                     if !output.rejections.is_empty() {
                         refused.insert(epoch, output.rejections.clone());
                     }

@@ -5,13 +5,23 @@
 //!
 //! # Layout
 //! - [`driver`] — [`drive`], the generic loop source → epochs → dataflow → sinks → ack.
+//! - [`service`] — [`Service`], the wiring both commands share (read model, sinks, API,
+//!   driver) and the order in which it stops; [`PipelineConfig`], their common settings.
 //! - [`demo`] — [`run_demo`], the whole pipeline with the fleet simulator and no external
 //!   service.
+//! - [`run`] — [`run_pipeline`], the pipeline on RabbitMQ.
+//! - [`metrics`] — [`DriverMetrics`], the driver's Prometheus metrics.
 //! - [`telemetry`] — logging set-up.
 
 pub mod demo;
 pub mod driver;
+pub mod metrics;
+pub mod run;
+pub mod service;
 pub mod telemetry;
 
 pub use demo::{DemoConfig, banner, run_demo, run_demo_on};
 pub use driver::{DriveReport, DriverConfig, drive};
+pub use metrics::DriverMetrics;
+pub use run::{RunConfig, RunHooks, Started, run_pipeline, run_pipeline_on};
+pub use service::{Companion, PipelineConfig, Service};

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use delivertrack::telemetry::{self, LogFormat};
-use delivertrack::{DemoConfig, run_demo};
+use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_pipeline};
+use delivertrack_ingest::rabbitmq::RabbitConfig;
 
 /// Real-time delivery tracking on an incremental dataflow.
 #[derive(Debug, Parser)]
@@ -30,11 +31,14 @@ enum Format {
 enum Command {
     /// Runs the whole pipeline with a simulated fleet and no external service.
     Demo(DemoArgs),
+    /// Runs the pipeline on RabbitMQ: consumes the event stream, serves the API.
+    Run(RunArgs),
 }
 
+/// The settings `demo` and `run` share.
 #[derive(Debug, clap::Args)]
-struct DemoArgs {
-    /// Address the API and the map page listen on.
+struct PipelineArgs {
+    /// Address the API (and the demo's map page) listens on.
     #[arg(long, env = "DELIVERTRACK_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Timely worker threads.
@@ -43,6 +47,31 @@ struct DemoArgs {
     /// ETA speed for a courier whose own speed is unknown (or implausibly low), m/s.
     #[arg(long, env = "DELIVERTRACK_DEFAULT_SPEED_MPS", default_value_t = 5.0, value_parser = positive_speed)]
     default_speed_mps: f64,
+    /// An epoch closes at this many events ...
+    #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_EVENTS", default_value_t = 5_000)]
+    epoch_max_events: usize,
+    /// ... or this many milliseconds after its first event.
+    #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_MS", default_value_t = 200)]
+    epoch_max_ms: u64,
+}
+
+impl From<PipelineArgs> for PipelineConfig {
+    fn from(args: PipelineArgs) -> Self {
+        PipelineConfig {
+            listen: args.listen,
+            workers: args.workers,
+            default_speed_mps: args.default_speed_mps,
+            epoch_max_events: args.epoch_max_events,
+            epoch_max_wait: Duration::from_millis(args.epoch_max_ms),
+            ..PipelineConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
     /// Simulated couriers.
     #[arg(long, env = "DELIVERTRACK_COURIERS", default_value_t = 100)]
     couriers: usize,
@@ -72,18 +101,41 @@ struct DemoArgs {
         default_value_t = 10.0
     )]
     deliveries_per_minute: f64,
-    /// An epoch closes at this many events ...
-    #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_EVENTS", default_value_t = 5_000)]
-    epoch_max_events: usize,
-    /// ... or this many milliseconds after its first event.
-    #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_MS", default_value_t = 200)]
-    epoch_max_ms: u64,
     /// Simulated time per wall-clock time (5: five times faster than real time).
     #[arg(long, env = "DELIVERTRACK_SPEED", default_value_t = 5.0)]
     speed: f64,
     /// Seed of the simulation.
     #[arg(long, env = "DELIVERTRACK_SEED", default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// The AMQP URI of RabbitMQ (it may hold a password: never shown in logs).
+    #[arg(long, env = "RABBITMQ_URL", hide_env_values = true, default_value_t = RabbitConfig::default().url)]
+    rabbitmq_url: String,
+    /// The topic exchange events are published to (routing key = the event's kind).
+    #[arg(long, env = "DELIVERTRACK_EXCHANGE", default_value_t = RabbitConfig::default().exchange)]
+    exchange: String,
+    /// The durable queue consumed, bound to the exchange with every event kind.
+    #[arg(long, env = "DELIVERTRACK_QUEUE", default_value_t = RabbitConfig::default().queue)]
+    queue: String,
+    /// Where refused events are published, with their reason in the headers.
+    #[arg(long, env = "DELIVERTRACK_DEAD_LETTER_EXCHANGE", default_value_t = RabbitConfig::default().dead_letter_exchange)]
+    dead_letter_exchange: String,
+    /// The queue that keeps refused events.
+    #[arg(long, env = "DELIVERTRACK_DEAD_LETTER_QUEUE", default_value_t = RabbitConfig::default().dead_letter_queue)]
+    dead_letter_queue: String,
+    /// Unacknowledged messages RabbitMQ may hand this process: the bound on input held in
+    /// memory while the sinks work.
+    #[arg(long, env = "DELIVERTRACK_PREFETCH", default_value_t = RabbitConfig::default().prefetch, value_parser = clap::value_parser!(u16).range(1..))]
+    prefetch: u16,
+    /// How long the drain after Ctrl-C / SIGTERM may take before the process gives up
+    /// (unacknowledged input is then redelivered).
+    #[arg(long, env = "DELIVERTRACK_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    shutdown_timeout_secs: u64,
 }
 
 /// A speed in m/s that an ETA can be computed with: finite, above 0, below 150.
@@ -103,19 +155,33 @@ fn positive_speed(text: &str) -> Result<f64, String> {
 impl From<DemoArgs> for DemoConfig {
     fn from(args: DemoArgs) -> Self {
         DemoConfig {
-            listen: args.listen,
-            workers: args.workers,
-            default_speed_mps: args.default_speed_mps,
+            pipeline: args.pipeline.into(),
             couriers: args.couriers,
             zones: args.zones,
             center_lat: args.center_lat,
             center_lon: args.center_lon,
             deliveries_per_minute: args.deliveries_per_minute,
-            epoch_max_events: args.epoch_max_events,
-            epoch_max_wait: Duration::from_millis(args.epoch_max_ms),
             speed: args.speed,
             seed: args.seed,
             ..DemoConfig::default()
+        }
+    }
+}
+
+impl From<RunArgs> for RunConfig {
+    fn from(args: RunArgs) -> Self {
+        RunConfig {
+            pipeline: args.pipeline.into(),
+            rabbit: RabbitConfig {
+                url: args.rabbitmq_url,
+                exchange: args.exchange,
+                queue: args.queue,
+                dead_letter_exchange: args.dead_letter_exchange,
+                dead_letter_queue: args.dead_letter_queue,
+                prefetch: args.prefetch,
+                ..RabbitConfig::default()
+            },
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
         }
     }
 }
@@ -140,8 +206,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => run_demo(args.into(), shutdown_signal()).await,
+            Command::Run(args) => run_pipeline(args.into(), shutdown_signal()).await,
         }
     });
+    // The drain is bounded inside the pipeline; do not wait on stragglers (a blocked
+    // dataflow thread after a drain timeout) beyond a moment.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => {
             tracing::info!("DeliverTrack stopped cleanly.");
@@ -149,6 +219,9 @@ fn main() -> ExitCode {
         }
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "DeliverTrack stopped with an error.");
+            // Also plainly on stderr: whoever started the process sees why it stopped even
+            // with JSON logs or a filter that hides errors.
+            eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }

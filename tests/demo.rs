@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use delivertrack::{DemoConfig, run_demo_on};
+use delivertrack::{DemoConfig, PipelineConfig, run_demo_on};
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -16,12 +16,15 @@ use tokio_tungstenite::tungstenite::Message;
 /// A small city that moves fast: many fixes and deliveries within seconds.
 fn small_demo() -> DemoConfig {
     DemoConfig {
-        workers: 2,
+        pipeline: PipelineConfig {
+            workers: 2,
+            epoch_max_events: 500,
+            epoch_max_wait: Duration::from_millis(50),
+            ..PipelineConfig::default()
+        },
         couriers: 20,
         zones: 4,
         deliveries_per_minute: 60.0,
-        epoch_max_events: 500,
-        epoch_max_wait: Duration::from_millis(50),
         speed: 20.0,
         tick: Duration::from_millis(50),
         seed: 7,

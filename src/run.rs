@@ -1,0 +1,189 @@
+//! `delivertrack run`: the pipeline on real input — RabbitMQ in, the sinks out, the API
+//! beside them.
+//!
+//! The RabbitMQ source declares its topology, consumes with a bounded prefetch and is
+//! acknowledged by the [driver](crate::driver) only after every sink committed an epoch;
+//! everything else is the wiring `demo` uses too ([`Service`]). The sinks are the read
+//! model for now; the stores join the list that [`RunHooks::extra_sinks`] extends.
+//!
+//! Start-up fails, naming the broker, when RabbitMQ cannot be reached: a configured service
+//! that is down is an error, never a silent fallback (ARCHITECTURE rule 8). Once running,
+//! a lost connection is the source's to heal (it reconnects with backoff); meanwhile
+//! `/readyz` answers `503 source_unavailable` with the reason.
+//!
+//! Shutdown (rule 7): the source stops being read, the open epochs are computed, committed
+//! and acknowledged, then the API stops — all within [`RunConfig::shutdown_timeout`], after
+//! which the process gives up and leaves what is unacknowledged to be redelivered.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use delivertrack_api::{Readiness, SourceStatus};
+use delivertrack_ingest::rabbitmq::{IngestMetrics, RabbitConfig, RabbitSource, SourceHealth};
+use delivertrack_sinks::Sink;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+use crate::driver::DriveReport;
+use crate::service::{PipelineConfig, Service};
+
+/// Everything `delivertrack run` can be told.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The settings shared with `demo`: listen address, workers, epoch bounds, API.
+    pub pipeline: PipelineConfig,
+    /// The broker, the topology's names, the prefetch and the reconnect backoff.
+    pub rabbit: RabbitConfig,
+    /// How long the drain after Ctrl-C / SIGTERM may take before the process gives up
+    /// (what it read and did not acknowledge is then redelivered to the next consumer).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            pipeline: PipelineConfig::default(),
+            rabbit: RabbitConfig::default(),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a caller of [`run_pipeline_on`] may add: tests stall or observe the pipeline
+/// through an extra sink and learn when it has started.
+#[derive(Default)]
+pub struct RunHooks {
+    /// Sinks committed beside the read model (each epoch is acknowledged only after all of
+    /// them committed it).
+    pub extra_sinks: Vec<Box<dyn Sink>>,
+    /// Told once the source is connected (its topology declared) and the API is about to
+    /// serve.
+    pub started: Option<oneshot::Sender<Started>>,
+}
+
+impl std::fmt::Debug for RunHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunHooks")
+            .field(
+                "extra_sinks",
+                &self
+                    .extra_sinks
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>(),
+            )
+            .field("started", &self.started.is_some())
+            .finish()
+    }
+}
+
+/// The pipeline has connected and is serving.
+#[derive(Clone, Debug)]
+pub struct Started {
+    /// Where the API listens.
+    pub addr: SocketAddr,
+}
+
+/// What to open, for a person starting `run`.
+pub fn banner(addr: SocketAddr, rabbit: &RabbitConfig) -> String {
+    format!(
+        "DeliverTrack is running on http://{addr}/ (readiness /readyz, metrics /metrics), \
+         consuming {queue:?} from {url}. Press Ctrl-C to stop.",
+        queue = rabbit.queue,
+        url = rabbit.redacted_url(),
+    )
+}
+
+/// Binds `config.pipeline.listen`, connects to RabbitMQ, prints where to look on stdout,
+/// and runs until `shutdown` resolves (see [`run_pipeline_on`]).
+///
+/// # Errors
+/// The address cannot be bound, RabbitMQ cannot be reached, or the pipeline failed.
+pub async fn run_pipeline(
+    config: RunConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.pipeline.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.pipeline.listen))?;
+    let (started_tx, started_rx) = oneshot::channel::<Started>();
+    let rabbit = config.rabbit.clone();
+    let announce = async move {
+        if let Ok(started) = started_rx.await {
+            println!("{}", banner(started.addr, &rabbit));
+        }
+    };
+    let hooks = RunHooks {
+        started: Some(started_tx),
+        ..RunHooks::default()
+    };
+    let (ran, ()) = tokio::join!(run_pipeline_on(listener, config, hooks, shutdown), announce);
+    ran.map(|_| ())
+}
+
+/// Runs the pipeline on an already bound listener (`config.pipeline.listen` is ignored),
+/// so that a caller binding `127.0.0.1:0` knows the port. If `shutdown` resolves while
+/// RabbitMQ is still being connected to, returns at once with an empty report.
+///
+/// # Errors
+/// RabbitMQ cannot be reached at start (the error names it), the metrics cannot be
+/// registered, or the pipeline failed (see [`Service::run`]), the drain bound included.
+pub async fn run_pipeline_on(
+    listener: TcpListener,
+    config: RunConfig,
+    hooks: RunHooks,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<DriveReport> {
+    let addr = listener
+        .local_addr()
+        .context("the listener has no local address")?;
+    let registry = Registry::new();
+    let metrics =
+        IngestMetrics::register(&registry).context("the ingest metrics could not be registered")?;
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let url = config.rabbit.redacted_url();
+    let source = tokio::select! {
+        connected = RabbitSource::connect(config.rabbit.clone(), metrics) => {
+            connected.with_context(|| format!("RabbitMQ at {url} cannot be reached"))?
+        }
+        () = &mut shutdown => {
+            tracing::info!("Stopped before RabbitMQ was connected.");
+            return Ok(DriveReport::default());
+        }
+    };
+    let readiness = readiness(source.health());
+
+    let mut service = Service::assemble(
+        source,
+        &config.pipeline,
+        hooks.extra_sinks,
+        readiness,
+        registry,
+    )?;
+    service.drain_timeout = Some(config.shutdown_timeout);
+    tracing::info!(%addr, rabbitmq = %url, queue = %config.rabbit.queue, prefetch = config.rabbit.prefetch, workers = config.pipeline.workers, "DeliverTrack is running.");
+    if let Some(started) = hooks.started {
+        // The caller may have stopped listening; nothing depends on it hearing this.
+        let _ = started.send(Started { addr });
+    }
+    service.run(listener, shutdown).await
+}
+
+/// `/readyz`'s view of the source: connected, or the reason it is not.
+fn readiness(health: watch::Receiver<SourceHealth>) -> Readiness {
+    Readiness::new(move || match &*health.borrow() {
+        SourceHealth::Connected => SourceStatus::Connected,
+        SourceHealth::Reconnecting {
+            attempts,
+            last_error,
+        } => SourceStatus::Unavailable {
+            reason: format!(
+                "the connection to RabbitMQ is lost; reconnecting (attempt {attempts}): {last_error}"
+            ),
+        },
+    })
+}

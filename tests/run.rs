@@ -1,0 +1,753 @@
+//! `delivertrack run` end to end against the real RabbitMQ on localhost.
+//!
+//! Every test declares its own exchange and queues (`unique_config`), publishes with a real
+//! client (lapin, through the load-tests publisher), runs the pipeline in-process on
+//! `127.0.0.1:0` through [`start`] (or the real binary), and deletes its topology at the
+//! end. Waits are bounded polls on conditions, never fixed sleeps.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use delivertrack::{DriveReport, PipelineConfig, RunConfig, RunHooks, run_pipeline_on};
+use delivertrack_dataflow::{CourierId, EpochOutput, Event, EventBody};
+use delivertrack_ingest::rabbitmq::dead_letter::{HEADER_REASON, HEADER_ROUTING_KEY, HEADER_STAGE};
+use delivertrack_ingest::rabbitmq::{RabbitConfig, declare_topology};
+use delivertrack_ingest::testing::{
+    TcpProxy, broker_addr, delete_topology, unique_config, url_via,
+};
+use delivertrack_load_tests::Publisher;
+use delivertrack_load_tests::fleet::location_events;
+use delivertrack_sinks::{Sink, SinkFuture};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
+
+/// How long any awaited condition may take before the test fails.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+/// A pipeline running in this process.
+struct Running {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<DriveReport>>,
+}
+
+impl Running {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops it (as Ctrl-C would) and returns what the driver did.
+    async fn stop(mut self) -> DriveReport {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        timeout(PATIENCE, self.task)
+            .await
+            .expect("the pipeline stops within the bound")
+            .expect("the pipeline task did not panic")
+            .expect("the pipeline stopped cleanly")
+    }
+}
+
+/// Small epochs, so that a stream of a few thousand events spans many of them.
+fn run_config(rabbit: RabbitConfig) -> RunConfig {
+    RunConfig {
+        pipeline: PipelineConfig {
+            workers: 2,
+            epoch_max_events: 100,
+            epoch_max_wait: Duration::from_millis(20),
+            ..PipelineConfig::default()
+        },
+        rabbit,
+        shutdown_timeout: Duration::from_secs(30),
+    }
+}
+
+/// The one way tests start the pipeline: on `127.0.0.1:0`, returning once it is connected
+/// and serving.
+async fn start(config: RunConfig, extra_sinks: Vec<Box<dyn Sink>>) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (started_tx, started_rx) = oneshot::channel();
+    let hooks = RunHooks {
+        extra_sinks,
+        started: Some(started_tx),
+    };
+    let task = tokio::spawn(run_pipeline_on(listener, config, hooks, async {
+        let _ = stop_rx.await;
+    }));
+    let started = timeout(PATIENCE, started_rx)
+        .await
+        .expect("the pipeline starts in time")
+        .expect("the pipeline started (or it failed: see the task's error)");
+    assert_eq!(started.addr, addr);
+    Running {
+        addr,
+        stop: Some(stop_tx),
+        task,
+    }
+}
+
+/// A publisher on the broker itself (never through a test's proxy), with the topology
+/// declared so that nothing published before the pipeline's own declaration is dropped.
+async fn publisher(config: &RabbitConfig) -> Publisher {
+    let publisher = Publisher::connect(&config.url).await.unwrap();
+    let channel = publisher.channel().clone();
+    declare_topology(&channel, config).await.unwrap();
+    publisher
+}
+
+/// Ready messages in `queue` (a passive declare: unacknowledged ones are not counted).
+async fn ready_messages(publisher: &Publisher, queue: &str) -> u32 {
+    publisher
+        .channel()
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+}
+
+/// Polls `probe` until it returns `Some`, failing after [`PATIENCE`] with `what`.
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
+    let response = client.get(url).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// One sample of `/metrics`, by series (`name{labels}` → value).
+async fn metrics(client: &reqwest::Client, running: &Running) -> BTreeMap<String, f64> {
+    let text = client
+        .get(running.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// The expected final state of a stream of location fixes
+// ---------------------------------------------------------------------------------------
+
+/// Per courier: the last fix (time, lat, lon) and the odometer over all fixes in order.
+#[derive(Debug)]
+struct Expected {
+    couriers: BTreeMap<CourierId, (i64, f64, f64, f64)>,
+}
+
+fn expected(events: &[Event]) -> Expected {
+    let mut fixes: BTreeMap<CourierId, Vec<&Event>> = BTreeMap::new();
+    for event in events {
+        if let EventBody::LocationUpdated(fix) = &event.body {
+            fixes.entry(fix.courier_id).or_default().push(event);
+        }
+    }
+    let couriers = fixes
+        .into_iter()
+        .map(|(courier, mut list)| {
+            list.sort_by_key(|e| e.occurred_at);
+            let position = |e: &Event| match &e.body {
+                EventBody::LocationUpdated(fix) => fix.position,
+                _ => unreachable!(),
+            };
+            let odometer: f64 = list
+                .windows(2)
+                .map(|w| position(w[0]).distance_m(&position(w[1])))
+                .sum();
+            let last = list[list.len() - 1];
+            let p = position(last);
+            (courier, (last.occurred_at, p.lat(), p.lon(), odometer))
+        })
+        .collect();
+    Expected { couriers }
+}
+
+/// Whether the read model (its snapshot) holds exactly `expected`: every courier, each at
+/// its last fix, with the odometer of every fix applied once.
+fn holds(snapshot: &Value, expected: &Expected) -> bool {
+    let Some(couriers) = snapshot["couriers"].as_array() else {
+        return false;
+    };
+    if couriers.len() != expected.couriers.len() {
+        return false;
+    }
+    couriers.iter().all(|courier| {
+        let Some(id) = courier["courier_id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .map(CourierId)
+        else {
+            return false;
+        };
+        let Some(&(at, lat, lon, odometer)) = expected.couriers.get(&id) else {
+            return false;
+        };
+        courier["at_ms"].as_i64() == Some(at)
+            && (courier["position"]["lat"].as_f64().unwrap_or(f64::NAN) - lat).abs() < 1e-6
+            && (courier["position"]["lon"].as_f64().unwrap_or(f64::NAN) - lon).abs() < 1e-6
+            // A lost zigzag fix shortens the path by metres, a doubled one is a no-op only
+            // if replays are: per-step rounding to millimetres stays far below this.
+            && (courier["odometer_m"].as_f64().unwrap_or(f64::NAN) - odometer).abs() < 0.5
+    })
+}
+
+async fn wait_for_state(client: &reqwest::Client, running: &Running, expected: &Expected) {
+    let url = running.url("/api/snapshot");
+    eventually("the read model holds every published fix", || async {
+        let (status, body) = get_json(client, &url).await;
+        (status == 200 && holds(&body, expected)).then_some(())
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Test sinks
+// ---------------------------------------------------------------------------------------
+
+/// Blocks every commit until the gate opens.
+struct GateSink {
+    open: watch::Receiver<bool>,
+}
+
+impl Sink for GateSink {
+    fn name(&self) -> &'static str {
+        "gate"
+    }
+
+    fn commit(&mut self, _output: Arc<EpochOutput>) -> SinkFuture<'_> {
+        Box::pin(async move {
+            // A dropped sender opens the gate too: the test is over.
+            let _ = self.open.wait_for(|open| *open).await;
+            Ok(())
+        })
+    }
+}
+
+/// Takes a while for every epoch, so that a stream is still flowing when a test acts.
+struct SlowSink(Duration);
+
+impl Sink for SlowSink {
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+
+    fn commit(&mut self, _output: Arc<EpochOutput>) -> SinkFuture<'_> {
+        let delay = self.0;
+        Box::pin(async move {
+            sleep(delay).await;
+            Ok(())
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_valid_event_reaches_the_read_model_and_is_acknowledged() {
+    let config = unique_config("valid");
+    let publisher = publisher(&config).await;
+    let running = start(run_config(config.clone()), Vec::new()).await;
+    let client = reqwest::Client::new();
+
+    // Single-event messages and arrays, interleaved.
+    let singles = location_events(20, 600, now_ms());
+    let arrays = location_events(15, 900, now_ms());
+    publisher
+        .publish_events(&config.exchange, &singles, 1)
+        .await
+        .unwrap();
+    publisher
+        .publish_events(&config.exchange, &arrays, 25)
+        .await
+        .unwrap();
+    let all: Vec<Event> = singles.iter().chain(&arrays).cloned().collect();
+    wait_for_state(&client, &running, &expected(&all)).await;
+
+    eventually("every message is acknowledged", || async {
+        let series = metrics(&client, &running).await;
+        let in_flight = series.get("delivertrack_messages_in_flight").copied();
+        let ready = ready_messages(&publisher, &config.queue).await;
+        (ready == 0 && in_flight == Some(0.0)).then_some(())
+    })
+    .await;
+    let series = metrics(&client, &running).await;
+    assert_eq!(
+        series.get("delivertrack_events_ingested_total{kind=\"location.updated\"}"),
+        Some(&1500.0),
+        "{series:?}"
+    );
+    assert_eq!(
+        series.get("delivertrack_messages_received_total"),
+        Some(&(600.0 + 900.0 / 25.0))
+    );
+    assert!(series["delivertrack_epochs_committed_total"] >= 1.0);
+    assert!(series["delivertrack_epoch_commit_duration_seconds_count"] >= 1.0);
+    let (status, body) = get_json(&client, &running.url("/readyz")).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
+
+    let report = running.stop().await;
+    assert_eq!(report.events, 1500);
+    assert_eq!(ready_messages(&publisher, &config.queue).await, 0);
+    assert_eq!(
+        ready_messages(&publisher, &config.dead_letter_queue).await,
+        0
+    );
+    delete_topology(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_malformed_message_is_dead_lettered_with_its_reason() {
+    let config = unique_config("malformed");
+    let publisher = publisher(&config).await;
+    let running = start(run_config(config.clone()), Vec::new()).await;
+    let client = reqwest::Client::new();
+
+    let good = location_events(1, 2, now_ms());
+    let good_json = |i: usize| delivertrack_dataflow::contract::encode_event(&good[i]);
+    let mut unknown_field = good_json(0);
+    unknown_field["altitude_m"] = Value::from(30);
+    let mut off_the_map = good_json(0);
+    off_the_map["lat"] = Value::from(123.0);
+    let unknown_delivery = serde_json::json!({
+        "v": 1, "kind": "status.changed", "event_id": uuid::Uuid::new_v4(),
+        "occurred_at": "2026-01-01T00:00:00Z", "delivery_id": uuid::Uuid::new_v4(),
+        "status": "cancelled"
+    });
+    // (routing key, payload, the reason expected in the dead letter)
+    let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("location.updated", b"{not json".to_vec(), "bad_json"),
+        (
+            "zone.deleted",
+            serde_json::to_vec(&good_json(0)).unwrap(),
+            "kind_mismatch",
+        ),
+        (
+            "location.updated",
+            serde_json::to_vec(&unknown_field).unwrap(),
+            "unknown_field",
+        ),
+        (
+            "location.updated",
+            serde_json::to_vec(&off_the_map).unwrap(),
+            "coordinate_out_of_range",
+        ),
+        // Refused by the dataflow, not by the contract: no such delivery.
+        (
+            "status.changed",
+            serde_json::to_vec(&unknown_delivery).unwrap(),
+            "unknown_delivery",
+        ),
+    ];
+    for (key, payload, _) in &bad {
+        publisher
+            .publish_raw(&config.exchange, key, payload)
+            .await
+            .unwrap();
+    }
+    // An array with one bad element: only that one is dead-lettered, the good one goes on.
+    let mut bad_element = good_json(0);
+    bad_element["speed_mps"] = Value::from(-4.0);
+    let mixed = serde_json::to_vec(&Value::Array(vec![bad_element, good_json(1)])).unwrap();
+    publisher
+        .publish_raw(&config.exchange, "location.updated", &mixed)
+        .await
+        .unwrap();
+
+    let dead = eventually("every refused event is dead-lettered", || async {
+        let ready = ready_messages(&publisher, &config.dead_letter_queue).await;
+        (ready >= 6).then_some(ready)
+    })
+    .await;
+    assert_eq!(dead, 6, "five bad messages and one bad element");
+
+    let mut reasons = Vec::new();
+    for _ in 0..dead {
+        let message = publisher
+            .channel()
+            .basic_get(
+                config.dead_letter_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+            .expect("a dead letter");
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .expect("dead letters carry headers");
+        let text = |name: &str| match headers.inner().get(name) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("header {name} is {other:?}"),
+        };
+        reasons.push((
+            text(HEADER_REASON),
+            text(HEADER_ROUTING_KEY),
+            text(HEADER_STAGE),
+        ));
+        message
+            .delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    for (key, _, reason) in &bad {
+        assert!(
+            reasons.iter().any(|(r, k, _)| r == reason && k == key),
+            "no dead letter with reason {reason} for {key}: {reasons:?}"
+        );
+    }
+    assert!(
+        reasons
+            .iter()
+            .any(|(r, _, stage)| r == "unknown_delivery" && stage == "dataflow"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|(r, _, _)| r == "value_out_of_range")
+            .count()
+            + reasons
+                .iter()
+                .filter(|(r, _, _)| r == "invalid_value")
+                .count(),
+        1,
+        "the array's bad element: {reasons:?}"
+    );
+
+    // The array's good element reached the read model; the pipeline never stopped.
+    wait_for_state(&client, &running, &expected(&good[1..])).await;
+    eventually("the ingest queue is drained", || async {
+        (ready_messages(&publisher, &config.queue).await == 0).then_some(())
+    })
+    .await;
+    let series = metrics(&client, &running).await;
+    let rejected: f64 = series
+        .iter()
+        .filter(|(name, _)| name.starts_with("delivertrack_events_rejected_total"))
+        .map(|(_, value)| value)
+        .sum();
+    assert_eq!(
+        rejected, 6.0,
+        "four bad messages, one bad element, one refused by the dataflow: {series:?}"
+    );
+    running.stop().await;
+    delete_topology(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sink_bounds_in_flight_deliveries_to_the_prefetch() {
+    const PREFETCH: u16 = 20;
+    const MESSAGES: usize = 400;
+    let config = RabbitConfig {
+        prefetch: PREFETCH,
+        ..unique_config("stall")
+    };
+    let publisher = publisher(&config).await;
+    let (gate, open) = watch::channel(false);
+    let running = start(
+        run_config(config.clone()),
+        vec![Box::new(GateSink { open })],
+    )
+    .await;
+    let client = reqwest::Client::new();
+
+    let events = location_events(10, MESSAGES, now_ms());
+    publisher
+        .publish_events(&config.exchange, &events, 1)
+        .await
+        .unwrap();
+
+    // The sink holds the first epoch: acks stop, the broker stops at the prefetch, and the
+    // queue keeps the rest.
+    let expected_ready = u32::try_from(MESSAGES).unwrap() - u32::from(PREFETCH);
+    eventually("the source holds exactly the prefetch", || async {
+        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+        let ready = ready_messages(&publisher, &config.queue).await;
+        (in_flight == f64::from(PREFETCH) && ready == expected_ready).then_some(())
+    })
+    .await;
+    // ... and stays there while the sink is stalled.
+    for _ in 0..10 {
+        sleep(Duration::from_millis(100)).await;
+        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+        assert!(in_flight <= f64::from(PREFETCH), "{in_flight} in flight");
+        assert_eq!(
+            ready_messages(&publisher, &config.queue).await,
+            expected_ready
+        );
+    }
+
+    gate.send_replace(true);
+    wait_for_state(&client, &running, &expected(&events)).await;
+    eventually("everything is acknowledged", || async {
+        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+        let ready = ready_messages(&publisher, &config.queue).await;
+        (in_flight == 0.0 && ready == 0).then_some(())
+    })
+    .await;
+    let report = running.stop().await;
+    assert_eq!(report.events, MESSAGES as u64);
+    delete_topology(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutting_the_connection_mid_stream_loses_nothing() {
+    let mut config = unique_config("cut");
+    let publisher = publisher(&config).await;
+    let proxy = TcpProxy::start(broker_addr(&config.url).await.unwrap())
+        .await
+        .unwrap();
+    config.url = url_via(&config.url, proxy.addr());
+    let direct = RabbitConfig {
+        url: delivertrack_ingest::testing::rabbitmq_url(),
+        ..config.clone()
+    };
+    let running = start(
+        run_config(config.clone()),
+        vec![Box::new(SlowSink(Duration::from_millis(20)))],
+    )
+    .await;
+    let client = reqwest::Client::new();
+
+    let first = location_events(25, 2_500, now_ms() - 60_000);
+    publisher
+        .publish_events(&direct.exchange, &first, 1)
+        .await
+        .unwrap();
+    // Mid-stream: some epochs committed, many messages still in the queue or in flight.
+    eventually("the stream is flowing", || async {
+        let committed = metrics(&client, &running).await["delivertrack_epochs_committed_total"];
+        (committed >= 3.0).then_some(())
+    })
+    .await;
+    assert!(
+        ready_messages(&publisher, &direct.queue).await > 0,
+        "still mid-stream"
+    );
+
+    proxy.cut();
+    let (_, reason) = eventually("/readyz reports the lost connection", || async {
+        let (status, body) = get_json(&client, &running.url("/readyz")).await;
+        (status == 503 && body["error"]["code"] == "source_unavailable").then_some((status, body))
+    })
+    .await;
+    assert!(
+        reason["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("RabbitMQ")
+    );
+    // More input arrives while the pipeline is cut off; the broker keeps it.
+    let second = location_events(5, 500, now_ms());
+    publisher
+        .publish_events(&direct.exchange, &second, 10)
+        .await
+        .unwrap();
+    let (status, _) = get_json(&client, &running.url("/readyz")).await;
+    assert_eq!(status, 503, "still cut");
+
+    proxy.restore();
+    eventually("/readyz recovers", || async {
+        let (status, _) = get_json(&client, &running.url("/readyz")).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    let all: Vec<Event> = first.iter().chain(&second).cloned().collect();
+    wait_for_state(&client, &running, &expected(&all)).await;
+    eventually("everything is acknowledged", || async {
+        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+        let ready = ready_messages(&publisher, &direct.queue).await;
+        (in_flight == 0.0 && ready == 0).then_some(())
+    })
+    .await;
+    let series = metrics(&client, &running).await;
+    assert!(series["delivertrack_source_reconnects_total"] >= 1.0);
+    running.stop().await;
+    delete_topology(&direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_drains_and_exits_zero_on_sigterm() {
+    let config = unique_config("sigterm");
+    let publisher = publisher(&config).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_delivertrack"))
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .args(["--exchange", &config.exchange, "--queue", &config.queue])
+        .args(["--dead-letter-exchange", &config.dead_letter_exchange])
+        .args(["--dead-letter-queue", &config.dead_letter_queue])
+        .args(["--prefetch", "200", "--epoch-max-events", "100"])
+        .args(["--epoch-max-ms", "20", "--shutdown-timeout-secs", "10"])
+        .env("RABBITMQ_URL", &config.url)
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let banner = timeout(PATIENCE, stdout.next_line())
+        .await
+        .expect("the banner within the bound")
+        .unwrap()
+        .expect("a banner line");
+    let addr: SocketAddr = banner
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {banner:?}"));
+    let client = reqwest::Client::new();
+
+    let events = location_events(50, 20_000, now_ms());
+    let publishing = tokio::spawn({
+        let exchange = config.exchange.clone();
+        async move {
+            publisher
+                .publish_events(&exchange, &events, 1)
+                .await
+                .unwrap();
+            publisher
+        }
+    });
+    // Mid-stream: the pipeline has committed something and is still reading.
+    eventually("the binary is consuming", || async {
+        let (status, _) = get_json(&client, &format!("http://{addr}/readyz")).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    let publisher = publishing.await.unwrap();
+    let pid = child.id().expect("the child is running").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let started = Instant::now();
+    let status = timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the binary exits within the shutdown bound")
+        .unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(12));
+    assert!(log_line(&stderr, "SIGTERM received.").is_some(), "{stderr}");
+
+    // The first process processed and acknowledged some events; everything else is still
+    // in the queue (nothing acknowledged unprocessed, nothing processed twice), and a
+    // restarted pipeline drains exactly that.
+    let first = drained_events(&stderr);
+    assert!(first > 0 && first < 20_000, "mid-stream: {first} events");
+    let running = start(run_config(config.clone()), Vec::new()).await;
+    eventually("the restarted pipeline drains the queue", || async {
+        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+        let ready = ready_messages(&publisher, &config.queue).await;
+        (in_flight == 0.0 && ready == 0).then_some(())
+    })
+    .await;
+    let second = running.stop().await;
+    assert_eq!(
+        first + second.events,
+        20_000,
+        "every event processed exactly once"
+    );
+    delete_topology(&config).await;
+}
+
+/// The fields of the binary's JSON log line with this message.
+fn log_line(stderr: &str, message: &str) -> Option<Value> {
+    stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| line["fields"]["message"] == message)
+        .map(|line| line["fields"].clone())
+}
+
+/// The event count of the binary's "The pipeline drained." log line.
+fn drained_events(stderr: &str) -> u64 {
+    log_line(stderr, "The pipeline drained.")
+        .and_then(|fields| fields["events"].as_u64())
+        .unwrap_or_else(|| panic!("no drain line with an event count in:\n{stderr}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_at_start_is_an_error_naming_it() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_delivertrack"))
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .env("RABBITMQ_URL", "amqp://guest:secret@127.0.0.1:1/%2f")
+        .output();
+    let output = timeout(PATIENCE, output).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("RabbitMQ at amqp://"), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+    assert!(
+        !stderr.contains("secret"),
+        "the password is never shown: {stderr}"
+    );
+}
