@@ -28,7 +28,11 @@ pub fn location_events(couriers: usize, count: usize, end_ms: UnixMillis) -> Vec
         .map(|i| {
             let courier = i % couriers;
             let round = i / couriers;
-            let east = if round.is_multiple_of(2) { 0.0 } else { STEP_DEG };
+            let east = if round.is_multiple_of(2) {
+                0.0
+            } else {
+                STEP_DEG
+            };
             let lat = START.0 + STEP_DEG * round as f64;
             let lon = START.1 + SPACING_DEG * courier as f64 + east;
             Event {
