@@ -2,7 +2,8 @@
 //! release builds).
 //!
 //! - [`unique_config`] gives a test its own exchange and queue names, so tests run in
-//!   parallel on one broker; [`delete_topology`] removes them afterwards.
+//!   parallel on one broker; [`delete_topology`] removes them afterwards, and
+//!   [`TopologyGuard`] does so when dropped, even if the test panics.
 //! - [`TcpProxy`] sits between a test's pipeline and the broker, so a test can cut *its own*
 //!   connection (a broker restart, seen from the client) without disturbing parallel tests.
 
@@ -77,6 +78,44 @@ pub async fn delete_topology(config: &RabbitConfig) {
         }
     }
     let _ = connection.close(200, "test topology deleted".into()).await;
+}
+
+/// Deletes a test's topology when dropped — also when the test panics half-way, so a
+/// failing test leaves nothing behind either. Keep it alive for the whole test:
+/// `let _cleanup = TopologyGuard::new(&config);`.
+#[derive(Debug)]
+pub struct TopologyGuard {
+    config: RabbitConfig,
+}
+
+impl TopologyGuard {
+    /// Guards the topology of `config`.
+    pub fn new(config: &RabbitConfig) -> Self {
+        Self {
+            config: config.clone(),
+        }
+    }
+}
+
+impl Drop for TopologyGuard {
+    fn drop(&mut self) {
+        // Drop cannot await, and the test's runtime may be the one unwinding: delete from a
+        // thread with its own small runtime, and wait for it.
+        let config = self.config.clone();
+        let deleting =
+            std::thread::spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(delete_topology(&config)),
+                    Err(error) => {
+                        tracing::warn!(%error, "No runtime to delete a test topology.");
+                    }
+                }
+            });
+        let _ = deleting.join();
+    }
 }
 
 /// The socket address of the broker in `url` (default port 5672), resolved.

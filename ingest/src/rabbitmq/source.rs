@@ -86,8 +86,10 @@ pub struct RabbitSource {
     /// The batch being gathered; kept here, not in the `next_batch` future, for cancel
     /// safety.
     gathering: Gathering,
-    /// When the batch being gathered must be returned; set by its first delivery.
-    deadline: Option<Instant>,
+    /// When the batch being gathered began: its first delivery, or the hand-out of the
+    /// previous batch when that left part of a message behind. Its deadline is this plus
+    /// the policy's `max_wait` of the call that is running.
+    started: Option<Instant>,
     task: JoinHandle<()>,
 }
 
@@ -144,7 +146,7 @@ impl RabbitSource {
             shared,
             health,
             gathering: Gathering::default(),
-            deadline: None,
+            started: None,
             task,
         })
     }
@@ -178,7 +180,7 @@ impl RabbitSource {
     }
 
     /// Decodes one delivery into the batch being gathered.
-    fn receive(&mut self, incoming: Incoming, policy: &EpochPolicy) {
+    fn receive(&mut self, incoming: Incoming) {
         let Incoming {
             generation,
             delivery,
@@ -189,7 +191,7 @@ impl RabbitSource {
         }
         if generation > self.gathering.generation() {
             self.gathering.reset(generation);
-            self.deadline = None;
+            self.started = None;
         }
         self.metrics.message_received();
         let routing_key = delivery.routing_key.to_string();
@@ -251,7 +253,7 @@ impl RabbitSource {
                 .collect()
         };
         if self.gathering.is_empty() {
-            self.deadline = Some(Instant::now() + policy.max_wait);
+            self.started = Some(Instant::now());
         }
         self.gathering
             .push(delivery.delivery_tag, events, dead_letters);
@@ -274,7 +276,7 @@ impl RabbitSource {
             dead_letters,
         } = self.gathering.take(policy.batch_limit());
         // What is left (the rest of a split message) starts the next batch's clock.
-        self.deadline = (!self.gathering.is_empty()).then(|| Instant::now() + policy.max_wait);
+        self.started = (!self.gathering.is_empty()).then(Instant::now);
         SourceBatch {
             events,
             ack: RabbitAck {
@@ -294,8 +296,9 @@ impl RabbitSource {
         /// Deliveries taken from the link task at once.
         const RECEIVE_AT_ONCE: usize = 256;
         loop {
-            let deadline = match self.deadline {
-                Some(deadline) if !self.gathering.is_empty() => {
+            let deadline = match self.started {
+                Some(started) if !self.gathering.is_empty() => {
+                    let deadline = started + policy.max_wait;
                     if self.is_full(policy) || Instant::now() >= deadline {
                         return Ok(self.take(policy));
                     }
@@ -325,7 +328,7 @@ impl RabbitSource {
             }
             let mut buffer = std::mem::take(&mut self.buffer);
             for incoming in buffer.drain(..) {
-                self.receive(incoming, policy);
+                self.receive(incoming);
             }
             self.buffer = buffer;
         }
