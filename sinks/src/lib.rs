@@ -11,9 +11,12 @@
 //! - [`sink`]: the [`Sink`] trait and [`SinkError`].
 //! - [`read_model`]: the in-memory current state behind the API, its snapshot and lookup
 //!   views, the per-epoch live change stream, and [`ReadModelSink`].
+//! - [`postgres`]: the system of record, [`PostgresSink`], and the schema's [`MIGRATOR`].
 
+pub mod postgres;
 pub mod read_model;
 pub mod sink;
 
+pub use postgres::{MIGRATOR, PostgresConfig, PostgresSink};
 pub use read_model::{ReadModel, ReadModelConfig, ReadModelSink};
 pub use sink::{Sink, SinkError, SinkFuture};

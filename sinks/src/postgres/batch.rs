@@ -1,0 +1,660 @@
+//! One epoch's output, reshaped into the rows the tables take: one column vector per
+//! column, so that each table is written by one `UNNEST` statement, whatever the number of
+//! rows.
+//!
+//! This is pure (no I/O), so that what goes where is tested without a database. The rules:
+//! - a keyed collection (couriers, zones, deliveries, ETAs, metrics) whose key has a `+1`
+//!   is an upsert with the new state; a key with only a `-1` is a delete;
+//! - a set collection (inside, dropoff zones) inserts its `+1`s and deletes its `-1`s;
+//! - `inside` also appends a geofence transition: `+1` entered, `-1` exited;
+//! - the event log takes every event of the epoch except those refused for a reason other
+//!   than `stale` (those are dead-lettered by the source instead).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use chrono::{DateTime, Utc};
+use delivertrack_dataflow::contract::encode_event;
+use delivertrack_dataflow::geometry::ZoneShape;
+use delivertrack_dataflow::model::{
+    CourierState, DeliveryState, Eta, RejectReason, Scope, Tally, ZoneState,
+};
+use delivertrack_dataflow::{
+    Change, CourierId, CustomerId, DeliveryId, EpochOutput, EventBody, EventId, UnixMillis, ZoneId,
+};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// A value of the epoch that the tables cannot hold; the epoch is refused as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// A time outside the range PostgreSQL and chrono share.
+    #[error("{what} {millis} ms is not a representable time")]
+    Time {
+        /// Which field.
+        what: &'static str,
+        /// The value.
+        millis: UnixMillis,
+    },
+    /// A counter beyond `bigint`.
+    #[error("{what} {value} does not fit a bigint")]
+    TooLarge {
+        /// Which field.
+        what: &'static str,
+        /// The value.
+        value: u64,
+    },
+}
+
+/// Every row one epoch writes, by table.
+#[derive(Debug, Default)]
+pub struct EpochBatch {
+    /// The durable epoch number (see `pipeline_progress`).
+    pub epoch: i64,
+    /// `delivery_events`.
+    pub events: EventRows,
+    /// Customer ids the epoch's deliveries refer to (bare rows, inserted if new).
+    pub customers: Vec<Uuid>,
+    /// Courier ids the epoch's deliveries refer to (bare rows, inserted if new).
+    pub courier_refs: Vec<Uuid>,
+    /// `couriers`, the tracked columns.
+    pub couriers: CourierRows,
+    /// Couriers the dataflow no longer tracks: their tracked columns are cleared, their
+    /// profile stays.
+    pub couriers_untracked: Vec<Uuid>,
+    /// `zones`.
+    pub zones: ZoneRows,
+    /// Deleted zones.
+    pub zones_deleted: Vec<Uuid>,
+    /// `deliveries`.
+    pub deliveries: DeliveryRows,
+    /// Deliveries that disappeared.
+    pub deliveries_deleted: Vec<Uuid>,
+    /// `ratings`.
+    pub ratings: RatingRows,
+    /// Ratings that disappeared (the delivery's new state has none).
+    pub ratings_deleted: Vec<Uuid>,
+    /// `etas`.
+    pub etas: EtaRows,
+    /// ETAs that ended (the delivery is no longer active).
+    pub etas_deleted: Vec<Uuid>,
+    /// `delivery_dropoff_zones` gained.
+    pub dropoffs_added: PairRows,
+    /// `delivery_dropoff_zones` lost.
+    pub dropoffs_removed: PairRows,
+    /// `zone_occupancy` gained: `(courier, zone)`.
+    pub inside_added: PairRows,
+    /// `zone_occupancy` lost.
+    pub inside_removed: PairRows,
+    /// `geofence_transitions`.
+    pub transitions: TransitionRows,
+    /// `metrics`.
+    pub metrics: MetricRows,
+    /// Scopes whose tally went back to zero: `(scope, scope_key)`.
+    pub metrics_deleted: (Vec<String>, Vec<String>),
+}
+
+/// Columns of `delivery_events`.
+#[derive(Debug, Default)]
+pub struct EventRows {
+    pub event_id: Vec<Uuid>,
+    pub kind: Vec<String>,
+    pub occurred_at: Vec<DateTime<Utc>>,
+    pub delivery_id: Vec<Option<Uuid>>,
+    pub courier_id: Vec<Option<Uuid>>,
+    pub zone_id: Vec<Option<Uuid>>,
+    pub payload: Vec<Value>,
+}
+
+/// The tracked columns of `couriers`.
+#[derive(Debug, Default)]
+pub struct CourierRows {
+    pub id: Vec<Uuid>,
+    pub lat: Vec<f64>,
+    pub lon: Vec<f64>,
+    pub last_fix_at: Vec<DateTime<Utc>>,
+    pub last_event_id: Vec<Uuid>,
+    pub speed_mm_s: Vec<Option<i64>>,
+    pub heading_ddeg: Vec<Option<i32>>,
+    pub odometer_mm: Vec<i64>,
+    pub active_hours: Vec<i64>,
+}
+
+/// Columns of `zones`.
+#[derive(Debug, Default)]
+pub struct ZoneRows {
+    pub id: Vec<Uuid>,
+    pub name: Vec<String>,
+    pub geometry: Vec<Value>,
+    pub dwell_ms: Vec<i64>,
+    pub updated_at: Vec<DateTime<Utc>>,
+    pub event_id: Vec<Uuid>,
+}
+
+/// Columns of `deliveries`.
+#[derive(Debug, Default)]
+pub struct DeliveryRows {
+    pub id: Vec<Uuid>,
+    pub customer_id: Vec<Uuid>,
+    pub courier_id: Vec<Option<Uuid>>,
+    pub status: Vec<String>,
+    pub pickup_lat: Vec<f64>,
+    pub pickup_lon: Vec<f64>,
+    pub dropoff_lat: Vec<f64>,
+    pub dropoff_lon: Vec<f64>,
+    pub promised_by: Vec<Option<DateTime<Utc>>>,
+    pub created_at: Vec<DateTime<Utc>>,
+    pub assigned_at: Vec<Option<DateTime<Utc>>>,
+    pub picked_up_at: Vec<Option<DateTime<Utc>>>,
+    pub ended_at: Vec<Option<DateTime<Utc>>>,
+    pub rating: Vec<Option<i16>>,
+    pub version: Vec<i64>,
+}
+
+/// Columns of `ratings`.
+#[derive(Debug, Default)]
+pub struct RatingRows {
+    pub delivery_id: Vec<Uuid>,
+    pub customer_id: Vec<Uuid>,
+    pub courier_id: Vec<Option<Uuid>>,
+    pub score: Vec<i16>,
+    pub comment: Vec<Option<String>>,
+    pub rated_at: Vec<DateTime<Utc>>,
+}
+
+/// Columns of `etas`.
+#[derive(Debug, Default)]
+pub struct EtaRows {
+    pub delivery_id: Vec<Uuid>,
+    pub courier_id: Vec<Uuid>,
+    pub status: Vec<String>,
+    pub remaining_m: Vec<i64>,
+    pub speed_mm_s: Vec<i64>,
+    pub eta_at: Vec<DateTime<Utc>>,
+    pub as_of: Vec<DateTime<Utc>>,
+}
+
+/// Two id columns: `(delivery, zone)` or `(courier, zone)`.
+#[derive(Debug, Default)]
+pub struct PairRows {
+    pub left: Vec<Uuid>,
+    pub zone: Vec<Uuid>,
+}
+
+/// Columns of `geofence_transitions`.
+#[derive(Debug, Default)]
+pub struct TransitionRows {
+    pub courier_id: Vec<Uuid>,
+    pub zone_id: Vec<Uuid>,
+    pub direction: Vec<String>,
+    pub occurred_at: Vec<Option<DateTime<Utc>>>,
+}
+
+/// Columns of `metrics` (the generated ones excepted).
+#[derive(Debug, Default)]
+pub struct MetricRows {
+    pub scope: Vec<String>,
+    pub scope_key: Vec<String>,
+    pub courier_id: Vec<Option<Uuid>>,
+    pub zone_id: Vec<Option<Uuid>>,
+    pub weekday: Vec<Option<i16>>,
+    pub hour: Vec<Option<i16>>,
+    pub deliveries: Vec<i64>,
+    pub active: Vec<i64>,
+    pub delivered: Vec<i64>,
+    pub failed: Vec<i64>,
+    pub cancelled: Vec<i64>,
+    pub promised: Vec<i64>,
+    pub on_time: Vec<i64>,
+    pub created_to_delivered_ms: Vec<i64>,
+    pub picked_up_delivered: Vec<i64>,
+    pub picked_up_to_delivered_ms: Vec<i64>,
+    pub rated: Vec<i64>,
+    pub score_sum: Vec<i64>,
+    pub score_1: Vec<i64>,
+    pub score_2: Vec<i64>,
+    pub score_3: Vec<i64>,
+    pub score_4: Vec<i64>,
+    pub score_5: Vec<i64>,
+    pub distance_mm: Vec<i64>,
+    pub active_hours: Vec<i64>,
+}
+
+/// A keyed collection's changes in one epoch: the new state of every key that has one, and
+/// the keys whose record went away without a successor.
+struct Keyed<K, V> {
+    upserts: BTreeMap<K, V>,
+    retracted: BTreeMap<K, V>,
+}
+
+impl<K: Ord + Copy, V> Keyed<K, V> {
+    fn new() -> Self {
+        Self {
+            upserts: BTreeMap::new(),
+            retracted: BTreeMap::new(),
+        }
+    }
+
+    fn push(&mut self, key: K, value: V, diff: i64) {
+        if diff > 0 {
+            self.upserts.insert(key, value);
+        } else if diff < 0 {
+            self.retracted.insert(key, value);
+        }
+    }
+
+    /// Keys with a `-1` and no `+1`.
+    fn deleted(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.retracted
+            .iter()
+            .filter(|(key, _)| !self.upserts.contains_key(key))
+    }
+}
+
+/// The changes of one epoch, sorted by collection.
+struct Sorted<'a> {
+    couriers: Keyed<CourierId, &'a CourierState>,
+    zones: Keyed<ZoneId, &'a ZoneState>,
+    deliveries: Keyed<DeliveryId, &'a DeliveryState>,
+    etas: Keyed<DeliveryId, &'a Eta>,
+    metrics: Keyed<Scope, &'a Tally>,
+    inside: Vec<(CourierId, ZoneId, i64)>,
+    dropoffs: Vec<(DeliveryId, ZoneId, i64)>,
+}
+
+impl<'a> Sorted<'a> {
+    fn new(output: &'a EpochOutput) -> Self {
+        let mut sorted = Sorted {
+            couriers: Keyed::new(),
+            zones: Keyed::new(),
+            deliveries: Keyed::new(),
+            etas: Keyed::new(),
+            metrics: Keyed::new(),
+            inside: Vec::new(),
+            dropoffs: Vec::new(),
+        };
+        for (change, diff) in &output.changes {
+            let diff = *diff;
+            match change {
+                Change::Courier(id, state) => sorted.couriers.push(*id, state, diff),
+                Change::Zone(id, state) => sorted.zones.push(*id, state, diff),
+                Change::Delivery(id, state) => sorted.deliveries.push(*id, state, diff),
+                Change::Eta(id, eta) => sorted.etas.push(*id, eta, diff),
+                Change::Metric(scope, tally) => sorted.metrics.push(*scope, tally, diff),
+                Change::Inside(courier, zone) => sorted.inside.push((*courier, *zone, diff)),
+                Change::DropoffZone(delivery, zone) => {
+                    sorted.dropoffs.push((*delivery, *zone, diff));
+                }
+            }
+        }
+        sorted
+    }
+}
+
+impl EpochBatch {
+    /// The rows of `output`, to be written as epoch `epoch`.
+    ///
+    /// # Errors
+    /// [`BatchError`] when a value cannot be stored (a time beyond the representable range,
+    /// a counter beyond `bigint`); validated input never produces one.
+    pub fn new(output: &EpochOutput, epoch: i64) -> Result<Self, BatchError> {
+        let sorted = Sorted::new(output);
+        let mut batch = EpochBatch {
+            epoch,
+            ..EpochBatch::default()
+        };
+        batch.events = event_rows(output)?;
+        batch.add_couriers(&sorted)?;
+        batch.add_zones(&sorted)?;
+        batch.add_deliveries(&sorted)?;
+        batch.add_etas(&sorted)?;
+        batch.add_metrics(&sorted)?;
+        for (delivery, zone, diff) in &sorted.dropoffs {
+            let rows = if *diff > 0 {
+                &mut batch.dropoffs_added
+            } else {
+                &mut batch.dropoffs_removed
+            };
+            rows.left.push(delivery.0);
+            rows.zone.push(zone.0);
+        }
+        batch.add_inside(output, &sorted)?;
+        Ok(batch)
+    }
+
+    /// Rows written, all tables together (for logs and throughput figures).
+    pub fn row_count(&self) -> usize {
+        self.events.event_id.len()
+            + self.couriers.id.len()
+            + self.couriers_untracked.len()
+            + self.zones.id.len()
+            + self.zones_deleted.len()
+            + self.deliveries.id.len()
+            + self.deliveries_deleted.len()
+            + self.ratings.delivery_id.len()
+            + self.ratings_deleted.len()
+            + self.etas.delivery_id.len()
+            + self.etas_deleted.len()
+            + self.dropoffs_added.left.len()
+            + self.dropoffs_removed.left.len()
+            + self.inside_added.left.len()
+            + self.inside_removed.left.len()
+            + self.transitions.courier_id.len()
+            + self.metrics.scope.len()
+            + self.metrics_deleted.0.len()
+    }
+
+    fn add_couriers(&mut self, sorted: &Sorted<'_>) -> Result<(), BatchError> {
+        for (id, state) in &sorted.couriers.upserts {
+            let rows = &mut self.couriers;
+            rows.id.push(id.0);
+            rows.lat.push(state.position.lat());
+            rows.lon.push(state.position.lon());
+            rows.last_fix_at
+                .push(time("couriers.last_fix_at", state.at)?);
+            rows.last_event_id.push(state.event_id.0);
+            rows.speed_mm_s.push(state.speed_mm_s.map(i64::from));
+            rows.heading_ddeg.push(state.heading_ddeg.map(i32::from));
+            rows.odometer_mm
+                .push(bigint("couriers.odometer_mm", state.odometer_mm)?);
+            rows.active_hours.push(i64::from(state.active_hours));
+        }
+        self.couriers_untracked
+            .extend(sorted.couriers.deleted().map(|(id, _)| id.0));
+        Ok(())
+    }
+
+    fn add_zones(&mut self, sorted: &Sorted<'_>) -> Result<(), BatchError> {
+        for (id, state) in &sorted.zones.upserts {
+            let rows = &mut self.zones;
+            rows.id.push(id.0);
+            rows.name.push(state.name.clone());
+            rows.geometry.push(geojson(&state.shape));
+            rows.dwell_ms.push(state.dwell_ms);
+            rows.updated_at
+                .push(time("zones.updated_at", state.updated_at)?);
+            rows.event_id.push(state.event_id.0);
+        }
+        self.zones_deleted
+            .extend(sorted.zones.deleted().map(|(id, _)| id.0));
+        Ok(())
+    }
+
+    fn add_deliveries(&mut self, sorted: &Sorted<'_>) -> Result<(), BatchError> {
+        let mut customers = BTreeSet::<CustomerId>::new();
+        let mut couriers = BTreeSet::<CourierId>::new();
+        for (id, state) in &sorted.deliveries.upserts {
+            customers.insert(state.customer_id);
+            couriers.extend(state.courier_id);
+            let rows = &mut self.deliveries;
+            rows.id.push(id.0);
+            rows.customer_id.push(state.customer_id.0);
+            rows.courier_id.push(state.courier_id.map(|c| c.0));
+            rows.status.push(state.status.as_str().to_owned());
+            rows.pickup_lat.push(state.pickup.lat());
+            rows.pickup_lon.push(state.pickup.lon());
+            rows.dropoff_lat.push(state.dropoff.lat());
+            rows.dropoff_lon.push(state.dropoff.lon());
+            rows.promised_by
+                .push(optional_time("deliveries.promised_by", state.promised_by)?);
+            rows.created_at
+                .push(time("deliveries.created_at", state.created_at)?);
+            rows.assigned_at
+                .push(optional_time("deliveries.assigned_at", state.assigned_at)?);
+            rows.picked_up_at.push(optional_time(
+                "deliveries.picked_up_at",
+                state.picked_up_at,
+            )?);
+            rows.ended_at
+                .push(optional_time("deliveries.ended_at", state.ended_at)?);
+            rows.rating
+                .push(state.rating.as_ref().map(|r| i16::from(r.score)));
+            rows.version.push(i64::from(state.version));
+
+            match &state.rating {
+                Some(rating) => {
+                    let rows = &mut self.ratings;
+                    rows.delivery_id.push(id.0);
+                    rows.customer_id.push(state.customer_id.0);
+                    rows.courier_id.push(state.courier_id.map(|c| c.0));
+                    rows.score.push(i16::from(rating.score));
+                    rows.comment.push(rating.comment.clone());
+                    rows.rated_at.push(time("ratings.rated_at", rating.at)?);
+                }
+                None => {
+                    let had_one = sorted
+                        .deliveries
+                        .retracted
+                        .get(id)
+                        .is_some_and(|old| old.rating.is_some());
+                    if had_one {
+                        self.ratings_deleted.push(id.0);
+                    }
+                }
+            }
+        }
+        // Deleting a delivery deletes its rating, ETA and dropoff zones (ON DELETE CASCADE).
+        self.deliveries_deleted
+            .extend(sorted.deliveries.deleted().map(|(id, _)| id.0));
+        self.customers = customers.into_iter().map(|c| c.0).collect();
+        self.courier_refs = couriers.into_iter().map(|c| c.0).collect();
+        Ok(())
+    }
+
+    fn add_etas(&mut self, sorted: &Sorted<'_>) -> Result<(), BatchError> {
+        for (id, eta) in &sorted.etas.upserts {
+            let rows = &mut self.etas;
+            rows.delivery_id.push(id.0);
+            rows.courier_id.push(eta.courier_id.0);
+            rows.status.push(eta.status.as_str().to_owned());
+            rows.remaining_m.push(i64::from(eta.remaining_m));
+            rows.speed_mm_s.push(i64::from(eta.speed_mm_s));
+            rows.eta_at.push(time("etas.eta_at", eta.eta_at)?);
+            rows.as_of.push(time("etas.as_of", eta.as_of)?);
+        }
+        self.etas_deleted
+            .extend(sorted.etas.deleted().map(|(id, _)| id.0));
+        Ok(())
+    }
+
+    fn add_metrics(&mut self, sorted: &Sorted<'_>) -> Result<(), BatchError> {
+        for (scope, tally) in &sorted.metrics.upserts {
+            let key = ScopeKey::of(scope);
+            let rows = &mut self.metrics;
+            rows.scope.push(key.scope.to_owned());
+            rows.scope_key.push(key.key);
+            rows.courier_id.push(key.courier_id);
+            rows.zone_id.push(key.zone_id);
+            rows.weekday.push(key.weekday);
+            rows.hour.push(key.hour);
+            rows.deliveries.push(tally.deliveries);
+            rows.active.push(tally.active);
+            rows.delivered.push(tally.delivered);
+            rows.failed.push(tally.failed);
+            rows.cancelled.push(tally.cancelled);
+            rows.promised.push(tally.promised);
+            rows.on_time.push(tally.on_time);
+            rows.created_to_delivered_ms
+                .push(tally.created_to_delivered_ms);
+            rows.picked_up_delivered.push(tally.picked_up_delivered);
+            rows.picked_up_to_delivered_ms
+                .push(tally.picked_up_to_delivered_ms);
+            rows.rated.push(tally.rated);
+            rows.score_sum.push(tally.score_sum);
+            let [s1, s2, s3, s4, s5] = tally.score_histogram;
+            rows.score_1.push(s1);
+            rows.score_2.push(s2);
+            rows.score_3.push(s3);
+            rows.score_4.push(s4);
+            rows.score_5.push(s5);
+            rows.distance_mm.push(tally.distance_mm);
+            rows.active_hours.push(tally.active_hours);
+        }
+        for (scope, _) in sorted.metrics.deleted() {
+            let key = ScopeKey::of(scope);
+            self.metrics_deleted.0.push(key.scope.to_owned());
+            self.metrics_deleted.1.push(key.key);
+        }
+        Ok(())
+    }
+
+    /// Occupancy and transitions. A transition's time is the best the epoch tells: the
+    /// courier's newest fix in it, else the zone's upsert or deletion in it, else the
+    /// newest event of the epoch.
+    fn add_inside(&mut self, output: &EpochOutput, sorted: &Sorted<'_>) -> Result<(), BatchError> {
+        if sorted.inside.is_empty() {
+            return Ok(());
+        }
+        let mut zone_times: BTreeMap<ZoneId, UnixMillis> = sorted
+            .zones
+            .upserts
+            .iter()
+            .map(|(id, state)| (*id, state.updated_at))
+            .collect();
+        for event in &output.events {
+            if let EventBody::ZoneDeleted(body) = &event.body
+                && !sorted.zones.upserts.contains_key(&body.zone_id)
+            {
+                let at = zone_times.entry(body.zone_id).or_insert(event.occurred_at);
+                *at = (*at).max(event.occurred_at);
+            }
+        }
+        let newest = output.events.iter().map(|e| e.occurred_at).max();
+        for (courier, zone, diff) in &sorted.inside {
+            let (rows, direction) = if *diff > 0 {
+                (&mut self.inside_added, "entered")
+            } else {
+                (&mut self.inside_removed, "exited")
+            };
+            rows.left.push(courier.0);
+            rows.zone.push(zone.0);
+            let at = sorted
+                .couriers
+                .upserts
+                .get(courier)
+                .map(|state| state.at)
+                .or_else(|| zone_times.get(zone).copied())
+                .or(newest);
+            let transitions = &mut self.transitions;
+            transitions.courier_id.push(courier.0);
+            transitions.zone_id.push(zone.0);
+            transitions.direction.push(direction.to_owned());
+            transitions
+                .occurred_at
+                .push(optional_time("geofence_transitions.occurred_at", at)?);
+        }
+        Ok(())
+    }
+}
+
+/// The event log's rows: every event except those refused for a reason other than
+/// `stale`, once per event id.
+fn event_rows(output: &EpochOutput) -> Result<EventRows, BatchError> {
+    let refused: HashSet<EventId> = output
+        .rejections
+        .iter()
+        .filter(|rejection| rejection.reason != RejectReason::Stale)
+        .map(|rejection| rejection.event_id)
+        .collect();
+    let mut seen = HashSet::with_capacity(output.events.len());
+    let mut rows = EventRows::default();
+    for event in &output.events {
+        if refused.contains(&event.event_id) || !seen.insert(event.event_id) {
+            continue;
+        }
+        let (delivery, courier, zone) = match &event.body {
+            EventBody::LocationUpdated(body) => (None, Some(body.courier_id.0), None),
+            EventBody::DeliveryCreated(body) => (Some(body.delivery_id.0), None, None),
+            EventBody::StatusChanged(body) => {
+                (Some(body.delivery_id.0), body.courier_id.map(|c| c.0), None)
+            }
+            EventBody::DeliveryRated(body) => (Some(body.delivery_id.0), None, None),
+            EventBody::ZoneUpserted(body) => (None, None, Some(body.zone_id.0)),
+            EventBody::ZoneDeleted(body) => (None, None, Some(body.zone_id.0)),
+        };
+        rows.event_id.push(event.event_id.0);
+        rows.kind.push(event.kind().as_str().to_owned());
+        rows.occurred_at
+            .push(time("delivery_events.occurred_at", event.occurred_at)?);
+        rows.delivery_id.push(delivery);
+        rows.courier_id.push(courier);
+        rows.zone_id.push(zone);
+        rows.payload.push(encode_event(event));
+    }
+    Ok(rows)
+}
+
+/// How a [`Scope`] is keyed in `metrics`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ScopeKey {
+    /// The family: `overall`, `courier`, `dropoff_zone`, `hour_of_day`, `weekday_hour`.
+    pub scope: &'static str,
+    /// The key within the family, as text.
+    pub key: String,
+    /// The typed key columns.
+    pub courier_id: Option<Uuid>,
+    /// ...
+    pub zone_id: Option<Uuid>,
+    /// ...
+    pub weekday: Option<i16>,
+    /// ...
+    pub hour: Option<i16>,
+}
+
+impl ScopeKey {
+    /// The row key of a scope.
+    pub fn of(scope: &Scope) -> Self {
+        let blank = |scope, key| ScopeKey {
+            scope,
+            key,
+            courier_id: None,
+            zone_id: None,
+            weekday: None,
+            hour: None,
+        };
+        match *scope {
+            Scope::Overall => blank("overall", String::new()),
+            Scope::Courier(id) => ScopeKey {
+                courier_id: Some(id.0),
+                ..blank("courier", id.to_string())
+            },
+            Scope::DropoffZone(id) => ScopeKey {
+                zone_id: Some(id.0),
+                ..blank("dropoff_zone", id.to_string())
+            },
+            Scope::HourOfDay(hour) => ScopeKey {
+                hour: Some(i16::from(hour)),
+                ..blank("hour_of_day", hour.to_string())
+            },
+            Scope::WeekdayHour(weekday, hour) => ScopeKey {
+                weekday: Some(i16::from(weekday)),
+                hour: Some(i16::from(hour)),
+                ..blank("weekday_hour", format!("{weekday}:{hour}"))
+            },
+        }
+    }
+}
+
+/// The zone's GeoJSON geometry as the contract writes it: a Polygon when the shape has one
+/// part, a MultiPolygon otherwise.
+fn geojson(shape: &ZoneShape) -> Value {
+    let value = match shape.0.0.as_slice() {
+        [polygon] => geojson::Value::from(polygon),
+        _ => geojson::Value::from(&shape.0),
+    };
+    Value::Object(geojson::JsonObject::from(&value))
+}
+
+fn time(what: &'static str, millis: UnixMillis) -> Result<DateTime<Utc>, BatchError> {
+    DateTime::from_timestamp_millis(millis).ok_or(BatchError::Time { what, millis })
+}
+
+fn optional_time(
+    what: &'static str,
+    millis: Option<UnixMillis>,
+) -> Result<Option<DateTime<Utc>>, BatchError> {
+    millis.map(|millis| time(what, millis)).transpose()
+}
+
+fn bigint(what: &'static str, value: u64) -> Result<i64, BatchError> {
+    i64::try_from(value).map_err(|_| BatchError::TooLarge { what, value })
+}

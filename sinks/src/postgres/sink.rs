@@ -1,0 +1,210 @@
+//! [`PostgresSink`]: the system of record, written one transaction per epoch.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use delivertrack_dataflow::{Epoch, EpochOutput};
+use sqlx::PgPool;
+
+use super::batch::EpochBatch;
+use super::config::PostgresConfig;
+use super::service::{self, Failure, PostgresError, Written};
+use crate::sink::{BoxError, Sink, SinkError, SinkFuture};
+
+const NAME: &str = "postgres";
+
+/// Writes every epoch's output to PostgreSQL, idempotently.
+///
+/// Each commit is one transaction holding one batched statement per table (`UNNEST` of
+/// column arrays), so its cost grows with the rows, not with round trips. The transaction
+/// first moves `pipeline_progress` forward, and only if the epoch is newer than the one
+/// recorded; an epoch already there (a retry whose first attempt did commit, a replay) is
+/// skipped as a whole. Beyond that guard every statement is idempotent on its own: upserts
+/// to the new state, deletes by key, inserts that skip existing keys.
+///
+/// # Epoch numbers
+/// The dataflow numbers its epochs from 0 in every process. The tables number them across
+/// restarts: the sink adds [`epoch_base`](Self::epoch_base), one past the last epoch
+/// committed when it connected, so that epochs of a new process never collide with those of
+/// an earlier one (in the progress guard, in `geofence_transitions`' key).
+#[derive(Debug)]
+pub struct PostgresSink {
+    pool: PgPool,
+    /// Added to the dataflow's epoch to get the stored epoch.
+    epoch_base: u64,
+    /// Set by [`close`](Sink::close); later commits are refused.
+    closed: bool,
+}
+
+impl PostgresSink {
+    /// Connects to the database of `config` and reads where the last run stopped. The
+    /// schema must be in place ([`migrate`](super::migrate)).
+    ///
+    /// # Errors
+    /// [`SinkError::Unavailable`] whose source, a [`PostgresError`], names the database:
+    /// unreachable, refused login, invalid url, schema missing.
+    pub async fn connect(config: &PostgresConfig) -> Result<Self, SinkError> {
+        let pool = service::connect_pool(config).await.map_err(unavailable)?;
+        Self::with_pool_named(pool, config.target()).await
+    }
+
+    /// A sink on an existing pool (shared with the `migrate` step and hydration), continuing
+    /// after the last committed epoch.
+    ///
+    /// # Errors
+    /// [`SinkError::Unavailable`] when `pipeline_progress` cannot be read (schema missing,
+    /// database gone).
+    pub async fn with_pool(pool: PgPool) -> Result<Self, SinkError> {
+        let target = pool_target(&pool);
+        Self::with_pool_named(pool, target).await
+    }
+
+    async fn with_pool_named(pool: PgPool, target: String) -> Result<Self, SinkError> {
+        let last = match service::last_committed_epoch(&pool).await {
+            Ok(last) => last,
+            Err(PostgresError::Query(source)) if classify_is_schema(&source) => {
+                return Err(unavailable(PostgresError::NotMigrated { target, source }));
+            }
+            Err(PostgresError::Query(source)) => {
+                return Err(unavailable(PostgresError::Unreachable { target, source }));
+            }
+            Err(other) => return Err(unavailable(other)),
+        };
+        let epoch_base = last.map_or(0, |last| last.saturating_add(1));
+        tracing::info!(
+            database = %target,
+            last_committed_epoch = ?last,
+            epoch_base,
+            "The PostgreSQL sink is connected."
+        );
+        Ok(Self {
+            pool,
+            epoch_base,
+            closed: false,
+        })
+    }
+
+    /// The pool, for whoever shares the database (hydration, health checks).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// What is added to the dataflow's epoch numbers before they are stored.
+    pub fn epoch_base(&self) -> u64 {
+        self.epoch_base
+    }
+
+    /// The stored number of the dataflow's epoch `epoch`.
+    ///
+    /// # Errors
+    /// [`SinkError::Rejected`] when it does not fit PostgreSQL's `bigint`.
+    pub fn stored_epoch(&self, epoch: Epoch) -> Result<i64, SinkError> {
+        self.epoch_base
+            .checked_add(epoch)
+            .and_then(|stored| i64::try_from(stored).ok())
+            .ok_or_else(|| SinkError::Rejected {
+                sink: NAME,
+                epoch,
+                source: format!("epoch {} + {epoch} exceeds a bigint", self.epoch_base).into(),
+            })
+    }
+
+    async fn write(&self, output: &EpochOutput) -> Result<(), SinkError> {
+        let started = Instant::now();
+        let stored = self.stored_epoch(output.epoch)?;
+        let batch = EpochBatch::new(output, stored).map_err(|source| SinkError::Rejected {
+            sink: NAME,
+            epoch: output.epoch,
+            source: Box::new(source),
+        })?;
+        match service::write_epoch(&self.pool, &batch).await {
+            Ok(Written::Applied { rows }) => {
+                tracing::debug!(
+                    epoch = output.epoch,
+                    stored_epoch = stored,
+                    rows,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "PostgreSQL committed an epoch."
+                );
+                Ok(())
+            }
+            Ok(Written::AlreadyCommitted) => {
+                tracing::debug!(
+                    epoch = output.epoch,
+                    stored_epoch = stored,
+                    "PostgreSQL already had this epoch; nothing was written."
+                );
+                Ok(())
+            }
+            Err(error) => Err(commit_error(output.epoch, error)),
+        }
+    }
+}
+
+impl Sink for PostgresSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn commit(&mut self, output: Arc<EpochOutput>) -> SinkFuture<'_> {
+        Box::pin(async move {
+            if self.closed {
+                return Err(SinkError::Closed { sink: NAME });
+            }
+            self.write(&output).await
+        })
+    }
+
+    fn close(&mut self) -> SinkFuture<'_> {
+        Box::pin(async move {
+            self.closed = true;
+            self.pool.close().await;
+            Ok(())
+        })
+    }
+}
+
+/// A failed commit as the driver sees it: retry or give up.
+fn commit_error(epoch: Epoch, error: sqlx::Error) -> SinkError {
+    match service::classify(&error) {
+        Failure::Transient => SinkError::Unavailable {
+            sink: NAME,
+            source: Box::new(error),
+        },
+        Failure::Permanent => SinkError::Rejected {
+            sink: NAME,
+            epoch,
+            source: Box::new(error),
+        },
+        Failure::Closed => SinkError::Closed { sink: NAME },
+    }
+}
+
+fn unavailable(error: PostgresError) -> SinkError {
+    SinkError::Unavailable {
+        sink: NAME,
+        source: BoxError::from(Box::new(error)),
+    }
+}
+
+/// Is this the error of a table or column that is not there: the schema is missing.
+fn classify_is_schema(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code == "42P01" || code == "42703" || code == "3F000"),
+        _ => false,
+    }
+}
+
+/// `user@host:port/db` of a pool's connections.
+fn pool_target(pool: &PgPool) -> String {
+    let options = pool.connect_options();
+    format!(
+        "{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or(options.get_username()),
+    )
+}
