@@ -658,3 +658,188 @@ fn optional_time(
 fn bigint(what: &'static str, value: u64) -> Result<i64, BatchError> {
     i64::try_from(value).map_err(|_| BatchError::TooLarge { what, value })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use delivertrack_dataflow::event::{LocationUpdated, StatusChanged, ZoneDeleted};
+    use delivertrack_dataflow::geometry::GeoPoint;
+    use delivertrack_dataflow::model::Rejection;
+    use delivertrack_dataflow::{EventKind, Status};
+    use geo::{MultiPolygon, polygon};
+
+    use super::*;
+
+    const T: UnixMillis = 1_796_025_600_000;
+
+    fn uuid(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    fn fix(n: u128, courier: u128, at: UnixMillis) -> delivertrack_dataflow::Event {
+        delivertrack_dataflow::Event {
+            event_id: EventId(uuid(n)),
+            occurred_at: at,
+            body: EventBody::LocationUpdated(LocationUpdated {
+                courier_id: CourierId(uuid(courier)),
+                position: GeoPoint::from_degrees(52.5, 13.4),
+                speed_mm_s: None,
+                heading_ddeg: None,
+                accuracy_cm: None,
+            }),
+        }
+    }
+
+    fn zone(name: &str, at: UnixMillis) -> ZoneState {
+        ZoneState {
+            name: name.to_owned(),
+            shape: ZoneShape(MultiPolygon(vec![polygon![
+                (x: 13.0, y: 52.0), (x: 13.1, y: 52.0), (x: 13.1, y: 52.1), (x: 13.0, y: 52.0)
+            ]])),
+            dwell_ms: 0,
+            updated_at: at,
+            event_id: EventId(uuid(900)),
+        }
+    }
+
+    fn courier(at: UnixMillis) -> CourierState {
+        CourierState {
+            position: GeoPoint::from_degrees(52.05, 13.05),
+            at,
+            event_id: EventId(uuid(1)),
+            speed_mm_s: Some(4_200),
+            heading_ddeg: Some(900),
+            odometer_mm: 12_345,
+            active_hours: 1,
+        }
+    }
+
+    fn rejection(n: u128, reason: RejectReason) -> Rejection {
+        Rejection {
+            event_id: EventId(uuid(n)),
+            kind: EventKind::LocationUpdated,
+            reason,
+        }
+    }
+
+    #[test]
+    fn the_log_keeps_accepted_and_stale_events_once_and_drops_refused_ones() {
+        let refused = delivertrack_dataflow::Event {
+            event_id: EventId(uuid(2)),
+            occurred_at: T,
+            body: EventBody::StatusChanged(StatusChanged {
+                delivery_id: DeliveryId(uuid(77)),
+                status: Status::Cancelled,
+                courier_id: None,
+            }),
+        };
+        let output = EpochOutput {
+            epoch: 4,
+            events: vec![fix(1, 10, T), refused, fix(3, 10, T - 5), fix(1, 10, T)],
+            changes: Vec::new(),
+            rejections: vec![
+                rejection(2, RejectReason::UnknownDelivery),
+                rejection(3, RejectReason::Stale),
+            ],
+        };
+        let batch = EpochBatch::new(&output, 40).unwrap();
+        assert_eq!(batch.epoch, 40);
+        assert_eq!(batch.events.event_id, vec![uuid(1), uuid(3)]);
+        assert_eq!(
+            batch.events.courier_id,
+            vec![Some(uuid(10)), Some(uuid(10))]
+        );
+        assert_eq!(batch.events.payload[0]["kind"], "location.updated");
+    }
+
+    #[test]
+    fn upserts_keep_the_new_state_and_lone_retractions_become_deletes() {
+        let (z1, z2) = (ZoneId(uuid(21)), ZoneId(uuid(22)));
+        let output = EpochOutput {
+            epoch: 0,
+            events: Vec::new(),
+            changes: vec![
+                (Change::Zone(z1, zone("old", T - 10)), -1),
+                (Change::Zone(z1, zone("new", T)), 1),
+                (Change::Zone(z2, zone("gone", T - 10)), -1),
+                (Change::Metric(Scope::Overall, Tally::default()), -1),
+                (
+                    Change::Metric(
+                        Scope::Overall,
+                        Tally {
+                            deliveries: 2,
+                            score_histogram: [0, 0, 0, 1, 0],
+                            ..Tally::default()
+                        },
+                    ),
+                    1,
+                ),
+                (
+                    Change::Metric(Scope::WeekdayHour(0, 3), Tally::default()),
+                    -1,
+                ),
+            ],
+            rejections: Vec::new(),
+        };
+        let batch = EpochBatch::new(&output, 0).unwrap();
+        assert_eq!(batch.zones.id, vec![z1.0]);
+        assert_eq!(batch.zones.name, vec!["new".to_owned()]);
+        assert_eq!(batch.zones.geometry[0]["type"], "Polygon");
+        assert_eq!(batch.zones_deleted, vec![z2.0]);
+        assert_eq!(batch.metrics.scope, vec!["overall".to_owned()]);
+        assert_eq!(batch.metrics.scope_key, vec![String::new()]);
+        assert_eq!(
+            (batch.metrics.deliveries[0], batch.metrics.score_4[0]),
+            (2, 1)
+        );
+        assert_eq!(
+            batch.metrics_deleted,
+            (vec!["weekday_hour".to_owned()], vec!["0:3".to_owned()])
+        );
+    }
+
+    #[test]
+    fn transitions_take_the_best_time_the_epoch_tells() {
+        let (moved, still) = (CourierId(uuid(10)), CourierId(uuid(11)));
+        let (entered, deleted) = (ZoneId(uuid(21)), ZoneId(uuid(22)));
+        let deletion = delivertrack_dataflow::Event {
+            event_id: EventId(uuid(5)),
+            occurred_at: T + 7,
+            body: EventBody::ZoneDeleted(ZoneDeleted { zone_id: deleted }),
+        };
+        let output = EpochOutput {
+            epoch: 0,
+            events: vec![fix(4, 10, T + 3), deletion],
+            changes: vec![
+                (Change::Courier(moved, courier(T + 3)), 1),
+                (Change::Inside(moved, entered), 1),
+                (Change::Inside(still, deleted), -1),
+                (Change::Zone(deleted, zone("gone", T - 10)), -1),
+            ],
+            rejections: Vec::new(),
+        };
+        let batch = EpochBatch::new(&output, 0).unwrap();
+        let t = &batch.transitions;
+        assert_eq!(t.direction, vec!["entered".to_owned(), "exited".to_owned()]);
+        assert_eq!(
+            t.occurred_at,
+            vec![
+                DateTime::from_timestamp_millis(T + 3),
+                DateTime::from_timestamp_millis(T + 7)
+            ]
+        );
+        assert_eq!(batch.inside_added.left, vec![moved.0]);
+        assert_eq!(batch.inside_removed.zone, vec![deleted.0]);
+        assert_eq!(batch.couriers.odometer_mm, vec![12_345]);
+    }
+
+    #[test]
+    fn scope_keys_are_readable_and_typed() {
+        let key = ScopeKey::of(&Scope::WeekdayHour(6, 23));
+        assert_eq!((key.scope, key.key.as_str()), ("weekday_hour", "6:23"));
+        assert_eq!((key.weekday, key.hour), (Some(6), Some(23)));
+        let courier = ScopeKey::of(&Scope::Courier(CourierId(uuid(9))));
+        assert_eq!(courier.courier_id, Some(uuid(9)));
+        assert_eq!(courier.key, uuid(9).to_string());
+    }
+}
