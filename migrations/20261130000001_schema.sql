@@ -183,6 +183,10 @@ CREATE TABLE delivery_events (
     courier_id  uuid,
     zone_id     uuid,
     payload     jsonb       NOT NULL,
+    -- Refused as `stale`: older than the state it would have replaced, so it changed
+    -- nothing (a late fix adds no distance, no active hour). Hydration replays only the
+    -- others.
+    stale       boolean     NOT NULL DEFAULT false,
     -- The epoch it was first committed in.
     epoch       bigint      NOT NULL,
     recorded_at timestamptz NOT NULL DEFAULT now()

@@ -613,6 +613,19 @@ fn accepted_events(outputs: &[Arc<EpochOutput>]) -> BTreeSet<Uuid> {
     accepted
 }
 
+/// Was `event` refused as stale in the first epoch that carried it?
+fn first_logged_as_stale(run: &Run, event: Uuid) -> bool {
+    run.outputs
+        .iter()
+        .find(|o| o.events.iter().any(|e| e.event_id.0 == event))
+        .is_some_and(|first| {
+            first
+                .rejections
+                .iter()
+                .any(|r| r.event_id.0 == event && r.reason == RejectReason::Stale)
+        })
+}
+
 async fn logged_events(pool: &PgPool) -> Vec<Uuid> {
     sqlx::query_scalar("SELECT event_id FROM delivery_events")
         .fetch_all(pool)
@@ -742,6 +755,22 @@ async fn the_event_log_holds_each_accepted_event_exactly_once(pool: PgPool) {
         unique.contains(&id(10)),
         "the stale fix is a fact that arrived late"
     );
+    // Flagged stale: the events that were stale when first logged (a redelivery of an
+    // applied event keeps its first row).
+    let stale: BTreeSet<Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM delivery_events WHERE stale")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let expected_stale: BTreeSet<Uuid> = reasons
+        .iter()
+        .filter(|(event, code)| **code == "stale" && first_logged_as_stale(&run, **event))
+        .map(|(event, _)| *event)
+        .collect();
+    assert!(stale.contains(&id(10)));
+    assert_eq!(stale, expected_stale);
     for (n, code) in [
         (11, "unknown_delivery"),
         (13, "illegal_transition"),

@@ -103,6 +103,7 @@ pub struct EventRows {
     pub courier_id: Vec<Option<Uuid>>,
     pub zone_id: Vec<Option<Uuid>>,
     pub payload: Vec<Value>,
+    pub stale: Vec<bool>,
 }
 
 /// The tracked columns of `couriers`.
@@ -549,12 +550,12 @@ impl EpochBatch {
 /// The event log's rows: every event except those refused for a reason other than
 /// `stale`, once per event id.
 fn event_rows(output: &EpochOutput) -> Result<EventRows, BatchError> {
-    let refused: HashSet<EventId> = output
+    let (stale, refused): (Vec<_>, Vec<_>) = output
         .rejections
         .iter()
-        .filter(|rejection| rejection.reason != RejectReason::Stale)
-        .map(|rejection| rejection.event_id)
-        .collect();
+        .partition(|rejection| rejection.reason == RejectReason::Stale);
+    let stale: HashSet<EventId> = stale.into_iter().map(|r| r.event_id).collect();
+    let refused: HashSet<EventId> = refused.into_iter().map(|r| r.event_id).collect();
     let mut seen = HashSet::with_capacity(output.events.len());
     let mut rows = EventRows::default();
     for event in &output.events {
@@ -579,6 +580,7 @@ fn event_rows(output: &EpochOutput) -> Result<EventRows, BatchError> {
         rows.courier_id.push(courier);
         rows.zone_id.push(zone);
         rows.payload.push(encode_event(event));
+        rows.stale.push(stale.contains(&event.event_id));
     }
     Ok(rows)
 }
@@ -750,6 +752,7 @@ mod tests {
             vec![Some(uuid(10)), Some(uuid(10))]
         );
         assert_eq!(batch.events.payload[0]["kind"], "location.updated");
+        assert_eq!(batch.events.stale, vec![false, true]);
     }
 
     #[test]

@@ -161,9 +161,10 @@ pub(super) async fn apply(
     if !events.event_id.is_empty() {
         sqlx::query(
             "INSERT INTO delivery_events
-                 (event_id, kind, occurred_at, delivery_id, courier_id, zone_id, payload, epoch)
-             SELECT e.*, $8 FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::uuid[],
-                                        $5::uuid[], $6::uuid[], $7::jsonb[]) AS e
+                 (event_id, kind, occurred_at, delivery_id, courier_id, zone_id, payload, stale,
+                  epoch)
+             SELECT e.*, $9 FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::uuid[],
+                                        $5::uuid[], $6::uuid[], $7::jsonb[], $8::bool[]) AS e
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(&events.event_id)
@@ -173,6 +174,7 @@ pub(super) async fn apply(
         .bind(&events.courier_id)
         .bind(&events.zone_id)
         .bind(&events.payload)
+        .bind(&events.stale)
         .bind(epoch)
         .execute(&mut **tx)
         .await?;
