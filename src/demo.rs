@@ -83,9 +83,7 @@ pub async fn run_demo(
     config: DemoConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.pipeline.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.pipeline.listen))?;
+    let listener = config.pipeline.bind().await?;
     let addr = listener
         .local_addr()
         .context("the listener has no local address")?;

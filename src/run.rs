@@ -106,9 +106,7 @@ pub async fn run_pipeline(
     config: RunConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.pipeline.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.pipeline.listen))?;
+    let listener = config.pipeline.bind().await?;
     let (started_tx, started_rx) = oneshot::channel::<Started>();
     let rabbit = config.rabbit.clone();
     let announce = async move {

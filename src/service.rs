@@ -66,6 +66,16 @@ impl Default for PipelineConfig {
 }
 
 impl PipelineConfig {
+    /// Binds [`listen`](Self::listen).
+    ///
+    /// # Errors
+    /// The address cannot be bound (in use, not local, no permission).
+    pub async fn bind(&self) -> anyhow::Result<TcpListener> {
+        TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.listen))
+    }
+
     /// The driver's settings: epochs cut by these bounds, the dataflow on these workers.
     pub fn driver_config(&self) -> DriverConfig {
         DriverConfig {
