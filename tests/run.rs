@@ -677,8 +677,9 @@ async fn the_binary_drains_and_exits_zero_on_sigterm() {
     })
     .await;
     let pid = child.id().expect("the child is running").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
+    // The shell's own `kill`: present wherever `sh` is, unlike a procps binary.
+    let killed = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
         .status()
         .unwrap();
     assert!(killed.success());
