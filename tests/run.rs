@@ -672,8 +672,8 @@ async fn the_binary_drains_and_exits_zero_on_sigterm() {
 
     // Mid-stream: the pipeline has committed an epoch and is still reading.
     eventually("the binary is consuming", || async {
-        let (status, _) = get_json(&client, &format!("http://{addr}/readyz")).await;
-        (status == 200).then_some(())
+        let (status, body) = get_json(&client, &format!("http://{addr}/readyz")).await;
+        (status == 200 && body["epoch"].is_u64()).then_some(())
     })
     .await;
     let pid = child.id().expect("the child is running").to_string();

@@ -30,9 +30,6 @@ pub enum ApiError {
     /// `404 route_not_found`: no such route.
     #[error("no such route")]
     RouteNotFound,
-    /// `503 not_ready`: the pipeline has not applied its first epoch yet.
-    #[error("the pipeline has not produced its first results yet")]
-    NotReady,
     /// `503 source_unavailable`: the pipeline's source cannot deliver input now (RabbitMQ
     /// is down or being reconnected to); the message says why.
     #[error("{reason}")]
@@ -51,9 +48,7 @@ impl ApiError {
         match self {
             ApiError::NotFound { .. } | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::InvalidId { .. } => StatusCode::BAD_REQUEST,
-            ApiError::NotReady | ApiError::SourceUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::SourceUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -64,7 +59,6 @@ impl ApiError {
             ApiError::NotFound { .. } => "not_found",
             ApiError::InvalidId { .. } => "invalid_id",
             ApiError::RouteNotFound => "route_not_found",
-            ApiError::NotReady => "not_ready",
             ApiError::SourceUnavailable { .. } => "source_unavailable",
             ApiError::Internal(_) => "internal",
         }

@@ -25,7 +25,8 @@ struct Health {
 #[derive(Serialize)]
 struct Ready {
     status: &'static str,
-    epoch: Epoch,
+    /// The last epoch applied; `null` while nothing has arrived yet.
+    epoch: Option<Epoch>,
 }
 
 /// Always `200 {"status": "ok"}` while the server answers.
@@ -33,18 +34,16 @@ async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// `200 {"status": "ready", "epoch": N}` while the source is connected and once the first
-/// epoch was applied; `503 source_unavailable` (with the reason) while the source is not
-/// connected, `503 not_ready` before the first epoch. The source is asked first: a pipeline
-/// that lost RabbitMQ still holds results, but they are going stale, and a load balancer
-/// should know.
+/// `200 {"status": "ready", "epoch": N}` while the source is connected (`epoch` is the last
+/// one applied, `null` before any input arrived: an idle pipeline on an empty queue is
+/// ready); `503 source_unavailable` with the reason while it is not. A pipeline that lost
+/// RabbitMQ still holds results, but they are going stale, and a load balancer should know.
 async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
     if let SourceStatus::Unavailable { reason } = state.readiness.source_status() {
         return Err(ApiError::SourceUnavailable { reason });
     }
-    let epoch = state.read_model.epoch().ok_or(ApiError::NotReady)?;
     Ok(Json(Ready {
         status: "ready",
-        epoch,
+        epoch: state.read_model.epoch(),
     }))
 }
