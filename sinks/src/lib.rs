@@ -12,11 +12,15 @@
 //! - [`read_model`]: the in-memory current state behind the API, its snapshot and lookup
 //!   views, the per-epoch live change stream, and [`ReadModelSink`].
 //! - [`postgres`]: the system of record, [`PostgresSink`], and the schema's [`MIGRATOR`].
+//! - [`derived`]: the notification feed (geofence, ETA, completion and delay events on
+//!   RabbitMQ), [`DerivedSink`].
 
+pub mod derived;
 pub mod postgres;
 pub mod read_model;
 pub mod sink;
 
+pub use derived::{DerivedConfig, DerivedSink};
 pub use postgres::{MIGRATOR, PostgresConfig, PostgresSink};
 pub use read_model::{ReadModel, ReadModelConfig, ReadModelSink};
 pub use sink::{Sink, SinkError, SinkFuture};
