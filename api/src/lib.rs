@@ -101,6 +101,7 @@ mod tests {
             heading_ddeg: None,
             odometer_mm: 0,
             active_hours: 1,
+            presence: Vec::new(),
         };
         let delivery = DeliveryState {
             customer_id: CustomerId(Uuid::from_u128(3)),
@@ -117,6 +118,7 @@ mod tests {
             version: 2,
         };
         model.apply(&EpochOutput {
+            restored: false,
             epoch: 0,
             changes: vec![
                 (Change::Courier(CourierId(COURIER), courier), 1),

@@ -21,7 +21,7 @@ use timely::dataflow::StreamVec;
 use timely::dataflow::operators::vec::Partition;
 
 use crate::eta::{EtaConfig, EtaInput, estimate};
-use crate::event::{Event, EventBody, UnixMillis};
+use crate::event::{EventBody, UnixMillis};
 use crate::ids::{CourierId, DeliveryId, ZoneId};
 use crate::lifecycle::Status;
 use crate::model::{Change, CourierState, DeliveryState, Eta, Rejection, Scope, Tally, ZoneState};
@@ -29,6 +29,7 @@ use crate::operators::couriers::track_couriers;
 use crate::operators::deliveries::upsert_deliveries;
 use crate::operators::dropoffs::dropoff_zones;
 use crate::operators::zones::upsert_zones;
+use crate::restore::{Input, Restore};
 
 /// What the computation needs to know.
 #[derive(Clone, Copy, Debug, Default)]
@@ -95,17 +96,22 @@ impl<'scope> Collections<'scope> {
 
 /// Builds the dataflow over `events` (each event at its epoch).
 pub fn delivery_tracking<'scope>(
-    events: StreamVec<'scope, u64, Event>,
+    events: StreamVec<'scope, u64, Input>,
     config: ComputeConfig,
 ) -> Collections<'scope> {
     let mut parts = events
-        .partition(3, |event| {
-            let part = match &event.body {
-                EventBody::ZoneUpserted(_) | EventBody::ZoneDeleted(_) => 0,
-                EventBody::LocationUpdated(_) => 1,
-                _ => 2,
+        .partition(3, |input| {
+            let part = match &input {
+                Input::Event(event) => match &event.body {
+                    EventBody::ZoneUpserted(_) | EventBody::ZoneDeleted(_) => 0,
+                    EventBody::LocationUpdated(_) => 1,
+                    _ => 2,
+                },
+                Input::Restore(Restore::Zone { .. }) => 0,
+                Input::Restore(Restore::Courier { .. }) => 1,
+                Input::Restore(Restore::Delivery { .. }) => 2,
             };
-            (part, event)
+            (part, input)
         })
         .into_iter();
     let (Some(zone_events), Some(locations), Some(delivery_events)) =

@@ -17,6 +17,7 @@
 //! - [`compute`]: the dataflow itself, a function from event stream to collections.
 //! - [`operators`]: the stateful timely operators it is built from (upserts, geofences).
 //! - [`pipeline`]: runs the dataflow on worker threads; epochs in, epoch outputs out.
+//! - [`restore`]: the state a restarting pipeline is seeded with (hydration).
 
 pub mod compute;
 pub mod contract;
@@ -28,6 +29,7 @@ pub mod lifecycle;
 pub mod model;
 pub mod operators;
 pub mod pipeline;
+pub mod restore;
 pub mod spatial;
 
 pub use event::{Event, EventBody, EventKind, UnixMillis};

@@ -33,6 +33,11 @@ pub struct CourierState {
     pub odometer_mm: u64,
     /// Number of distinct clock hours (UTC) with at least one accepted fix.
     pub active_hours: u32,
+    /// The zones the newest fix is in, each with the event time since when the courier has
+    /// been in it without interruption (sorted by zone). The courier is *inside* a zone (a
+    /// member of `inside`) once this is at least the zone's dwell time before `at`. Kept in
+    /// the record so that a restarted pipeline resumes dwell times where they were.
+    pub presence: Vec<(ZoneId, UnixMillis)>,
 }
 
 /// The current version of a zone.
@@ -311,6 +316,11 @@ pub enum Change {
 pub struct EpochOutput {
     /// The epoch.
     pub epoch: Epoch,
+    /// The epoch restored state ([`crate::pipeline::EpochSender::restore`]) rather than
+    /// applying events: its changes are the restored records themselves. Sinks that already
+    /// hold them (the store they were read from, a notification feed) skip it; in-memory
+    /// sinks apply it.
+    pub restored: bool,
     /// The epoch's input as it was submitted, refused events included: for sinks that keep
     /// the raw event log (an append-only table, a location history).
     pub events: Vec<Event>,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::operators::Input;
+use timely::dataflow::operators::Input as _;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::worker::Worker;
 
@@ -22,6 +22,7 @@ use crate::eta::EtaConfig;
 use crate::event::Event;
 use crate::model::{Epoch, EpochOutput};
 use crate::operators::output::{WorkerReport, report};
+use crate::restore::{Input, Restore};
 
 /// How the dataflow computes and how many threads it uses.
 #[derive(Clone, Debug)]
@@ -90,7 +91,7 @@ pub fn start(config: DataflowConfig) -> Result<(EpochSender, EpochReceiver), Dat
     let mut inputs = Vec::with_capacity(workers);
     let mut worker_inputs = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let (tx, rx) = sync_channel::<Vec<Event>>(in_flight);
+        let (tx, rx) = sync_channel::<Vec<Input>>(in_flight);
         inputs.push(tx);
         worker_inputs.push(Some(rx));
     }
@@ -106,7 +107,7 @@ pub fn start(config: DataflowConfig) -> Result<(EpochSender, EpochReceiver), Dat
         let probe = ProbeHandle::new();
         let sender = report_tx.clone();
         let mut input = worker.dataflow::<u64, _, _>(|scope| {
-            let (input, stream) = scope.new_input::<Vec<Event>>();
+            let (input, stream) = scope.new_input::<Vec<Input>>();
             let (changes, rejections) = delivery_tracking(stream, compute).changes();
             report(changes, rejections, index, sender, &probe);
             input
@@ -156,8 +157,8 @@ pub fn start(config: DataflowConfig) -> Result<(EpochSender, EpochReceiver), Dat
 /// dataflow, until the input is closed.
 fn drive(
     worker: &mut Worker,
-    input: &mut timely::dataflow::InputHandle<u64, CapacityContainerBuilder<Vec<Event>>>,
-    events: &Receiver<Vec<Event>>,
+    input: &mut timely::dataflow::InputHandle<u64, CapacityContainerBuilder<Vec<Input>>>,
+    events: &Receiver<Vec<Input>>,
     probe: &ProbeHandle<u64>,
     in_flight: u64,
 ) {
@@ -192,11 +193,12 @@ fn drive(
 /// Feeds epochs to the workers.
 #[derive(Debug)]
 pub struct EpochSender {
-    inputs: Vec<SyncSender<Vec<Event>>>,
+    inputs: Vec<SyncSender<Vec<Input>>>,
     next: Epoch,
     submitted: Arc<AtomicU64>,
-    /// Each epoch's input, until the receiver attaches it to the epoch's output.
-    inputs_kept: Arc<Mutex<BTreeMap<Epoch, Vec<Event>>>>,
+    /// Each epoch's events (`None`: a restore epoch), until the receiver attaches them to
+    /// the epoch's output.
+    inputs_kept: Arc<Mutex<BTreeMap<Epoch, Option<Vec<Event>>>>>,
 }
 
 impl EpochSender {
@@ -205,18 +207,37 @@ impl EpochSender {
     ///
     /// # Errors
     /// [`Closed`] when the workers have stopped.
-    pub fn send(&mut self, mut events: Vec<Event>) -> Result<Epoch, Closed> {
-        if let Ok(mut kept) = self.inputs_kept.lock() {
-            kept.insert(self.next, events.clone());
+    pub fn send(&mut self, events: Vec<Event>) -> Result<Epoch, Closed> {
+        let kept = Some(events.clone());
+        self.submit(kept, events.into_iter().map(Input::Event).collect())
+    }
+
+    /// Submits restored state as the next epoch (hydration): must come before any event,
+    /// as the pipeline's first epoch. Its output has `restored` set and holds the restored
+    /// records (and what they imply: `inside`, ETAs, aggregates). Blocks like [`send`](Self::send).
+    ///
+    /// # Errors
+    /// [`Closed`] when the workers have stopped.
+    pub fn restore(&mut self, records: Vec<Restore>) -> Result<Epoch, Closed> {
+        self.submit(None, records.into_iter().map(Input::Restore).collect())
+    }
+
+    fn submit(
+        &mut self,
+        kept: Option<Vec<Event>>,
+        mut inputs: Vec<Input>,
+    ) -> Result<Epoch, Closed> {
+        if let Ok(mut kept_inputs) = self.inputs_kept.lock() {
+            kept_inputs.insert(self.next, kept);
         }
         let workers = self.inputs.len();
-        let share = events.len().div_ceil(workers.max(1));
+        let share = inputs.len().div_ceil(workers.max(1));
         let mut shares = Vec::with_capacity(workers);
         for _ in 1..workers {
-            let rest = events.split_off(share.min(events.len()));
-            shares.push(std::mem::replace(&mut events, rest));
+            let rest = inputs.split_off(share.min(inputs.len()));
+            shares.push(std::mem::replace(&mut inputs, rest));
         }
-        shares.push(events);
+        shares.push(inputs);
         for (input, share) in self.inputs.iter().zip(shares) {
             input.send(share).map_err(|_| Closed)?;
         }
@@ -239,7 +260,7 @@ impl EpochSender {
 #[derive(Debug)]
 pub struct EpochReceiver {
     reports: Receiver<WorkerReport>,
-    inputs_kept: Arc<Mutex<BTreeMap<Epoch, Vec<Event>>>>,
+    inputs_kept: Arc<Mutex<BTreeMap<Epoch, Option<Vec<Event>>>>>,
     finished: Receiver<Result<(), String>>,
     submitted: Arc<AtomicU64>,
     /// Per worker: every epoch below is closed there (`None`: done).
@@ -355,7 +376,11 @@ impl EpochReceiver {
         output.changes.sort();
         output.rejections.sort();
         if let Ok(mut kept) = self.inputs_kept.lock() {
-            output.events = kept.remove(&epoch).unwrap_or_default();
+            match kept.remove(&epoch) {
+                Some(Some(events)) => output.events = events,
+                Some(None) => output.restored = true,
+                None => {}
+            }
         }
         Some(output)
     }

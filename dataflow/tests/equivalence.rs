@@ -361,6 +361,226 @@ proptest! {
     }
 }
 
+/// What a pipeline held after each epoch: its records, the epoch's refusals, and the
+/// epoch's accepted events (those it did not refuse).
+struct History {
+    states: Vec<BTreeSet<Change>>,
+    rejections: Vec<Vec<delivertrack_dataflow::Rejection>>,
+    accepted: Vec<Vec<Event>>,
+}
+
+/// Runs epochs through a fresh pipeline, first restoring `restore` if given.
+fn run(
+    epochs: &[Vec<Event>],
+    workers: usize,
+    restore: Option<Vec<delivertrack_dataflow::restore::Restore>>,
+) -> History {
+    let (mut sender, mut receiver) = pipeline::start(config(workers)).expect("the dataflow starts");
+    let restoring = restore.is_some();
+    let feed = epochs.to_vec();
+    let feeder = std::thread::spawn(move || {
+        if let Some(records) = restore {
+            sender
+                .restore(records)
+                .expect("the dataflow takes the restore");
+        }
+        for events in feed {
+            sender.send(events).expect("the dataflow takes input");
+        }
+    });
+    let mut history = History {
+        states: Vec::new(),
+        rejections: Vec::new(),
+        accepted: Vec::new(),
+    };
+    let mut accumulated: BTreeMap<Change, i64> = BTreeMap::new();
+    while let Some(output) = receiver.recv() {
+        for (change, diff) in &output.changes {
+            *accumulated.entry(change.clone()).or_default() += diff;
+        }
+        accumulated.retain(|_, count| *count != 0);
+        let refused: BTreeSet<EventId> = output.rejections.iter().map(|r| r.event_id).collect();
+        history.accepted.push(
+            output
+                .events
+                .iter()
+                .filter(|e| !refused.contains(&e.event_id))
+                .cloned()
+                .collect(),
+        );
+        history.rejections.push(output.rejections);
+        history.states.push(accumulated.keys().cloned().collect());
+        assert_eq!(output.restored, restoring && history.states.len() == 1);
+    }
+    feeder.join().expect("the feeder ends");
+    history
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Hydration: a pipeline restored from the records and accepted events of another one
+    /// (what PostgreSQL keeps) continues exactly like the one that never stopped.
+    #[test]
+    fn a_restored_pipeline_continues_like_one_that_never_stopped(
+        steps in proptest::collection::vec(step(), 1..120),
+        split in 0.0..1.0f64,
+        workers in 1..3usize,
+    ) {
+        let epochs = build(&steps);
+        let k = ((epochs.len() as f64 * split) as usize).clamp(1, epochs.len());
+        let whole = run(&epochs, workers, None);
+        let restores = delivertrack_dataflow::restore::from_history(
+            whole.states[k - 1].iter().cloned(),
+            whole.accepted[..k].iter().flatten().cloned(),
+            SPEED_WINDOW,
+        );
+        let resumed = run(&epochs[k..], workers, Some(restores));
+        prop_assert_eq!(&resumed.states[0], &whole.states[k - 1], "the restore epoch rebuilds the state");
+        prop_assert!(resumed.rejections[0].is_empty());
+        for (offset, state) in resumed.states[1..].iter().enumerate() {
+            let epoch = k + offset;
+            if state != &whole.states[epoch] {
+                let missing: Vec<_> = whole.states[epoch].difference(state).collect();
+                let extra: Vec<_> = state.difference(&whole.states[epoch]).collect();
+                return Err(TestCaseError::fail(format!("epoch {epoch} after restoring at {k}: missing {missing:#?}\nextra {extra:#?}")));
+            }
+            prop_assert_eq!(&resumed.rejections[offset + 1], &whole.rejections[epoch]);
+        }
+    }
+}
+
+/// Checks [`a_restored_pipeline_continues_like_one_that_never_stopped`] at every split.
+fn check_every_restore_point(epochs: &[Vec<Event>], workers: usize) {
+    let whole = run(epochs, workers, None);
+    for k in 1..epochs.len() {
+        let restores = delivertrack_dataflow::restore::from_history(
+            whole.states[k - 1].iter().cloned(),
+            whole.accepted[..k].iter().flatten().cloned(),
+            SPEED_WINDOW,
+        );
+        let resumed = run(&epochs[k..], workers, Some(restores));
+        for (offset, state) in resumed.states.iter().enumerate() {
+            assert_eq!(
+                state,
+                &whole.states[k - 1 + offset],
+                "restored at {k}, epoch {}",
+                k - 1 + offset
+            );
+        }
+    }
+}
+
+/// Dwell clocks survive a restart: a courier confirmed inside stays inside, one still
+/// waiting out the dwell time is confirmed exactly when it would have been.
+#[test]
+fn restoring_mid_dwell_keeps_the_dwell_clock() {
+    use Op::*;
+    let s = |op, advance| Step {
+        op,
+        advance,
+        lag: 0,
+    };
+    // Dwell 1.5 s. Courier 0 is present from t=0.5 s; restored after the epoch ending at
+    // t=1 s, its next fix at t=2.25 s confirms it only if its clock still starts at 0.5 s.
+    let steps = vec![
+        s(
+            Zone {
+                zone: 0,
+                x0: 0,
+                y0: 0,
+                x1: 5,
+                y1: 5,
+                dwell: 1,
+                triangle: false,
+            },
+            0,
+        ),
+        s(
+            Move {
+                courier: 1,
+                x: 1,
+                y: 1,
+                speed: None,
+            },
+            1,
+        ),
+        s(
+            Move {
+                courier: 0,
+                x: 2,
+                y: 2,
+                speed: None,
+            },
+            1,
+        ),
+        s(Cut, 0),
+        s(
+            Move {
+                courier: 0,
+                x: 2,
+                y: 3,
+                speed: None,
+            },
+            2,
+        ),
+        s(
+            Move {
+                courier: 1,
+                x: 1,
+                y: 2,
+                speed: None,
+            },
+            4,
+        ),
+        s(Cut, 0),
+        s(
+            Move {
+                courier: 0,
+                x: 3,
+                y: 3,
+                speed: None,
+            },
+            1,
+        ),
+        s(Cut, 0),
+        s(
+            Move {
+                courier: 0,
+                x: 3,
+                y: 4,
+                speed: None,
+            },
+            4,
+        ),
+        s(
+            Move {
+                courier: 1,
+                x: 9,
+                y: 9,
+                speed: None,
+            },
+            1,
+        ),
+    ];
+    let epochs = build(&steps);
+    let whole = run(&epochs, 1, None);
+    let inside = |state: &BTreeSet<Change>| {
+        state
+            .iter()
+            .filter(|c| matches!(c, Change::Inside(..)))
+            .count()
+    };
+    assert_eq!(
+        whole.states.iter().map(inside).collect::<Vec<_>>(),
+        vec![0, 1, 2, 1],
+        "the stream exercises dwell"
+    );
+    for workers in [1, 2] {
+        check_every_restore_point(&epochs, workers);
+    }
+}
+
 /// A hand-written stream that must exercise every collection, so the generated ones are
 /// known to be able to reach them.
 #[test]
@@ -460,4 +680,5 @@ fn a_full_lifecycle_touches_every_collection() {
     for workers in [1, 2, 4] {
         check(&epochs, workers).unwrap();
     }
+    check_every_restore_point(&epochs, 2);
 }

@@ -979,6 +979,7 @@ async fn data_the_schema_refuses_is_rejected_and_nothing_of_the_epoch_is_written
         version: 3,
     };
     let output = EpochOutput {
+        restored: false,
         epoch: 0,
         changes: vec![(Change::Delivery(DeliveryId(id(1)), state), 1)],
         ..EpochOutput::default()

@@ -25,6 +25,7 @@ use crate::event::{Event, EventBody, UnixMillis};
 use crate::geometry::GeoPoint;
 use crate::ids::{CourierId, ZoneId};
 use crate::model::{CourierState, RejectReason, Rejection, ZoneState};
+use crate::restore::{Input, Restore, split};
 use crate::spatial::{PointIndex, ZoneIndex};
 
 /// A courier's presence in a zone.
@@ -45,6 +46,16 @@ struct Track {
     window: VecDeque<(UnixMillis, GeoPoint)>,
     /// Zones the courier is in (a handful).
     presence: Vec<Presence>,
+}
+
+impl Track {
+    /// Mirrors the presence into the courier's record, sorted by zone.
+    fn sync_presence(&mut self) {
+        let mut presence: Vec<(ZoneId, UnixMillis)> =
+            self.presence.iter().map(|p| (p.zone_id, p.since)).collect();
+        presence.sort();
+        self.state.presence = presence;
+    }
 }
 
 /// A record the tracker maintains.
@@ -137,6 +148,13 @@ impl CourierTracker {
         let now = track.state.at;
         let dwell = self.dwell_ms.get(&zone_id).copied().unwrap_or(0);
         let index = track.presence.iter().position(|p| p.zone_id == zone_id);
+        if index.is_some() != inside {
+            // The set of zones the courier is in changes, and with it the courier's record.
+            changes
+                .couriers_before
+                .entry(courier_id)
+                .or_insert_with(|| Some(track.state.clone()));
+        }
         match (index, inside) {
             (Some(i), true) => {
                 let presence = &mut track.presence[i];
@@ -165,6 +183,64 @@ impl CourierTracker {
             }
             (None, false) => {}
         }
+        track.sync_presence();
+    }
+
+    /// Puts a restored courier back, with its presence as it was.
+    fn restore(
+        &mut self,
+        courier_id: CourierId,
+        mut state: CourierState,
+        window: Vec<(UnixMillis, GeoPoint)>,
+        changes: &mut Changes,
+    ) {
+        let previous = self
+            .couriers
+            .get(&courier_id)
+            .map(|track| track.state.clone());
+        changes
+            .couriers_before
+            .entry(courier_id)
+            .or_insert(previous);
+        if let Some(old) = self.couriers.get(&courier_id) {
+            for presence in old.presence.iter().filter(|p| p.confirmed) {
+                *changes
+                    .inside
+                    .entry((courier_id, presence.zone_id))
+                    .or_default() -= 1;
+            }
+        }
+        state
+            .presence
+            .retain(|(zone_id, _)| self.zones.get(*zone_id).is_some());
+        let presence: Vec<Presence> = state
+            .presence
+            .iter()
+            .map(|&(zone_id, since)| {
+                let dwell = self.dwell_ms.get(&zone_id).copied().unwrap_or(0);
+                Presence {
+                    zone_id,
+                    since,
+                    confirmed: state.at - since >= dwell,
+                }
+            })
+            .collect();
+        for p in presence.iter().filter(|p| p.confirmed) {
+            *changes.inside.entry((courier_id, p.zone_id)).or_default() += 1;
+        }
+        self.positions.set(courier_id, state.position);
+        let mut window: VecDeque<_> = window.into_iter().collect();
+        while window.len() > self.speed_window {
+            window.pop_front();
+        }
+        self.couriers.insert(
+            courier_id,
+            Track {
+                state,
+                window,
+                presence,
+            },
+        );
     }
 
     /// Applies one fix; `Err(Stale)` if older than the courier's latest.
@@ -196,6 +272,7 @@ impl CourierTracker {
                 heading_ddeg: None,
                 odometer_mm: 0,
                 active_hours: 1,
+                presence: Vec::new(),
             },
             window: VecDeque::with_capacity(window_len),
             presence: Vec::new(),
@@ -239,20 +316,29 @@ impl CourierTracker {
 }
 
 impl ZoneJoin for CourierTracker {
-    type Input = Event;
+    type Input = Input;
     type Record = TrackerRecord;
 
     fn apply_epoch(
         &mut self,
         zone_changes: Vec<((ZoneId, ZoneState), isize)>,
-        input: Vec<(Event, isize)>,
+        input: Vec<(Input, isize)>,
     ) -> (Vec<(TrackerRecord, isize)>, Vec<Rejection>) {
         let mut changes = Changes::default();
         for (zone_id, new) in net_zone_changes(zone_changes) {
             self.apply_zone(zone_id, new, &mut changes);
         }
-        let mut fixes: Vec<Event> = input.into_iter().map(|(event, _)| event).collect();
-        fixes.sort_by_key(Event::apply_order);
+        let (restores, fixes) = split(input.into_iter().map(|(input, _)| input).collect());
+        for restore in restores {
+            if let Restore::Courier {
+                courier_id,
+                state,
+                window,
+            } = restore
+            {
+                self.restore(courier_id, state, window, &mut changes);
+            }
+        }
         let mut rejections = Vec::new();
         for event in &fixes {
             if let Err(reason) = self.apply_fix(event, &mut changes) {
@@ -297,7 +383,7 @@ pub(crate) fn net_zone_changes(
 /// Maintains `couriers(courier, state)` and `inside(courier, zone)` from location events
 /// and the zones, partitioned by courier.
 pub fn track_couriers<'scope>(
-    locations: StreamVec<'scope, u64, Event>,
+    locations: StreamVec<'scope, u64, Input>,
     zones: VecCollection<'scope, u64, (ZoneId, ZoneState)>,
     speed_window: usize,
 ) -> Tracked<'scope> {
@@ -305,8 +391,12 @@ pub fn track_couriers<'scope>(
         CourierTracker::new(speed_window),
         "TrackCouriers",
         stamped(locations),
-        |event: &Event| match &event.body {
-            EventBody::LocationUpdated(fix) => fix.courier_id.route(),
+        |input: &Input| match input {
+            Input::Event(Event {
+                body: EventBody::LocationUpdated(fix),
+                ..
+            }) => fix.courier_id.route(),
+            Input::Restore(Restore::Courier { courier_id, .. }) => courier_id.route(),
             _ => 0,
         },
         zones,

@@ -14,6 +14,7 @@ use crate::event::{Event, EventBody};
 use crate::ids::{DeliveryId, EventId};
 use crate::lifecycle::Status;
 use crate::model::{DeliveryState, Rating, RejectReason, Rejection};
+use crate::restore::{Input, Restore, split};
 
 /// One delivery and the events already applied to it.
 #[derive(Debug, Clone)]
@@ -40,11 +41,32 @@ impl EpochState for DeliveryRegisters {
     /// delivery it touched and the events it refused.
     fn apply_epoch(
         &mut self,
-        mut events: Vec<Event>,
+        inputs: Vec<Input>,
     ) -> (Vec<((DeliveryId, DeliveryState), isize)>, Vec<Rejection>) {
-        events.sort_by_key(Event::apply_order);
+        let (restores, events) = split(inputs);
         let mut before: HashMap<DeliveryId, Option<DeliveryState>> = HashMap::new();
         let mut rejections = Vec::new();
+        for restore in restores {
+            if let Restore::Delivery {
+                delivery_id,
+                state,
+                created_by,
+                applied,
+                rating_version,
+            } = restore
+            {
+                let entry = Entry {
+                    state,
+                    created_by,
+                    applied,
+                    rating_version,
+                };
+                let previous = self.deliveries.insert(delivery_id, entry);
+                before
+                    .entry(delivery_id)
+                    .or_insert_with(|| previous.map(|entry| entry.state));
+            }
+        }
         for event in events {
             let delivery_id = match &event.body {
                 EventBody::DeliveryCreated(created) => created.delivery_id,
@@ -164,17 +186,19 @@ impl DeliveryRegisters {
 /// Maintains `deliveries(delivery, state)` from creation, status and rating events,
 /// partitioned by delivery.
 pub fn upsert_deliveries<'scope>(
-    events: StreamVec<'scope, u64, Event>,
+    events: StreamVec<'scope, u64, Input>,
 ) -> (
     VecCollection<'scope, u64, (DeliveryId, DeliveryState)>,
     VecCollection<'scope, u64, Rejection>,
 ) {
-    upsert::<DeliveryRegisters>(events, "UpsertDeliveries", |event: &Event| {
-        match &event.body {
+    upsert::<DeliveryRegisters>(events, "UpsertDeliveries", |input: &Input| match input {
+        Input::Event(event) => match &event.body {
             EventBody::DeliveryCreated(created) => created.delivery_id.route(),
             EventBody::StatusChanged(change) => change.delivery_id.route(),
             EventBody::DeliveryRated(rated) => rated.delivery_id.route(),
             _ => 0,
-        }
+        },
+        Input::Restore(Restore::Delivery { delivery_id, .. }) => delivery_id.route(),
+        Input::Restore(_) => 0,
     })
 }

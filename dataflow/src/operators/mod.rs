@@ -33,9 +33,10 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Broadcast;
 
 use self::stash::Stash;
-use crate::event::{Event, EventKind, UnixMillis};
+use crate::event::{EventKind, UnixMillis};
 use crate::ids::{EventId, ZoneId};
 use crate::model::{RejectReason, Rejection, ZoneState};
+use crate::restore::Input;
 
 /// The version of an upsert register: later `(occurred_at, event_id)` wins; an equal
 /// version is a replay of the same event.
@@ -67,9 +68,10 @@ pub trait EpochState: Default + 'static {
     /// The maintained record, `(key, state)`.
     type Record: Clone + Ord + std::fmt::Debug + 'static;
 
-    /// Applies one epoch's events (in [`Event::apply_order`]); returns the net change of
-    /// every record touched and the events refused.
-    fn apply_epoch(&mut self, events: Vec<Event>) -> (Vec<(Self::Record, isize)>, Vec<Rejection>);
+    /// Applies one epoch: its restored state first, then its events in
+    /// [`Event::apply_order`](crate::event::Event::apply_order); returns the net change of every record touched and the events
+    /// refused.
+    fn apply_epoch(&mut self, inputs: Vec<Input>) -> (Vec<(Self::Record, isize)>, Vec<Rejection>);
 }
 
 /// What a stateful operator emits: records of its collection(s), or refusals.
@@ -82,19 +84,19 @@ pub(crate) enum Emitted<R> {
 /// Maintains a collection of per-entity state from an event stream: events are routed to
 /// workers by `route` (the entity key), held until their epoch is complete, then applied.
 pub(crate) fn upsert<'scope, S: EpochState>(
-    events: StreamVec<'scope, u64, Event>,
+    events: StreamVec<'scope, u64, Input>,
     name: &str,
-    route: fn(&Event) -> u64,
+    route: fn(&Input) -> u64,
 ) -> (
     VecCollection<'scope, u64, S::Record>,
     VecCollection<'scope, u64, Rejection>,
 ) {
     let emitted = events
         .unary_frontier::<CapacityContainerBuilder<Vec<(Emitted<S::Record>, u64, isize)>>, _, _, _>(
-            Exchange::new(move |event: &Event| route(event)),
+            Exchange::new(move |input: &Input| route(input)),
             name,
             |_cap, _info| {
-                let mut stash: Stash<Event, ()> = Stash::default();
+                let mut stash: Stash<Input, ()> = Stash::default();
                 let mut state = S::default();
                 move |(input, frontier), output| {
                     input.for_each_stamp(|cap, containers| {
@@ -193,9 +195,9 @@ pub(crate) fn zone_join<'scope, S: ZoneJoin>(
 
 /// Attaches its epoch to every event, as a differential update.
 pub(crate) fn stamped<'scope>(
-    events: StreamVec<'scope, u64, Event>,
-) -> StreamVec<'scope, u64, (Event, u64, isize)> {
-    events.unary::<CapacityContainerBuilder<Vec<(Event, u64, isize)>>, _, _, _>(
+    events: StreamVec<'scope, u64, Input>,
+) -> StreamVec<'scope, u64, (Input, u64, isize)> {
+    events.unary::<CapacityContainerBuilder<Vec<(Input, u64, isize)>>, _, _, _>(
         Pipeline,
         "Stamp",
         |_cap, _info| {

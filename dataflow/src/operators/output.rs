@@ -80,6 +80,7 @@ pub fn report<'scope>(
                 }
                 shares.push(EpochOutput {
                     events: Vec::new(),
+                    restored: false,
                     epoch,
                     changes,
                     rejections,

@@ -7,9 +7,10 @@ use differential_dataflow::VecCollection;
 use timely::dataflow::StreamVec;
 
 use super::{EpochState, Freshness, Version, freshness, net_changes, rejection, upsert};
-use crate::event::{Event, EventBody};
+use crate::event::EventBody;
 use crate::ids::ZoneId;
 use crate::model::{RejectReason, Rejection, ZoneState};
+use crate::restore::{Input, Restore, split};
 
 /// A zone's register: its version and its state (`None` once deleted).
 #[derive(Debug, Clone)]
@@ -31,11 +32,24 @@ impl EpochState for ZoneRegisters {
     /// it touched and the events it refused.
     fn apply_epoch(
         &mut self,
-        mut events: Vec<Event>,
+        inputs: Vec<Input>,
     ) -> (Vec<((ZoneId, ZoneState), isize)>, Vec<Rejection>) {
-        events.sort_by_key(Event::apply_order);
+        let (restores, events) = split(inputs);
         let mut before: HashMap<ZoneId, Option<ZoneState>> = HashMap::new();
         let mut rejections = Vec::new();
+        for restore in restores {
+            if let Restore::Zone {
+                zone_id,
+                version,
+                state,
+            } = restore
+            {
+                let previous = self.zones.insert(zone_id, Register { version, state });
+                before
+                    .entry(zone_id)
+                    .or_insert_with(|| previous.and_then(|register| register.state));
+            }
+        }
         for event in events {
             let (kind, version) = (event.kind(), (event.occurred_at, event.event_id));
             let (zone_id, state) = match event.body {
@@ -78,14 +92,18 @@ impl EpochState for ZoneRegisters {
 
 /// Maintains `zones(zone, state)` from zone events, partitioned by zone.
 pub fn upsert_zones<'scope>(
-    events: StreamVec<'scope, u64, Event>,
+    events: StreamVec<'scope, u64, Input>,
 ) -> (
     VecCollection<'scope, u64, (ZoneId, ZoneState)>,
     VecCollection<'scope, u64, Rejection>,
 ) {
-    upsert::<ZoneRegisters>(events, "UpsertZones", |event: &Event| match &event.body {
-        EventBody::ZoneUpserted(upsert) => upsert.zone_id.route(),
-        EventBody::ZoneDeleted(delete) => delete.zone_id.route(),
-        _ => 0,
+    upsert::<ZoneRegisters>(events, "UpsertZones", |input: &Input| match input {
+        Input::Event(event) => match &event.body {
+            EventBody::ZoneUpserted(upsert) => upsert.zone_id.route(),
+            EventBody::ZoneDeleted(delete) => delete.zone_id.route(),
+            _ => 0,
+        },
+        Input::Restore(Restore::Zone { zone_id, .. }) => zone_id.route(),
+        Input::Restore(_) => 0,
     })
 }

@@ -141,6 +141,7 @@ impl Reference {
                         heading_ddeg: None,
                         odometer_mm: 0,
                         active_hours: 0,
+                        presence: Vec::new(),
                     },
                     fixes: Vec::new(),
                     presence: BTreeMap::new(),
@@ -165,6 +166,7 @@ impl Reference {
                 heading_ddeg: fix.heading_ddeg,
                 odometer_mm: odometer,
                 active_hours: hours.len() as u32,
+                presence: Vec::new(),
             };
             for zone_id in zones_after.keys() {
                 self.evaluate(fix.courier_id, *zone_id, &zones_after);
@@ -329,7 +331,13 @@ impl Reference {
             records.insert(Change::Zone(*id, zone.clone()));
         }
         for (id, courier) in &self.couriers {
-            records.insert(Change::Courier(*id, courier.state.clone()));
+            let mut state = courier.state.clone();
+            state.presence = courier
+                .presence
+                .iter()
+                .map(|(zone_id, (since, _))| (*zone_id, *since))
+                .collect();
+            records.insert(Change::Courier(*id, state));
             for (zone_id, (_, confirmed)) in &courier.presence {
                 if *confirmed {
                     records.insert(Change::Inside(*id, *zone_id));

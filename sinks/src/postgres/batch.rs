@@ -713,6 +713,7 @@ mod tests {
             heading_ddeg: Some(900),
             odometer_mm: 12_345,
             active_hours: 1,
+            presence: Vec::new(),
         }
     }
 
@@ -736,6 +737,7 @@ mod tests {
             }),
         };
         let output = EpochOutput {
+            restored: false,
             epoch: 4,
             events: vec![fix(1, 10, T), refused, fix(3, 10, T - 5), fix(1, 10, T)],
             changes: Vec::new(),
@@ -759,6 +761,7 @@ mod tests {
     fn upserts_keep_the_new_state_and_lone_retractions_become_deletes() {
         let (z1, z2) = (ZoneId(uuid(21)), ZoneId(uuid(22)));
         let output = EpochOutput {
+            restored: false,
             epoch: 0,
             events: Vec::new(),
             changes: vec![
@@ -811,6 +814,7 @@ mod tests {
             body: EventBody::ZoneDeleted(ZoneDeleted { zone_id: deleted }),
         };
         let output = EpochOutput {
+            restored: false,
             epoch: 0,
             events: vec![fix(4, 10, T + 3), deletion],
             changes: vec![

@@ -151,6 +151,12 @@ impl Sink for PostgresSink {
             if self.closed {
                 return Err(SinkError::Closed { sink: NAME });
             }
+            if output.restored {
+                // Hydration's epoch restates what this database holds (it was read from
+                // here): writing it again would only log its geofence state as new
+                // transitions.
+                return Ok(());
+            }
             self.write(&output).await
         })
     }

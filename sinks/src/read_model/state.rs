@@ -381,6 +381,7 @@ pub(crate) mod tests {
             heading_ddeg: Some(900),
             odometer_mm: 1_500_000,
             active_hours: 1,
+            presence: Vec::new(),
         }
     }
 
@@ -419,6 +420,7 @@ pub(crate) mod tests {
 
     pub(crate) fn output(epoch: Epoch, changes: Vec<(Change, i64)>) -> EpochOutput {
         EpochOutput {
+            restored: false,
             epoch,
             changes,
             rejections: Vec::new(),
