@@ -12,15 +12,18 @@
 //! - [`read_model`]: the in-memory current state behind the API, its snapshot and lookup
 //!   views, the per-epoch live change stream, and [`ReadModelSink`].
 //! - [`postgres`]: the system of record, [`PostgresSink`], and the schema's [`MIGRATOR`].
+//! - [`redis`]: the hot caches with lifetimes, [`RedisSink`].
 //! - [`derived`]: the notification feed (geofence, ETA, completion and delay events on
 //!   RabbitMQ), [`DerivedSink`].
 
 pub mod derived;
 pub mod postgres;
 pub mod read_model;
+pub mod redis;
 pub mod sink;
 
 pub use derived::{DerivedConfig, DerivedSink};
 pub use postgres::{MIGRATOR, PostgresConfig, PostgresSink};
 pub use read_model::{ReadModel, ReadModelConfig, ReadModelSink};
+pub use redis::{RedisConfig, RedisSink};
 pub use sink::{Sink, SinkError, SinkFuture};
