@@ -229,7 +229,6 @@ struct Lifetimes {
 }
 
 /// The part of the current state the cache is made of, and the writes that keep it so.
-#[derive(Debug)]
 pub struct Cache {
     keys: Keys,
     ttl: Lifetimes,
@@ -245,6 +244,21 @@ pub struct Cache {
     pending: HashMap<DeliveryId, Pending>,
     /// While Redis is unreachable: couriers that disappeared meanwhile.
     couriers_gone: HashSet<CourierId>,
+}
+
+/// Sizes only: the mirror can hold thousands of records, too many for a log line.
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("keys", &self.keys)
+            .field("last_epoch", &self.last_epoch)
+            .field("couriers", &self.couriers.len())
+            .field("deliveries", &self.deliveries.len())
+            .field("etas", &self.etas.len())
+            .field("pending", &self.pending.len())
+            .field("couriers_gone", &self.couriers_gone.len())
+            .finish()
+    }
 }
 
 impl Cache {
