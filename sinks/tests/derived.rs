@@ -72,7 +72,7 @@ impl Received {
 impl Feed {
     /// Names the exchange and queue, with `eta_threshold`; the cleanup guard is armed before
     /// anything exists.
-    fn new(test: &str, eta_threshold: Duration) -> (DerivedConfig, TopologyGuard, String) {
+    fn names(test: &str, eta_threshold: Duration) -> (DerivedConfig, TopologyGuard, String) {
         let names = unique_config(&format!("derived.{test}"));
         let config = DerivedConfig {
             url: rabbitmq_url(),
@@ -120,7 +120,7 @@ impl Feed {
 
     /// A sink on this feed's exchange and its queue bound.
     async fn start(test: &str, eta_threshold: Duration) -> (Feed, DerivedSink) {
-        let (config, cleanup, queue) = Feed::new(test, eta_threshold);
+        let (config, cleanup, queue) = Feed::names(test, eta_threshold);
         let sink = DerivedSink::connect(config.clone()).await.unwrap();
         (Feed::bind(config, cleanup, queue).await, sink)
     }

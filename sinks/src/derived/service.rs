@@ -35,9 +35,9 @@ pub enum DerivedError {
     Connect {
         /// The broker, password redacted.
         url: String,
-        /// What lapin reported.
+        /// What lapin reported (boxed: lapin's error is large, and this one is rare).
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     /// Connected, but declaring the exchange or entering confirm mode failed (an exchange
     /// of that name with another type or durability, a missing permission).
@@ -47,9 +47,9 @@ pub enum DerivedError {
         url: String,
         /// The exchange.
         exchange: String,
-        /// What lapin reported.
+        /// What lapin reported (boxed: lapin's error is large, and this one is rare).
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     /// The connection attempt took longer than the connect timeout.
     #[error("connecting to RabbitMQ at {url} took longer than {timeout:?}")]
@@ -61,7 +61,7 @@ pub enum DerivedError {
     },
     /// Sending a message failed (the connection or channel is gone).
     #[error("publishing a derived event failed")]
-    Publish(#[source] lapin::Error),
+    Publish(#[source] Box<lapin::Error>),
     /// The broker refused a message.
     #[error("the broker refused a derived event (nack)")]
     Nacked,
@@ -218,11 +218,14 @@ async fn publish_confirmed(
                 message.properties(),
             )
             .await
-            .map_err(DerivedError::Publish)?;
+            .map_err(|error| DerivedError::Publish(Box::new(error)))?;
         confirms.push(confirm);
     }
     for confirm in confirms {
-        match confirm.await.map_err(DerivedError::Publish)? {
+        match confirm
+            .await
+            .map_err(|error| DerivedError::Publish(Box::new(error)))?
+        {
             Confirmation::Ack(_) => {}
             // The channel is in confirm mode, so this does not happen; if it did, nothing
             // would be known about the message, which is as bad as a nack.
@@ -252,7 +255,7 @@ async fn try_establish(config: &DerivedConfig) -> Result<Link, DerivedError> {
         .await
         .map_err(|source| DerivedError::Connect {
             url: config.redacted_url(),
-            source,
+            source: Box::new(source),
         })?;
     match set_up(&connection, config).await {
         Ok(channel) => Ok(Link {
@@ -266,7 +269,7 @@ async fn try_establish(config: &DerivedConfig) -> Result<Link, DerivedError> {
             Err(DerivedError::Declare {
                 url: config.redacted_url(),
                 exchange: config.exchange.clone(),
-                source,
+                source: Box::new(source),
             })
         }
     }
