@@ -15,14 +15,17 @@
 //! - [`redis`]: the hot caches with lifetimes, [`RedisSink`].
 //! - [`derived`]: the notification feed (geofence, ETA, completion and delay events on
 //!   RabbitMQ), [`DerivedSink`].
+//! - [`mongo`]: the GeoJSON location history and zones, [`MongoSink`].
 
 pub mod derived;
+pub mod mongo;
 pub mod postgres;
 pub mod read_model;
 pub mod redis;
 pub mod sink;
 
 pub use derived::{DerivedConfig, DerivedSink};
+pub use mongo::{MongoConfig, MongoSink};
 pub use postgres::{MIGRATOR, PostgresConfig, PostgresSink};
 pub use read_model::{ReadModel, ReadModelConfig, ReadModelSink};
 pub use redis::{RedisConfig, RedisSink};
