@@ -221,6 +221,9 @@ async fn read_source<S: Source>(
         }
     }
     drop(batch_tx);
+    // Every acknowledgement has been handed to the source: close it so that they reach
+    // the broker before the process may exit.
+    source.close().await;
     match failure {
         Some(error) => Err(error),
         None => Ok(acked),

@@ -81,6 +81,16 @@ pub trait Source: Send {
         ack: Self::Ack,
         rejected: Vec<Rejection>,
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Ends the source once the driver is done with it: everything acknowledged so far
+    /// reaches the transport before this returns (a broker connection is closed cleanly,
+    /// so no acknowledgement is lost to an exiting process). Nothing to do by default.
+    fn close(self) -> impl Future<Output = ()> + Send
+    where
+        Self: Sized,
+    {
+        async {}
+    }
 }
 
 /// Why a source (or a sender feeding one) failed.

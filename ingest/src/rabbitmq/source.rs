@@ -438,4 +438,8 @@ impl Source for RabbitSource {
         }
         Ok(())
     }
+
+    async fn close(self) {
+        RabbitSource::close(self).await;
+    }
 }
