@@ -18,11 +18,12 @@ use delivertrack_dataflow::event::{
 use delivertrack_dataflow::geometry::GeoPoint;
 use delivertrack_dataflow::model::{DeliveryState, Rating, Scope, Tally};
 use delivertrack_dataflow::pipeline::{self, DataflowConfig};
+use delivertrack_dataflow::restore::{self, Restore};
 use delivertrack_dataflow::{
     Change, CustomerId, DeliveryId, EpochOutput, EventId, RejectReason, Status,
 };
 use delivertrack_ingest::{FleetSimulator, SimulatorConfig};
-use delivertrack_sinks::postgres::{PostgresConfig, PostgresSink};
+use delivertrack_sinks::postgres::{PostgresConfig, PostgresSink, load_restore};
 use delivertrack_sinks::read_model::ReadState;
 use delivertrack_sinks::{Sink, SinkError};
 use sqlx::{PgPool, Row};
@@ -1067,4 +1068,141 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+// ---------------------------------------------------------------------------------------
+// Hydration
+// ---------------------------------------------------------------------------------------
+
+/// The records the dataflow maintains after `outputs`: every change accumulated.
+fn accumulated(outputs: &[Arc<EpochOutput>]) -> BTreeSet<Change> {
+    let mut counts: BTreeMap<Change, i64> = BTreeMap::new();
+    for output in outputs {
+        for (change, diff) in &output.changes {
+            *counts.entry(change.clone()).or_insert(0) += diff;
+        }
+    }
+    counts
+        .into_iter()
+        .filter(|(change, count)| {
+            assert!(*count == 0 || *count == 1, "{change:?} counted {count}");
+            *count == 1
+        })
+        .map(|(change, _)| change)
+        .collect()
+}
+
+/// The events the dataflow did not refuse (for any reason, `stale` included), duplicates
+/// and all.
+fn not_refused(outputs: &[Arc<EpochOutput>]) -> Vec<Event> {
+    let mut accepted = Vec::new();
+    for output in outputs {
+        let refused: BTreeSet<EventId> = output.rejections.iter().map(|r| r.event_id).collect();
+        accepted.extend(
+            output
+                .events
+                .iter()
+                .filter(|e| !refused.contains(&e.event_id))
+                .cloned(),
+        );
+    }
+    accepted
+}
+
+/// `Restore` records as a canonical, comparable list.
+fn sorted(mut restores: Vec<Restore>) -> Vec<Restore> {
+    restores.sort_by_key(|r| match r {
+        Restore::Zone { zone_id, .. } => (0, zone_id.0),
+        Restore::Courier { courier_id, .. } => (1, courier_id.0),
+        Restore::Delivery { delivery_id, .. } => (2, delivery_id.0),
+    });
+    restores
+}
+
+#[sqlx::test(migrator = "delivertrack_sinks::MIGRATOR")]
+async fn hydration_reads_back_what_the_history_restores_after_every_epoch(pool: PgPool) {
+    let run = run(7);
+    let mut sink = sink(&pool).await;
+    for (n, output) in run.outputs.iter().enumerate() {
+        sink.commit(Arc::clone(output)).await.unwrap();
+        let history = &run.outputs[..=n];
+        for window in [DataflowConfig::default().speed_window, 1, 50] {
+            let expected = sorted(restore::from_history(
+                accumulated(history),
+                not_refused(history),
+                window,
+            ));
+            let loaded = sorted(load_restore(&pool, window).await.unwrap());
+            assert_eq!(loaded.len(), expected.len(), "epoch {n}, window {window}");
+            for (got, want) in loaded.iter().zip(&expected) {
+                assert_eq!(got, want, "epoch {n}, window {window}");
+            }
+        }
+    }
+    // The run restored what hydration is for: tombstones, presence, full windows, ratings.
+    let last = load_restore(&pool, 5).await.unwrap();
+    assert!(
+        last.iter()
+            .any(|r| matches!(r, Restore::Zone { state: None, .. }))
+    );
+    assert!(last.iter().any(
+        |r| matches!(r, Restore::Courier { state, window, .. } if !state.presence.is_empty() && window.len() == 5)
+    ));
+    assert!(last.iter().any(|r| matches!(
+        r,
+        Restore::Delivery {
+            rating_version: Some(_),
+            ..
+        }
+    )));
+    sink.close().await.unwrap();
+}
+
+/// Commits the first `stop` epochs of a run, restores a new pipeline from PostgreSQL, feeds
+/// it the remaining epochs' input, and checks that it computes what the run computed.
+async fn restart_at(pool: &PgPool, stop: usize) {
+    let run = run(13);
+    let config = DataflowConfig::default();
+    let mut sink = sink(pool).await;
+    for output in &run.outputs[..stop] {
+        sink.commit(Arc::clone(output)).await.unwrap();
+    }
+    let restores = load_restore(pool, config.speed_window).await.unwrap();
+
+    let (mut input, mut output) = pipeline::start(config).unwrap();
+    input.restore(restores).unwrap();
+    let restored = output.recv().unwrap();
+    assert!(restored.restored);
+    let mut outputs = vec![Arc::new(restored)];
+    assert_eq!(
+        accumulated(&outputs),
+        accumulated(&run.outputs[..stop]),
+        "restored at {stop}"
+    );
+    for original in &run.outputs[stop..] {
+        input.send(original.events.clone()).unwrap();
+        let next = output.recv().unwrap();
+        assert_eq!(next.rejections, original.rejections, "restored at {stop}");
+        outputs.push(Arc::new(next));
+        assert_eq!(
+            accumulated(&outputs),
+            accumulated(&run.outputs[..=original.epoch as usize]),
+            "restored at {stop}, epoch {}",
+            original.epoch
+        );
+    }
+    input.close();
+    sink.close().await.unwrap();
+}
+
+#[sqlx::test(migrator = "delivertrack_sinks::MIGRATOR")]
+async fn a_pipeline_restored_from_postgres_early_continues_like_one_that_never_stopped(
+    pool: PgPool,
+) {
+    restart_at(&pool, 3).await;
+}
+
+#[sqlx::test(migrator = "delivertrack_sinks::MIGRATOR")]
+async fn a_pipeline_restored_from_postgres_after_a_zone_deletion_continues_exactly(pool: PgPool) {
+    restart_at(&pool, DELETE_EPOCH + 1).await;
 }

@@ -118,6 +118,8 @@ pub struct CourierRows {
     pub heading_ddeg: Vec<Option<i32>>,
     pub odometer_mm: Vec<i64>,
     pub active_hours: Vec<i64>,
+    /// `[[zone_id, since_ms], ...]`, sorted by zone.
+    pub presence: Vec<Value>,
 }
 
 /// Columns of `zones`.
@@ -358,6 +360,7 @@ impl EpochBatch {
             rows.odometer_mm
                 .push(bigint("couriers.odometer_mm", state.odometer_mm)?);
             rows.active_hours.push(i64::from(state.active_hours));
+            rows.presence.push(presence_json(&state.presence));
         }
         self.couriers_untracked
             .extend(sorted.couriers.deleted().map(|(id, _)| id.0));
@@ -545,6 +548,18 @@ impl EpochBatch {
         }
         Ok(())
     }
+}
+
+/// A courier's presence as stored in `couriers.presence`: `[[zone_id, since_ms], ...]`.
+fn presence_json(presence: &[(ZoneId, UnixMillis)]) -> Value {
+    Value::Array(
+        presence
+            .iter()
+            .map(|(zone, since)| {
+                Value::Array(vec![Value::from(zone.0.to_string()), Value::from(*since)])
+            })
+            .collect(),
+    )
 }
 
 /// The event log's rows: every event except those refused for a reason other than

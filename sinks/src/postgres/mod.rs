@@ -6,11 +6,13 @@
 //!
 //! - [`config`]: [`PostgresConfig`], the `POSTGRES_*` parts or a `DATABASE_URL`.
 //! - [`sink`]: [`PostgresSink`], the [`Sink`](crate::Sink) that commits epochs.
+//! - [`hydrate`]: [`load_restore`], the state a restarting pipeline restores.
 //! - `batch`: an epoch's output reshaped into per-table column arrays (no I/O).
 //! - [`service`]: connecting, [`MIGRATOR`] and [`migrate`], the epoch's statements, and
 //!   which errors are worth a retry ([`classify`]).
 
 pub mod config;
+pub mod hydrate;
 pub mod service;
 pub mod sink;
 
@@ -18,6 +20,7 @@ mod batch;
 
 pub use batch::BatchError;
 pub use config::PostgresConfig;
+pub use hydrate::load_restore;
 pub use service::{
     Failure, MIGRATOR, PostgresError, classify, connect_pool, last_committed_epoch, migrate,
 };

@@ -54,6 +54,9 @@ pub enum PostgresError {
     /// A query outside an epoch's commit failed.
     #[error("a PostgreSQL query failed")]
     Query(#[source] sqlx::Error),
+    /// A stored row cannot be turned back into the dataflow's state (hydration).
+    #[error("the stored state cannot be restored: {0}")]
+    Restore(String),
 }
 
 /// Opens a pool and makes sure one connection works, within `connect_timeout`.
@@ -195,22 +198,22 @@ pub(super) async fn apply(
         sqlx::query(
             "INSERT INTO couriers AS c (id, current_lat, current_lon, last_fix_at, last_event_id,
                                         speed_mm_s, heading_ddeg, odometer_mm, active_hours,
-                                        updated_epoch)
-             SELECT u.*, $10 FROM UNNEST($1::uuid[], $2::float8[], $3::float8[],
+                                        presence, updated_epoch)
+             SELECT u.*, $11 FROM UNNEST($1::uuid[], $2::float8[], $3::float8[],
                                          $4::timestamptz[], $5::uuid[], $6::int8[], $7::int4[],
-                                         $8::int8[], $9::int8[]) AS u
+                                         $8::int8[], $9::int8[], $10::jsonb[]) AS u
              ON CONFLICT (id) DO UPDATE SET
                  current_lat = EXCLUDED.current_lat, current_lon = EXCLUDED.current_lon,
                  last_fix_at = EXCLUDED.last_fix_at, last_event_id = EXCLUDED.last_event_id,
                  speed_mm_s = EXCLUDED.speed_mm_s, heading_ddeg = EXCLUDED.heading_ddeg,
                  odometer_mm = EXCLUDED.odometer_mm, active_hours = EXCLUDED.active_hours,
-                 updated_epoch = EXCLUDED.updated_epoch
+                 presence = EXCLUDED.presence, updated_epoch = EXCLUDED.updated_epoch
              WHERE (c.current_lat, c.current_lon, c.last_fix_at, c.last_event_id, c.speed_mm_s,
-                    c.heading_ddeg, c.odometer_mm, c.active_hours)
+                    c.heading_ddeg, c.odometer_mm, c.active_hours, c.presence)
                 IS DISTINCT FROM
                    (EXCLUDED.current_lat, EXCLUDED.current_lon, EXCLUDED.last_fix_at,
                     EXCLUDED.last_event_id, EXCLUDED.speed_mm_s, EXCLUDED.heading_ddeg,
-                    EXCLUDED.odometer_mm, EXCLUDED.active_hours)",
+                    EXCLUDED.odometer_mm, EXCLUDED.active_hours, EXCLUDED.presence)",
         )
         .bind(&couriers.id)
         .bind(&couriers.lat)
@@ -221,6 +224,7 @@ pub(super) async fn apply(
         .bind(&couriers.heading_ddeg)
         .bind(&couriers.odometer_mm)
         .bind(&couriers.active_hours)
+        .bind(&couriers.presence)
         .bind(epoch)
         .execute(&mut **tx)
         .await?;
@@ -279,7 +283,7 @@ pub(super) async fn apply(
         tx,
         "UPDATE couriers SET current_lat = NULL, current_lon = NULL, last_fix_at = NULL,
                 last_event_id = NULL, speed_mm_s = NULL, heading_ddeg = NULL, odometer_mm = 0,
-                active_hours = 0
+                active_hours = 0, presence = NULL
          WHERE id = ANY($1) AND last_fix_at IS NOT NULL",
         &batch.couriers_untracked,
     )
