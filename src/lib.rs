@@ -10,12 +10,14 @@
 //! - [`demo`] — [`run_demo`], the whole pipeline with the fleet simulator and no external
 //!   service.
 //! - [`run`] — [`run_pipeline`], the pipeline on RabbitMQ.
+//! - [`migrate`] — [`run_migrations`], the PostgreSQL schema.
 //! - [`metrics`] — [`DriverMetrics`], the driver's Prometheus metrics.
 //! - [`telemetry`] — logging set-up.
 
 pub mod demo;
 pub mod driver;
 pub mod metrics;
+pub mod migrate;
 pub mod run;
 pub mod service;
 pub mod telemetry;
@@ -23,5 +25,6 @@ pub mod telemetry;
 pub use demo::{DemoConfig, banner, run_demo, run_demo_on};
 pub use driver::{DriveReport, DriverConfig, drive};
 pub use metrics::DriverMetrics;
+pub use migrate::run_migrations;
 pub use run::{RunConfig, RunHooks, Started, run_pipeline, run_pipeline_on};
 pub use service::{Companion, PipelineConfig, Service};

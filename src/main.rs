@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use delivertrack::telemetry::{self, LogFormat};
-use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_pipeline};
+use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_migrations, run_pipeline};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
+use delivertrack_sinks::PostgresConfig;
 
 /// Real-time delivery tracking on an incremental dataflow.
 #[derive(Debug, Parser)]
@@ -33,6 +34,51 @@ enum Command {
     Demo(DemoArgs),
     /// Runs the pipeline on RabbitMQ: consumes the event stream, serves the API.
     Run(RunArgs),
+    /// Applies the PostgreSQL migrations the database does not have yet, then exits.
+    Migrate(PostgresArgs),
+}
+
+/// Where PostgreSQL is: `DATABASE_URL`, or the `POSTGRES_*` parts.
+#[derive(Debug, clap::Args)]
+struct PostgresArgs {
+    /// A full connection url; when set, it overrides the `POSTGRES_*` parts.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// PostgreSQL host.
+    #[arg(long, env = "POSTGRES_HOST", default_value = "127.0.0.1")]
+    postgres_host: String,
+    /// PostgreSQL port.
+    #[arg(long, env = "POSTGRES_PORT", default_value_t = 5432)]
+    postgres_port: u16,
+    /// Database name.
+    #[arg(long, env = "POSTGRES_DB", default_value = "delivertrack")]
+    postgres_db: String,
+    /// User.
+    #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
+    postgres_user: String,
+    /// Password (empty: none, as with trust authentication).
+    #[arg(
+        long,
+        env = "POSTGRES_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
+    postgres_password: String,
+}
+
+impl PostgresArgs {
+    fn config(&self) -> PostgresConfig {
+        match &self.database_url {
+            Some(url) => PostgresConfig::from_url(url.clone()),
+            None => PostgresConfig::from_parts(
+                self.postgres_host.clone(),
+                self.postgres_port,
+                self.postgres_db.clone(),
+                self.postgres_user.clone(),
+                self.postgres_password.clone(),
+            ),
+        }
+    }
 }
 
 /// The settings `demo` and `run` share.
@@ -207,6 +253,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => run_demo(args.into(), shutdown_signal()).await,
             Command::Run(args) => run_pipeline(args.into(), shutdown_signal()).await,
+            Command::Migrate(args) => run_migrations(&args.config()).await,
         }
     });
     // The drain is bounded inside the pipeline; do not wait on stragglers (a blocked
