@@ -21,6 +21,6 @@ pub use model::ReadModel;
 pub use sink::ReadModelSink;
 pub use state::ReadState;
 pub use view::{
-    Counts, CourierDetail, CourierView, DeliveryView, EtaView, LatLon, MetricSummary, RatingView,
-    ScopeView, ScopedMetrics, Snapshot, ZoneView,
+    Counts, CourierDetail, CourierView, DeliveryDetails, DeliveryView, EtaView, LatLon,
+    MetricSummary, RatingView, ScopeView, ScopedMetrics, Snapshot, ZoneView,
 };

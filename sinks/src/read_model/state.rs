@@ -482,7 +482,7 @@ pub(crate) mod tests {
         assert!(state.inside.is_empty());
         let d = state.delivery(d1).unwrap();
         assert_eq!(
-            (d.status, d.courier_id, d.version),
+            (d.details.status, d.details.courier_id, d.details.version),
             (Status::Assigned, Some(c1), 2)
         );
         assert_eq!(state.courier(c1).unwrap().active_deliveries, vec![d1]);
@@ -568,7 +568,7 @@ pub(crate) mod tests {
         assert!(update.changes.contains(&LiveChange::MetricCleared {
             scope: ScopeView::Courier { courier_id: c1 }
         }));
-        assert!(state.delivery(d1).unwrap().eta.is_none());
+        assert!(state.delivery(d1).unwrap().details.eta.is_none());
     }
 
     #[test]

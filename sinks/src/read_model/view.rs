@@ -298,9 +298,10 @@ impl From<&Eta> for EtaView {
     }
 }
 
-/// One delivery: `GET /api/deliveries/{id}`.
+/// One delivery as it is tracked: its state and its ETA. The core of [`DeliveryView`], and
+/// the value of the Redis cache's `delivery:{id}`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct DeliveryView {
+pub struct DeliveryDetails {
     /// The delivery.
     pub delivery_id: DeliveryId,
     /// Who ordered it.
@@ -329,18 +330,11 @@ pub struct DeliveryView {
     pub version: u32,
     /// The current estimate, while active and the courier's position is known.
     pub eta: Option<EtaView>,
-    /// Zones containing the dropoff point.
-    pub dropoff_zones: Vec<ZoneId>,
 }
 
-impl DeliveryView {
-    /// The view of one delivery with its ETA and dropoff zones.
-    pub fn new(
-        delivery_id: DeliveryId,
-        state: &DeliveryState,
-        eta: Option<&Eta>,
-        dropoff_zones: Vec<ZoneId>,
-    ) -> Self {
+impl DeliveryDetails {
+    /// The details of one delivery with its ETA.
+    pub fn new(delivery_id: DeliveryId, state: &DeliveryState, eta: Option<&Eta>) -> Self {
         Self {
             delivery_id,
             customer_id: state.customer_id,
@@ -356,6 +350,31 @@ impl DeliveryView {
             rating: state.rating.as_ref().map(RatingView::from),
             version: state.version,
             eta: eta.map(EtaView::from),
+        }
+    }
+}
+
+/// One delivery: `GET /api/deliveries/{id}` — its details and the zones holding its dropoff
+/// point (one flat JSON object).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeliveryView {
+    /// State and ETA.
+    #[serde(flatten)]
+    pub details: DeliveryDetails,
+    /// Zones containing the dropoff point.
+    pub dropoff_zones: Vec<ZoneId>,
+}
+
+impl DeliveryView {
+    /// The view of one delivery with its ETA and dropoff zones.
+    pub fn new(
+        delivery_id: DeliveryId,
+        state: &DeliveryState,
+        eta: Option<&Eta>,
+        dropoff_zones: Vec<ZoneId>,
+    ) -> Self {
+        Self {
+            details: DeliveryDetails::new(delivery_id, state, eta),
             dropoff_zones,
         }
     }

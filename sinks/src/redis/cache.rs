@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use delivertrack_dataflow::model::{CourierState, DeliveryState, Eta};
 use delivertrack_dataflow::{
-    Change, CourierId, CustomerId, DeliveryId, Epoch, EpochOutput, Status, UnixMillis,
+    Change, CourierId, CustomerId, DeliveryId, Epoch, EpochOutput, UnixMillis,
 };
 use serde::Serialize;
 
 use super::config::RedisConfig;
-use crate::read_model::{EtaView, LatLon, RatingView};
+pub use crate::read_model::DeliveryDetails;
 
 /// The key names, all under one prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,62 +80,6 @@ impl CourierLocation {
             at_ms: state.at,
             speed_mps: state.speed_mm_s.map(|s| f64::from(s) / 1000.0),
             heading_deg: state.heading_ddeg.map(|h| f64::from(h) / 10.0),
-        }
-    }
-}
-
-/// The value of `delivery:{id}`: the API's delivery view without the dropoff zones (the
-/// cache is for tracking a delivery, zones are the analytics' business).
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct DeliveryDetails {
-    /// The delivery.
-    pub delivery_id: DeliveryId,
-    /// Who ordered it.
-    pub customer_id: CustomerId,
-    /// The assigned courier, once assigned.
-    pub courier_id: Option<CourierId>,
-    /// Current status.
-    pub status: Status,
-    /// Collection point.
-    pub pickup: LatLon,
-    /// Destination.
-    pub dropoff: LatLon,
-    /// Promised delivery time, Unix ms.
-    pub promised_by_ms: Option<UnixMillis>,
-    /// Created, Unix ms.
-    pub created_at_ms: UnixMillis,
-    /// Assigned, Unix ms.
-    pub assigned_at_ms: Option<UnixMillis>,
-    /// Picked up, Unix ms.
-    pub picked_up_at_ms: Option<UnixMillis>,
-    /// Reached a terminal status, Unix ms.
-    pub ended_at_ms: Option<UnixMillis>,
-    /// The latest rating.
-    pub rating: Option<RatingView>,
-    /// Events applied to this delivery.
-    pub version: u32,
-    /// The current estimate, while active and the courier's position is known.
-    pub eta: Option<EtaView>,
-}
-
-impl DeliveryDetails {
-    /// The details of one delivery with its ETA.
-    pub fn new(delivery_id: DeliveryId, state: &DeliveryState, eta: Option<&Eta>) -> Self {
-        Self {
-            delivery_id,
-            customer_id: state.customer_id,
-            courier_id: state.courier_id,
-            status: state.status,
-            pickup: state.pickup.into(),
-            dropoff: state.dropoff.into(),
-            promised_by_ms: state.promised_by,
-            created_at_ms: state.created_at,
-            assigned_at_ms: state.assigned_at,
-            picked_up_at_ms: state.picked_up_at,
-            ended_at_ms: state.ended_at,
-            rating: state.rating.as_ref().map(RatingView::from),
-            version: state.version,
-            eta: eta.map(EtaView::from),
         }
     }
 }
