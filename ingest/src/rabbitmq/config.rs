@@ -124,26 +124,14 @@ impl RabbitConfig {
 
 /// `amqp://user:secret@host/vhost` → `amqp://user:***@host/vhost`; URLs without a password
 /// are returned as they are.
-pub(crate) fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
+pub(crate) fn redact(text: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(text) else {
+        return text.to_owned();
     };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
+    if parsed.password().is_none() || parsed.set_password(Some("***")).is_err() {
+        return text.to_owned();
     }
+    parsed.into()
 }
 
 #[cfg(test)]

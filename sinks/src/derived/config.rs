@@ -99,19 +99,14 @@ impl std::fmt::Debug for DerivedConfig {
 
 /// `amqp://user:secret@host/vhost` → `amqp://user:***@host/vhost`; URLs without a password
 /// are returned as they are.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+pub(crate) fn redact(text: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(text) else {
+        return text.to_owned();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
-        None => url.to_owned(),
+    if parsed.password().is_none() || parsed.set_password(Some("***")).is_err() {
+        return text.to_owned();
     }
+    parsed.into()
 }
 
 #[cfg(test)]
