@@ -208,6 +208,8 @@ async fn through_pipeline(config: &RabbitConfig, args: &Args, events: u64) -> Du
         },
         rabbit: config.clone(),
         shutdown_timeout: Duration::from_secs(60),
+        // The read model only: this measures ingest, not the stores.
+        ..RunConfig::default()
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

@@ -232,6 +232,9 @@ export REDIS_HOST="${REDIS_HOST:-127.0.0.1}"
 export REDIS_PORT="${REDIS_PORT:-6379}"
 export RABBITMQ_URL="${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+# A clean clone gains nothing from incremental compilation, whose caches would
+# double the size of target/; developers keep their own setting.
+if [[ $nextest_profile == ci ]]; then export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"; fi
 
 failed=()
 
@@ -250,8 +253,20 @@ run_check() {
     fi
 }
 
+# The debug build takes about 1.5 GB; a disk fuller than that shows up late and
+# obscurely (the linker dies with SIGBUS), so say it plainly first.
+disk_check() {
+    local free_kb
+    free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+    info "free disk space here: $((free_kb / 1024)) MB"
+    if ((free_kb < 3 * 1024 * 1024)); then
+        printf '%swarning:%s less than 3 GB free; the build may fail for want of disk\n' "$red" "$plain" >&2
+    fi
+}
+
 main() {
     local started=$SECONDS
+    disk_check
     install_packages
     start_services_step
     if ((only_services)); then return 0; fi

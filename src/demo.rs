@@ -15,6 +15,7 @@ use prometheus::Registry;
 use tokio::net::TcpListener;
 
 use crate::driver::DriveReport;
+use crate::metrics::DriverMetrics;
 use crate::service::{Companion, PipelineConfig, Service};
 
 /// Everything `delivertrack demo` can be told.
@@ -107,12 +108,16 @@ pub async fn run_demo_on(
         .local_addr()
         .context("the listener has no local address")?;
     let (sender, source) = in_process(config.channel_capacity);
+    let registry = Registry::new();
+    let metrics = DriverMetrics::register(&registry)
+        .context("the driver's metrics could not be registered")?;
     let mut service = Service::assemble(
         source,
         &config.pipeline,
         Vec::new(),
         Readiness::always_connected(),
-        Registry::new(),
+        registry,
+        metrics,
     )?;
     let simulator = FleetSimulator::new(simulator_config(&config), now_ms());
     let stopped = service.stop.clone().cancelled_owned();

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use delivertrack_dataflow::pipeline::{self, DataflowConfig, EpochReceiver, EpochSender};
+use delivertrack_dataflow::restore::Restore;
 use delivertrack_dataflow::{Epoch, EpochOutput, Event, Rejection};
 use delivertrack_ingest::{EpochPolicy, Source, SourceBatch};
 use delivertrack_sinks::{Sink, SinkError};
@@ -42,8 +43,12 @@ pub struct DriverConfig {
     pub epoch_policy: EpochPolicy,
     /// How the dataflow runs (workers, epochs in flight).
     pub dataflow: DataflowConfig,
-    /// Attempts per epoch for a sink whose error is retryable, the first included.
-    pub sink_attempts: u32,
+    /// Attempts per epoch for a sink whose error is retryable, the first included; `None`
+    /// retries until the sink recovers (a store that is down pauses the pipeline: nothing
+    /// is acknowledged, the source stops being read once the bounded queues fill, and it
+    /// all resumes by itself when the store is back). A stop does not cut the retries
+    /// short: the drain bound of the caller does.
+    pub sink_attempts: Option<u32>,
     /// Wait before the first retry; doubled for each further one.
     pub sink_backoff: Duration,
     /// The longest wait between two retries.
@@ -57,7 +62,7 @@ impl Default for DriverConfig {
         Self {
             epoch_policy: EpochPolicy::default(),
             dataflow: DataflowConfig::default(),
-            sink_attempts: 5,
+            sink_attempts: None,
             sink_backoff: Duration::from_millis(100),
             sink_max_backoff: Duration::from_secs(5),
             metrics: None,
@@ -82,10 +87,19 @@ pub struct DriveReport {
 struct Pending<A> {
     epoch: Epoch,
     ack: A,
+    /// When the batch's first event reached the source.
+    first_received: Instant,
+    /// When the batch was submitted to the dataflow.
+    submitted: Instant,
 }
 
 /// Runs the pipeline until the source ends or `stop` fires, then drains: every epoch
 /// already read is computed, committed by every sink and acknowledged before this returns.
+///
+/// `restore` (hydration, see `delivertrack_dataflow::restore`) is submitted as the
+/// dataflow's first epoch, before any input is read; its output reaches the sinks marked
+/// `restored`, so that the read model and the caches are rebuilt and the system of record
+/// skips it. Empty: the dataflow starts from nothing.
 ///
 /// # Errors
 /// The dataflow could not start or a worker failed; the source failed; a sink failed
@@ -95,6 +109,7 @@ pub async fn drive<S>(
     source: S,
     sinks: Vec<Box<dyn Sink>>,
     config: DriverConfig,
+    restore: Vec<Restore>,
     stop: CancellationToken,
 ) -> anyhow::Result<DriveReport>
 where
@@ -117,7 +132,7 @@ where
 
     let input_thread = thread::Builder::new()
         .name("delivertrack-input".into())
-        .spawn(move || feed_dataflow(input, batch_rx, pending_tx))
+        .spawn(move || feed_dataflow(input, restore, batch_rx, pending_tx))
         .context("the dataflow input thread did not start")?;
     let output_thread = thread::Builder::new()
         .name("delivertrack-output".into())
@@ -234,19 +249,39 @@ async fn reserve<T>(tx: Option<&mpsc::Sender<T>>) -> Option<mpsc::Permit<'_, T>>
     tx?.reserve().await.ok()
 }
 
-/// The input thread: submits every batch as an epoch, in order, and passes its ack token
-/// on to the commit task. Ends when the source task closes the batch channel; closing the
-/// dataflow's input then lets the workers finish. Returns the number of events submitted.
+/// The input thread: submits the restored state first (if any), then every batch as an
+/// epoch, in order, and passes its ack token on to the commit task. Ends when the source
+/// task closes the batch channel; closing the dataflow's input then lets the workers
+/// finish. Returns the number of events submitted.
 fn feed_dataflow<A>(
     mut input: EpochSender,
+    restore: Vec<Restore>,
     mut batch_rx: mpsc::Receiver<SourceBatch<A>>,
     pending_tx: mpsc::Sender<Pending<A>>,
 ) -> anyhow::Result<u64> {
+    if !restore.is_empty() {
+        // No ack token: nothing was read for it. Its epoch is committed like any other,
+        // before the first batch's.
+        input
+            .restore(restore)
+            .context("the dataflow stopped taking input")?;
+    }
     let mut events = 0;
-    while let Some(SourceBatch { events: batch, ack }) = batch_rx.blocking_recv() {
+    while let Some(SourceBatch {
+        events: batch,
+        ack,
+        first_received,
+    }) = batch_rx.blocking_recv()
+    {
         events += batch.len() as u64;
         let epoch = submit(&mut input, batch)?;
-        if pending_tx.blocking_send(Pending { epoch, ack }).is_err() {
+        let pending = Pending {
+            epoch,
+            ack,
+            first_received,
+            submitted: Instant::now(),
+        };
+        if pending_tx.blocking_send(pending).is_err() {
             bail!("the commit task ended before the input did");
         }
     }
@@ -292,12 +327,20 @@ async fn commit_epochs<A>(
     let mut refused: BTreeMap<Epoch, Vec<Rejection>> = BTreeMap::new();
     let mut failure: Option<anyhow::Error> = None;
     let (mut outputs_open, mut pending_open) = (true, true);
+    if let Some(metrics) = &config.metrics {
+        metrics.declare_sinks(sinks.iter().map(|sink| sink.name()));
+    }
+    // The lag gauge must move while nothing else happens (a stalled sink is exactly when).
+    let began = Instant::now();
+    let mut lag_tick = tokio::time::interval(Duration::from_secs(1));
+    lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while outputs_open || pending_open {
         tokio::select! {
             pending = pending_rx.recv(), if pending_open => match pending {
                 Some(pending) => waiting.push_back(pending),
                 None => pending_open = false,
             },
+            _ = lag_tick.tick() => {}
             output = output_rx.recv(), if outputs_open => match output {
                 Some(output) if failure.is_none() => {
                     let epoch = output.epoch;
@@ -319,6 +362,15 @@ async fn commit_epochs<A>(
                     if !output.rejections.is_empty() {
                         refused.insert(epoch, output.rejections.clone());
                     }
+                    if output.restored {
+                        // Hydration's second half: the dataflow rebuilt the state and every
+                        // sink took it (the read model and the caches are whole again).
+                        let rebuilt = began.elapsed();
+                        if let Some(metrics) = &config.metrics {
+                            metrics.hydration_duration.add(rebuilt.as_secs_f64());
+                        }
+                        tracing::info!(epoch, changes = output.changes.len(), rebuild_ms = rebuilt.as_millis() as u64, "The restored state is rebuilt and committed.");
+                    }
                     tracing::debug!(epoch, changes = output.changes.len(), rejected = output.rejections.len(), "Every sink committed an epoch.");
                 }
                 // After a failure, outputs are only drained so that the dataflow can stop.
@@ -335,14 +387,25 @@ async fn commit_epochs<A>(
                 if report.last_epoch.is_none_or(|last| front.epoch > last) {
                     break;
                 }
-                if let Some(Pending { epoch, ack }) = waiting.pop_front() {
-                    let rejected = refused.remove(&epoch).unwrap_or_default();
+                if let Some(pending) = waiting.pop_front() {
+                    if let Some(metrics) = &config.metrics {
+                        metrics
+                            .epoch_latency
+                            .observe(pending.first_received.elapsed().as_secs_f64());
+                    }
+                    let rejected = refused.remove(&pending.epoch).unwrap_or_default();
                     // The source task keeps receiving acks until this task ends.
-                    if ack_tx.send((ack, rejected)).await.is_err() {
+                    if ack_tx.send((pending.ack, rejected)).await.is_err() {
                         bail!("the source task ended before every epoch was acknowledged");
                     }
                 }
             }
+        }
+        if let Some(metrics) = &config.metrics {
+            let lag = waiting
+                .front()
+                .map_or(0.0, |oldest| oldest.submitted.elapsed().as_secs_f64());
+            metrics.frontier_lag.set(lag);
         }
     }
     if !waiting.is_empty() && failure.is_none() {
@@ -363,27 +426,58 @@ async fn commit_epochs<A>(
     }
 }
 
-/// Commits one epoch to one sink, retrying retryable errors with bounded exponential
-/// backoff.
+/// Commits one epoch to one sink, retrying retryable errors with capped exponential
+/// backoff ([`DriverConfig::sink_attempts`] times, or until it succeeds).
+///
+/// An outage is logged twice, not once per attempt: when it starts, with its cause, and
+/// when the sink recovers, with how long it took. Every failed attempt is counted.
 async fn commit_with_retry(
     sink: &mut dyn Sink,
     output: Arc<EpochOutput>,
     config: &DriverConfig,
 ) -> Result<(), SinkError> {
+    let name = sink.name();
+    let started = Instant::now();
     let mut backoff = config.sink_backoff;
-    let mut attempt = 1;
-    loop {
+    let mut attempt: u32 = 1;
+    let result = loop {
         match sink.commit(Arc::clone(&output)).await {
-            Ok(()) => return Ok(()),
-            Err(error) if error.is_retryable() && attempt < config.sink_attempts => {
-                tracing::warn!(sink = sink.name(), epoch = output.epoch, attempt, error = %error, "A sink could not commit an epoch; retrying.");
+            Ok(()) => break Ok(()),
+            Err(error) => {
+                if let Some(metrics) = &config.metrics {
+                    metrics.sink_errors.with_label_values(&[name]).inc();
+                }
+                let exhausted = config.sink_attempts.is_some_and(|max| attempt >= max);
+                if !error.is_retryable() || exhausted {
+                    break Err(error);
+                }
+                if attempt == 1 {
+                    tracing::warn!(sink = name, epoch = output.epoch, error = %error, "A sink cannot commit; retrying with backoff until it can (nothing is acknowledged meanwhile).");
+                } else {
+                    tracing::debug!(sink = name, epoch = output.epoch, attempt, error = %error, "A sink still cannot commit.");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(config.sink_max_backoff);
-                attempt += 1;
+                attempt = attempt.saturating_add(1);
             }
-            Err(error) => return Err(error),
         }
+    };
+    if result.is_ok() && attempt > 1 {
+        tracing::info!(
+            sink = name,
+            epoch = output.epoch,
+            attempts = attempt,
+            waited_s = started.elapsed().as_secs_f64(),
+            "A sink recovered and committed the epoch."
+        );
     }
+    if let Some(metrics) = &config.metrics {
+        metrics
+            .sink_commit_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    result
 }
 
 fn join_thread<T>(
@@ -460,7 +554,13 @@ mod tests {
         let sinks: Vec<Box<dyn Sink>> = vec![Box::new(ReadModelSink::new(model.clone()))];
         let report = tokio::time::timeout(
             Duration::from_secs(60),
-            drive(source, sinks, config(), CancellationToken::new()),
+            drive(
+                source,
+                sinks,
+                config(),
+                Vec::new(),
+                CancellationToken::new(),
+            ),
         )
         .await
         .expect("the driver ends when its source ends")
@@ -486,7 +586,13 @@ mod tests {
             vec![Box::new(ReadModelSink::new(model)), Box::new(Refusing)];
         let result = tokio::time::timeout(
             Duration::from_secs(60),
-            drive(source, sinks, config(), CancellationToken::new()),
+            drive(
+                source,
+                sinks,
+                config(),
+                Vec::new(),
+                CancellationToken::new(),
+            ),
         )
         .await
         .expect("a sink failure ends the driver");

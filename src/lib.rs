@@ -10,6 +10,7 @@
 //! - [`demo`] — [`run_demo`], the whole pipeline with the fleet simulator and no external
 //!   service.
 //! - [`run`] — [`run_pipeline`], the pipeline on RabbitMQ.
+//! - [`stores`] — [`open_stores`], the stores `run` writes, PostgreSQL's hydration first.
 //! - [`migrate`] — [`run_migrations`], the PostgreSQL schema.
 //! - [`metrics`] — [`DriverMetrics`], the driver's Prometheus metrics.
 //! - [`telemetry`] — logging set-up.
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod run;
 pub mod service;
+pub mod stores;
 pub mod telemetry;
 
 pub use demo::{DemoConfig, banner, run_demo, run_demo_on};
@@ -28,3 +30,4 @@ pub use metrics::DriverMetrics;
 pub use migrate::run_migrations;
 pub use run::{RunConfig, RunHooks, Started, run_pipeline, run_pipeline_on};
 pub use service::{Companion, PipelineConfig, Service};
+pub use stores::{Stores, StoresConfig, open_stores};

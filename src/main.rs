@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use delivertrack::StoresConfig;
 use delivertrack::telemetry::{self, LogFormat};
 use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_migrations, run_pipeline};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
-use delivertrack_sinks::PostgresConfig;
+use delivertrack_sinks::{DerivedConfig, MongoConfig, PostgresConfig, RedisConfig};
 
 /// Real-time delivery tracking on an incremental dataflow.
 #[derive(Debug, Parser)]
@@ -33,7 +34,7 @@ enum Command {
     /// Runs the whole pipeline with a simulated fleet and no external service.
     Demo(DemoArgs),
     /// Runs the pipeline on RabbitMQ: consumes the event stream, serves the API.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Applies the PostgreSQL migrations the database does not have yet, then exits.
     Migrate(PostgresArgs),
 }
@@ -182,6 +183,75 @@ struct RunArgs {
     /// (unacknowledged input is then redelivered).
     #[arg(long, env = "DELIVERTRACK_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     shutdown_timeout_secs: u64,
+    #[command(flatten)]
+    stores: StoreArgs,
+}
+
+/// The stores `run` writes: PostgreSQL, Redis and the derived feed unless left out,
+/// MongoDB when `MONGO_URI` is set.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    #[command(flatten)]
+    postgres: PostgresArgs,
+    /// Runs without PostgreSQL: nothing is recorded, and a restart begins from nothing.
+    #[arg(long)]
+    no_postgres: bool,
+    /// Redis host.
+    #[arg(long, env = "REDIS_HOST", default_value = "127.0.0.1")]
+    redis_host: String,
+    /// Redis port.
+    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    redis_port: u16,
+    /// Put before every Redis key (several deployments can share one Redis).
+    #[arg(
+        long,
+        env = "DELIVERTRACK_REDIS_PREFIX",
+        default_value = "delivertrack:"
+    )]
+    redis_prefix: String,
+    /// Runs without the Redis caches.
+    #[arg(long)]
+    no_redis: bool,
+    /// MongoDB connection string; MongoDB is written only when it is set.
+    #[arg(long, env = "MONGO_URI", hide_env_values = true)]
+    mongo_uri: Option<String>,
+    /// MongoDB database.
+    #[arg(long, env = "MONGO_DB", default_value = "delivertrack")]
+    mongo_db: String,
+    /// Runs without MongoDB even when `MONGO_URI` is set.
+    #[arg(long)]
+    no_mongo: bool,
+    /// The topic exchange the derived events (geofence, ETA, completion, delay) go to.
+    #[arg(long, env = "DELIVERTRACK_DERIVED_EXCHANGE", default_value_t = DerivedConfig::default().exchange)]
+    derived_exchange: String,
+    /// `eta.updated` is published only when an arrival estimate moved by more than this.
+    #[arg(long, env = "DELIVERTRACK_ETA_THRESHOLD_SECS", default_value_t = 60)]
+    eta_threshold_secs: u64,
+    /// Runs without publishing derived events.
+    #[arg(long)]
+    no_derived: bool,
+}
+
+impl StoreArgs {
+    /// The stores to open; the derived feed goes to the broker events come from.
+    fn config(self, rabbitmq_url: &str) -> StoresConfig {
+        StoresConfig {
+            postgres: (!self.no_postgres).then(|| self.postgres.config()),
+            redis: (!self.no_redis).then(|| RedisConfig {
+                key_prefix: self.redis_prefix.clone(),
+                ..RedisConfig::new(self.redis_host.clone(), self.redis_port)
+            }),
+            mongo: self
+                .mongo_uri
+                .filter(|_| !self.no_mongo)
+                .map(|uri| MongoConfig::new(uri, self.mongo_db.clone())),
+            derived: (!self.no_derived).then(|| DerivedConfig {
+                exchange: self.derived_exchange.clone(),
+                eta_threshold: Duration::from_secs(self.eta_threshold_secs),
+                ..DerivedConfig::from_url(rabbitmq_url)
+            }),
+        }
+    }
 }
 
 /// A speed in m/s that an ETA can be computed with: finite, above 0, below 150.
@@ -217,6 +287,7 @@ impl From<DemoArgs> for DemoConfig {
 impl From<RunArgs> for RunConfig {
     fn from(args: RunArgs) -> Self {
         RunConfig {
+            stores: args.stores.config(&args.rabbitmq_url),
             pipeline: args.pipeline.into(),
             rabbit: RabbitConfig {
                 url: args.rabbitmq_url,
@@ -252,7 +323,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => run_demo(args.into(), shutdown_signal()).await,
-            Command::Run(args) => run_pipeline(args.into(), shutdown_signal()).await,
+            Command::Run(args) => run_pipeline((*args).into(), shutdown_signal()).await,
             Command::Migrate(args) => run_migrations(&args.config()).await,
         }
     });

@@ -5,14 +5,16 @@
 
 use anyhow::Context;
 use delivertrack_sinks::PostgresConfig;
-use delivertrack_sinks::postgres::{connect_pool, migrate};
+use delivertrack_sinks::postgres::{connect_pool, ensure_database, migrate};
 
-/// Connects to the configured database and applies the migrations it does not have yet.
+/// Creates the configured database if the server lacks it, connects to it and applies the
+/// migrations it does not have yet.
 ///
 /// # Errors
 /// The database cannot be reached (the error names it), or a migration fails.
 pub async fn run_migrations(config: &PostgresConfig) -> anyhow::Result<()> {
     // The errors name the database already.
+    ensure_database(config).await?;
     let pool = connect_pool(config).await?;
     let applied = migrate(&pool).await;
     pool.close().await;

@@ -4,7 +4,9 @@
 //! The RabbitMQ source declares its topology, consumes with a bounded prefetch and is
 //! acknowledged by the [driver](crate::driver) only after every sink committed an epoch;
 //! everything else is the wiring `demo` uses too ([`Service`]). The sinks are the read
-//! model for now; the stores join the list that [`RunHooks::extra_sinks`] extends.
+//! model and the configured [stores](crate::stores): PostgreSQL is created if missing,
+//! migrated and read back (hydration) before RabbitMQ is even connected to, so the first
+//! event read lands on the state the last run committed.
 //!
 //! Start-up fails, naming the broker, when RabbitMQ cannot be reached: a configured service
 //! that is down is an error, never a silent fallback (ARCHITECTURE rule 8). Once running,
@@ -28,7 +30,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 use crate::driver::DriveReport;
+use crate::metrics::DriverMetrics;
 use crate::service::{PipelineConfig, Service};
+use crate::stores::{StoresConfig, open_stores};
 
 /// Everything `delivertrack run` can be told.
 #[derive(Clone, Debug)]
@@ -37,6 +41,9 @@ pub struct RunConfig {
     pub pipeline: PipelineConfig,
     /// The broker, the topology's names, the prefetch and the reconnect backoff.
     pub rabbit: RabbitConfig,
+    /// The stores written besides the read model (none by default; the command line
+    /// enables PostgreSQL, Redis and the derived feed unless told otherwise).
+    pub stores: StoresConfig,
     /// How long the drain after Ctrl-C / SIGTERM may take before the process gives up
     /// (what it read and did not acknowledge is then redelivered to the next consumer).
     pub shutdown_timeout: Duration,
@@ -47,6 +54,7 @@ impl Default for RunConfig {
         Self {
             pipeline: PipelineConfig::default(),
             rabbit: RabbitConfig::default(),
+            stores: StoresConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -141,8 +149,21 @@ pub async fn run_pipeline_on(
     let registry = Registry::new();
     let metrics =
         IngestMetrics::register(&registry).context("the ingest metrics could not be registered")?;
+    let driver_metrics = DriverMetrics::register(&registry)
+        .context("the driver's metrics could not be registered")?;
 
     let mut shutdown = std::pin::pin!(shutdown);
+    let speed_window = config.pipeline.driver_config().dataflow.speed_window;
+    let stores = tokio::select! {
+        opened = open_stores(&config.stores, speed_window, &driver_metrics) => opened?,
+        () = &mut shutdown => {
+            tracing::info!("Stopped while the stores were being opened.");
+            return Ok(DriveReport::default());
+        }
+    };
+    let mut sinks = stores.sinks;
+    sinks.extend(hooks.extra_sinks);
+
     let url = config.rabbit.redacted_url();
     let source = tokio::select! {
         connected = RabbitSource::connect(config.rabbit.clone(), metrics) => {
@@ -158,12 +179,15 @@ pub async fn run_pipeline_on(
     let mut service = Service::assemble(
         source,
         &config.pipeline,
-        hooks.extra_sinks,
+        sinks,
         readiness,
         registry,
+        driver_metrics,
     )?;
     service.drain_timeout = Some(config.shutdown_timeout);
-    tracing::info!(%addr, rabbitmq = %url, queue = %config.rabbit.queue, prefetch = config.rabbit.prefetch, workers = config.pipeline.workers, "DeliverTrack is running.");
+    service.restore = stores.restore;
+    let sink_names: Vec<&str> = service.sinks.iter().map(|s| s.name()).collect();
+    tracing::info!(%addr, rabbitmq = %url, queue = %config.rabbit.queue, prefetch = config.rabbit.prefetch, workers = config.pipeline.workers, sinks = ?sink_names, restored_records = service.restore.len(), "DeliverTrack is running.");
     if let Some(started) = hooks.started {
         // The caller may have stopped listening; nothing depends on it hearing this.
         let _ = started.send(Started { addr });

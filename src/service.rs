@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use delivertrack_api::{ApiConfig, AppState, Readiness};
 use delivertrack_dataflow::pipeline::DataflowConfig;
+use delivertrack_dataflow::restore::Restore;
 use delivertrack_ingest::{EpochPolicy, Source};
 use delivertrack_sinks::{ReadModel, ReadModelConfig, ReadModelSink, Sink};
 use futures::future::select_all;
@@ -120,6 +121,9 @@ pub struct Service<S> {
     pub stop: CancellationToken,
     /// How long the drain after shutdown may take; `None` waits as long as it takes.
     pub drain_timeout: Option<Duration>,
+    /// The state hydrated from the system of record, submitted before any input is read
+    /// (empty: start from nothing).
+    pub restore: Vec<Restore>,
 }
 
 impl<S> std::fmt::Debug for Service<S> {
@@ -132,23 +136,25 @@ impl<S> std::fmt::Debug for Service<S> {
             .field("driver", &self.driver)
             .field("companions", &self.companions)
             .field("drain_timeout", &self.drain_timeout)
+            .field("restore", &self.restore.len())
             .finish_non_exhaustive()
     }
 }
 
 impl<S: Source + 'static> Service<S> {
     /// The common assembly: a read model and its sink (first in the list, followed by
-    /// `extra_sinks`), the driver's metrics registered in `registry`, and an API state
-    /// serving both with `readiness`.
+    /// `extra_sinks`), the driver counting in `metrics` (registered in `registry`), and an
+    /// API state serving both with `readiness`.
     ///
     /// # Errors
-    /// The driver's metrics are already registered in `registry`.
+    /// None yet; fallible so that assembling more parts need not change the callers.
     pub fn assemble(
         source: S,
         config: &PipelineConfig,
         extra_sinks: Vec<Box<dyn Sink>>,
         readiness: Readiness,
         registry: Registry,
+        metrics: DriverMetrics,
     ) -> anyhow::Result<Self> {
         let read_model = ReadModel::new(ReadModelConfig {
             live_capacity: config.live_capacity,
@@ -156,10 +162,7 @@ impl<S: Source + 'static> Service<S> {
         let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(ReadModelSink::new(read_model.clone()))];
         sinks.extend(extra_sinks);
         let mut driver = config.driver_config();
-        driver.metrics = Some(
-            DriverMetrics::register(&registry)
-                .context("the driver's metrics could not be registered")?,
-        );
+        driver.metrics = Some(metrics);
         let state = AppState::new(read_model, CancellationToken::new())
             .with_config(config.api.clone())
             .with_readiness(readiness)
@@ -172,6 +175,7 @@ impl<S: Source + 'static> Service<S> {
             companions: Vec::new(),
             stop: CancellationToken::new(),
             drain_timeout: None,
+            restore: Vec::new(),
         })
     }
 
@@ -195,10 +199,11 @@ impl<S: Source + 'static> Service<S> {
             companions,
             stop,
             drain_timeout,
+            restore,
         } = self;
         let api_stop = state.shutdown.clone();
         let mut server = tokio::spawn(delivertrack_api::serve(listener, state));
-        let mut driving = tokio::spawn(drive(source, sinks, driver, stop.clone()));
+        let mut driving = tokio::spawn(drive(source, sinks, driver, restore, stop.clone()));
         let mut companions = companions;
 
         // Run until asked to stop, or until a part ends on its own (which is an error).

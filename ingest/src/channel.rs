@@ -114,7 +114,16 @@ impl InProcessSource {
             self.deadline = None;
             std::mem::take(&mut self.pending)
         };
-        Some(SourceBatch { events, ack: () })
+        // The deadline was set `max_wait` after the first event arrived.
+        let first_received = deadline
+            .into_std()
+            .checked_sub(policy.max_wait)
+            .unwrap_or_else(std::time::Instant::now);
+        Some(SourceBatch {
+            events,
+            ack: (),
+            first_received,
+        })
     }
 }
 

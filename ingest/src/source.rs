@@ -21,6 +21,9 @@ pub struct SourceBatch<A> {
     /// What [`Source::ack`] needs to acknowledge exactly these events (for RabbitMQ, the
     /// highest delivery tag; for the in-process channel, nothing).
     pub ack: A,
+    /// When the batch's first event arrived at the source: the start of its epoch's
+    /// latency (first receipt → committed by every sink).
+    pub first_received: std::time::Instant,
 }
 
 /// When to close an epoch: whichever bound comes first.

@@ -275,9 +275,13 @@ impl RabbitSource {
             deliveries,
             dead_letters,
         } = self.gathering.take(policy.batch_limit());
+        let first_received = self
+            .started
+            .map_or_else(std::time::Instant::now, Instant::into_std);
         // What is left (the rest of a split message) starts the next batch's clock.
         self.started = (!self.gathering.is_empty()).then(Instant::now);
         SourceBatch {
+            first_received,
             events,
             ack: RabbitAck {
                 generation,

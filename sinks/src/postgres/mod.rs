@@ -18,10 +18,11 @@ pub mod sink;
 
 mod batch;
 
-pub use batch::BatchError;
+pub use batch::{BatchError, ScopeKey};
 pub use config::PostgresConfig;
 pub use hydrate::load_restore;
 pub use service::{
-    Failure, MIGRATOR, PostgresError, classify, connect_pool, last_committed_epoch, migrate,
+    Failure, MIGRATOR, PostgresError, classify, connect_pool, ensure_database,
+    last_committed_epoch, migrate,
 };
 pub use sink::PostgresSink;

@@ -82,6 +82,63 @@ pub async fn connect_pool(config: &PostgresConfig) -> Result<PgPool, PostgresErr
     }
 }
 
+/// Creates the configured database when the server does not have it yet (connecting to the
+/// server's `postgres` maintenance database to do so), so that a fresh server needs no
+/// manual step before `delivertrack migrate` or `run`. Returns whether it created it.
+///
+/// A server that refuses the maintenance connection or the `CREATE DATABASE` (a user
+/// without the right) is not an error here: the connection to the database itself then
+/// reports what is wrong.
+///
+/// # Errors
+/// [`PostgresError::InvalidUrl`] when the configuration is not a PostgreSQL url.
+pub async fn ensure_database(config: &PostgresConfig) -> Result<bool, PostgresError> {
+    use sqlx::ConnectOptions;
+
+    let options = config.connect_options()?;
+    let Some(database) = options.get_database().map(str::to_owned) else {
+        return Ok(false);
+    };
+    let maintenance = options.clone().database("postgres");
+    let attempt = async {
+        let mut connection = maintenance.connect().await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(&database)
+                .fetch_one(&mut connection)
+                .await?;
+        if exists {
+            return Ok::<_, sqlx::Error>(false);
+        }
+        // An identifier cannot be a bind parameter: quote it as PostgreSQL does.
+        let quoted = format!("\"{}\"", database.replace('"', "\"\""));
+        let created = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+            .execute(&mut connection)
+            .await;
+        match created {
+            Ok(_) => Ok(true),
+            // Another process created it meanwhile.
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
+    };
+    match tokio::time::timeout(config.connect_timeout + Duration::from_secs(1), attempt).await {
+        Ok(Ok(created)) => {
+            if created {
+                tracing::info!(database = %config.target(), "Created the database.");
+            }
+            Ok(created)
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, database = %config.target(), "Could not check for or create the database; connecting to it as it is.");
+            Ok(false)
+        }
+        Err(_) => Ok(false),
+    }
+}
+
 /// Applies the migrations in `migrations/` that the database has not seen yet. Safe to run
 /// at every start and from several processes: sqlx takes an advisory lock.
 ///

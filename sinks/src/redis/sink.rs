@@ -82,6 +82,15 @@ impl RedisSink {
         &self.errors
     }
 
+    /// Counts failed writes in `errors` instead of the sink's own counter: the pipeline
+    /// hands in its `delivertrack_sink_errors_total{sink="redis"}` series, so that every
+    /// sink's failures are one metric family.
+    #[must_use]
+    pub fn with_error_counter(mut self, errors: IntCounter) -> Self {
+        self.errors = errors;
+        self
+    }
+
     /// Registers the failure counter with the registry `/metrics` renders.
     ///
     /// # Errors
