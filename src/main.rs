@@ -187,8 +187,8 @@ struct RunArgs {
     stores: StoreArgs,
 }
 
-/// The stores `run` writes: PostgreSQL, Redis and the derived feed unless left out,
-/// MongoDB when `MONGO_URI` is set.
+/// The stores `run` writes: each on localhost by default, and each required unless left
+/// out with its `--no-*` flag (ARCHITECTURE rule 8).
 #[derive(Debug, clap::Args)]
 struct StoreArgs {
     #[command(flatten)]
@@ -212,13 +212,13 @@ struct StoreArgs {
     /// Runs without the Redis caches.
     #[arg(long)]
     no_redis: bool,
-    /// MongoDB connection string; MongoDB is written only when it is set.
-    #[arg(long, env = "MONGO_URI", hide_env_values = true)]
-    mongo_uri: Option<String>,
+    /// MongoDB connection string (it may hold a password: never shown in logs).
+    #[arg(long, env = "MONGO_URI", hide_env_values = true, default_value_t = MongoConfig::default().uri)]
+    mongo_uri: String,
     /// MongoDB database.
     #[arg(long, env = "MONGO_DB", default_value = "delivertrack")]
     mongo_db: String,
-    /// Runs without MongoDB even when `MONGO_URI` is set.
+    /// Runs without MongoDB (location history and GeoJSON zones).
     #[arg(long)]
     no_mongo: bool,
     /// The topic exchange the derived events (geofence, ETA, completion, delay) go to.
@@ -241,10 +241,7 @@ impl StoreArgs {
                 key_prefix: self.redis_prefix.clone(),
                 ..RedisConfig::new(self.redis_host.clone(), self.redis_port)
             }),
-            mongo: self
-                .mongo_uri
-                .filter(|_| !self.no_mongo)
-                .map(|uri| MongoConfig::new(uri, self.mongo_db.clone())),
+            mongo: (!self.no_mongo).then(|| MongoConfig::new(self.mongo_uri, self.mongo_db)),
             derived: (!self.no_derived).then(|| DerivedConfig {
                 exchange: self.derived_exchange.clone(),
                 eta_threshold: Duration::from_secs(self.eta_threshold_secs),

@@ -494,6 +494,8 @@ async fn start_binary(
         .args(["--epoch-max-ms", "20", "--shutdown-timeout-secs", "20"])
         .args(["--database-url", &database.url()])
         .args(["--redis-prefix", prefix, "--derived-exchange", derived])
+        // No MongoDB server here; its sink has its own tests (sinks/tests/mongo.rs).
+        .arg("--no-mongo")
         .args(["--log-format", "json"])
         .env("RABBITMQ_URL", &rabbit.url)
         .env_remove("DATABASE_URL")
@@ -878,4 +880,55 @@ async fn a_postgres_outage_pauses_the_pipeline_and_it_resumes_alone() {
     drop(proxy);
     delete_topology(&rabbit).await;
     database.drop_now().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Start-up
+// ---------------------------------------------------------------------------------------
+
+/// `delivertrack run` with these extra arguments, on a broker that is up; its stderr once
+/// it has exited (it must fail).
+async fn failed_start(args: &[&str]) -> String {
+    let rabbit = unique_config("store-down");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_delivertrack"))
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .args(["--exchange", &rabbit.exchange, "--queue", &rabbit.queue])
+        .args(["--dead-letter-exchange", &rabbit.dead_letter_exchange])
+        .args(["--dead-letter-queue", &rabbit.dead_letter_queue])
+        .args(["--no-derived"])
+        .args(args)
+        .env("RABBITMQ_URL", &rabbit.url)
+        .env_remove("DATABASE_URL")
+        .env_remove("MONGO_URI")
+        .output();
+    let output = timeout(PATIENCE, output).await.unwrap().unwrap();
+    delete_topology(&rabbit).await;
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_at_start_is_an_error_naming_it() {
+    let postgres = failed_start(&[
+        "--database-url",
+        "postgres://postgres:secret@127.0.0.1:1/delivertrack",
+        "--no-redis",
+        "--no-mongo",
+    ])
+    .await;
+    assert!(postgres.contains("127.0.0.1:1/delivertrack"), "{postgres}");
+    assert!(!postgres.contains("secret"), "{postgres}");
+
+    let redis = failed_start(&["--no-postgres", "--redis-port", "1", "--no-mongo"]).await;
+    assert!(redis.contains("Redis at 127.0.0.1:1"), "{redis}");
+
+    // MongoDB is on by default, on localhost (where none runs in this suite's setting).
+    let mongo = failed_start(&[
+        "--no-postgres",
+        "--no-redis",
+        "--mongo-uri",
+        "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=500",
+    ])
+    .await;
+    assert!(mongo.contains("MongoDB at"), "{mongo}");
 }

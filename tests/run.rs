@@ -650,7 +650,7 @@ async fn the_binary_drains_and_exits_zero_on_sigterm() {
         .args(["--prefetch", "200", "--epoch-max-events", "100"])
         .args(["--epoch-max-ms", "20", "--shutdown-timeout-secs", "10"])
         // The stores have their own end-to-end tests (tests/recovery.rs).
-        .args(["--no-postgres", "--no-redis", "--no-derived"])
+        .args(["--no-postgres", "--no-redis", "--no-mongo", "--no-derived"])
         .env("RABBITMQ_URL", &config.url)
         .args(["--log-format", "json"])
         .env("RUST_LOG", "info")
@@ -750,7 +750,7 @@ fn drained_events(stderr: &str) -> u64 {
 async fn an_unreachable_broker_at_start_is_an_error_naming_it() {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_delivertrack"))
         .args(["run", "--listen", "127.0.0.1:0"])
-        .args(["--no-postgres", "--no-redis", "--no-derived"])
+        .args(["--no-postgres", "--no-redis", "--no-mongo", "--no-derived"])
         .env("RABBITMQ_URL", "amqp://guest:secret@127.0.0.1:1/%2f")
         .output();
     let output = timeout(PATIENCE, output).await.unwrap().unwrap();
