@@ -28,6 +28,7 @@
 //!   [`map`]: the resources.
 //! - [`server`] — [`serve`], with graceful shutdown.
 
+pub mod auth;
 pub mod couriers;
 pub mod deliveries;
 pub mod error;
@@ -46,7 +47,8 @@ use axum::http::StatusCode;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-pub use error::ApiError;
+pub use auth::{AuthConfig, Authenticator, Principal, Role};
+pub use error::{ApiError, ApiJson};
 pub use readiness::{Readiness, SourceProbe, SourceStatus};
 pub use server::serve;
 pub use state::{ApiConfig, AppState};
@@ -64,6 +66,7 @@ pub fn router(state: AppState) -> Router {
         .merge(deliveries::router())
         .merge(live::router())
         .fallback(|| async { ApiError::RouteNotFound })
+        .layer(axum::extract::DefaultBodyLimit::max(error::BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,

@@ -6,6 +6,7 @@ use delivertrack_sinks::ReadModel;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{AuthConfig, Authenticator};
 use crate::readiness::Readiness;
 
 /// Limits and timings of the API.
@@ -46,19 +47,35 @@ pub struct AppState {
     pub readiness: Readiness,
     /// What `/metrics` renders; the pipeline's parts register their metrics in it.
     pub registry: Registry,
+    /// Verifies the bearer tokens of protected routes.
+    pub auth: Authenticator,
 }
 
 impl AppState {
     /// State over a read model, with the default [`ApiConfig`], a source that is always
-    /// connected and an empty registry.
+    /// connected, an empty registry, and tokens signed with a random secret of this
+    /// process (replace it with [`with_auth`](Self::with_auth)).
     pub fn new(read_model: ReadModel, shutdown: CancellationToken) -> Self {
+        let random = AuthConfig {
+            secret: format!("{}{}", uuid::Uuid::new_v4(), uuid::Uuid::new_v4()),
+            expiry: Duration::from_secs(3600),
+        };
+        #[allow(clippy::expect_used)]
+        let auth = Authenticator::new(&random).expect("a 72-character secret is usable");
         Self {
             read_model,
             config: ApiConfig::default(),
             shutdown,
             readiness: Readiness::always_connected(),
             registry: Registry::new(),
+            auth,
         }
+    }
+
+    /// The same state verifying tokens with `auth`.
+    pub fn with_auth(mut self, auth: Authenticator) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// The same state with another readiness probe.
