@@ -123,8 +123,8 @@ install_packages() {
         need_component fmt rustfmt
         need_component clippy clippy
     fi
-    # Debian packages the tests need go here, e.g.:
-    #   need_apt prometheus                   (dashboard test)
+    # Debian packages the tests need:
+    need_apt prometheus # the dashboard test (tests/dashboards.rs) evaluates every panel
     #   need_apt postgresql-15-postgis-3      (PostGIS geofence baseline)
     info "cargo-nextest: $(cargo nextest --version 2>/dev/null | head -n1)"
 }

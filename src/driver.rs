@@ -356,6 +356,7 @@ async fn commit_epochs<A>(
                     report.epochs += 1;
                     report.last_epoch = Some(epoch);
                     if let Some(metrics) = &config.metrics {
+                        metrics.observe_epoch(&output);
                         metrics.epochs_committed.inc();
                         metrics.epoch_commit_duration.observe(started.elapsed().as_secs_f64());
                     }

@@ -6,8 +6,11 @@
 //! often it fails, how far the dataflow's output lags its input, and how long hydration
 //! took. Together they answer "is the pipeline moving, and what is its brake?".
 
+use delivertrack_dataflow::model::Scope;
+use delivertrack_dataflow::{Change, EpochOutput, EventBody, Status};
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry,
 };
 
 /// Buckets for durations from a tenth of a millisecond to half a minute.
@@ -39,6 +42,16 @@ pub struct DriverMetrics {
     /// `delivertrack_hydration_duration_seconds`: how long the start-up restore from
     /// PostgreSQL took (reading and rebuilding the dataflow's state); 0 without one.
     pub hydration_duration: Gauge,
+    /// `delivertrack_active_deliveries`: deliveries assigned, picked up or in transit, as
+    /// of the last committed epoch.
+    pub active_deliveries: IntGauge,
+    /// `delivertrack_delivery_duration_seconds`: created → delivered of each delivery
+    /// delivered (observed once, in the epoch that delivered it; the mean is
+    /// `rate(_sum) / rate(_count)`).
+    pub delivery_duration: Histogram,
+    /// `delivertrack_location_updates_total`: courier fixes accepted by the dataflow
+    /// (stale and refused ones excluded), for the location update rate.
+    pub location_updates: IntCounter,
 }
 
 impl DriverMetrics {
@@ -88,6 +101,26 @@ impl DriverMetrics {
             "delivertrack_hydration_duration_seconds",
             "Duration of the start-up restore of the dataflow's state from PostgreSQL.",
         )?;
+        let active_deliveries = IntGauge::new(
+            "delivertrack_active_deliveries",
+            "Deliveries assigned, picked up or in transit.",
+        )?;
+        let delivery_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "delivertrack_delivery_duration_seconds",
+                "Time from a delivery's creation to its delivery, observed when it is delivered.",
+            )
+            .buckets(vec![
+                60.0, 300.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0, 5400.0, 7200.0, 14400.0,
+            ]),
+        )?;
+        let location_updates = IntCounter::new(
+            "delivertrack_location_updates_total",
+            "Courier location updates accepted by the dataflow.",
+        )?;
+        registry.register(Box::new(active_deliveries.clone()))?;
+        registry.register(Box::new(delivery_duration.clone()))?;
+        registry.register(Box::new(location_updates.clone()))?;
         registry.register(Box::new(epochs_committed.clone()))?;
         registry.register(Box::new(epoch_commit_duration.clone()))?;
         registry.register(Box::new(epoch_latency.clone()))?;
@@ -103,7 +136,55 @@ impl DriverMetrics {
             sink_errors,
             frontier_lag,
             hydration_duration,
+            active_deliveries,
+            delivery_duration,
+            location_updates,
         })
+    }
+
+    /// Counts what a committed epoch says about the fleet: accepted location updates,
+    /// deliveries delivered in it (their durations), and the active deliveries after it
+    /// (from the overall aggregate, which every epoch that changes it restates).
+    pub fn observe_epoch(&self, output: &EpochOutput) {
+        if let Some(active) = overall_active(output) {
+            self.active_deliveries.set(active);
+        }
+        if output.restored {
+            // Restated state, not news: nothing was updated or delivered now.
+            return;
+        }
+        let refused: std::collections::HashSet<_> =
+            output.rejections.iter().map(|r| r.event_id).collect();
+        let fixes = output
+            .events
+            .iter()
+            .filter(|e| matches!(e.body, EventBody::LocationUpdated(_)))
+            .filter(|e| !refused.contains(&e.event_id))
+            .count();
+        self.location_updates.inc_by(fixes as u64);
+        // A delivery delivered in this epoch: a `+1` delivered record without a `-1`
+        // delivered one (a later rating restates a delivered delivery as -1/+1).
+        let was_delivered: std::collections::HashSet<_> = output
+            .changes
+            .iter()
+            .filter_map(|(change, diff)| match change {
+                Change::Delivery(id, state) if *diff < 0 && state.status == Status::Delivered => {
+                    Some(*id)
+                }
+                _ => None,
+            })
+            .collect();
+        for (change, diff) in &output.changes {
+            if let Change::Delivery(id, state) = change
+                && *diff > 0
+                && state.status == Status::Delivered
+                && !was_delivered.contains(id)
+                && let Some(ended) = state.ended_at
+            {
+                let seconds = (ended - state.created_at).max(0) as f64 / 1000.0;
+                self.delivery_duration.observe(seconds);
+            }
+        }
     }
 
     /// Makes every sink's series visible at 0 before its first commit, so that dashboards
@@ -113,5 +194,141 @@ impl DriverMetrics {
             self.sink_errors.with_label_values(&[name]);
             self.sink_commit_duration.with_label_values(&[name]);
         }
+    }
+}
+
+/// The overall aggregate's active count after this epoch, if the epoch changed it: the
+/// `+1` record of `metrics(overall)` (absent when nothing changed it, or when the
+/// aggregate vanished: then 0).
+fn overall_active(output: &EpochOutput) -> Option<i64> {
+    let mut retracted = false;
+    for (change, diff) in &output.changes {
+        if let Change::Metric(Scope::Overall, tally) = change {
+            if *diff > 0 {
+                return Some(tally.active);
+            }
+            retracted = true;
+        }
+    }
+    retracted.then_some(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use delivertrack_dataflow::event::LocationUpdated;
+    use delivertrack_dataflow::geometry::GeoPoint;
+    use delivertrack_dataflow::model::{DeliveryState, Rating, Tally};
+    use delivertrack_dataflow::{
+        CourierId, CustomerId, DeliveryId, Event, EventId, EventKind, RejectReason, Rejection,
+    };
+    use uuid::Uuid;
+
+    fn delivery(status: Status, rating: Option<Rating>) -> DeliveryState {
+        DeliveryState {
+            customer_id: CustomerId(Uuid::from_u128(1)),
+            courier_id: None,
+            pickup: GeoPoint::from_degrees(52.5, 13.4),
+            dropoff: GeoPoint::from_degrees(52.51, 13.41),
+            promised_by: None,
+            status,
+            created_at: 1_000_000,
+            assigned_at: None,
+            picked_up_at: None,
+            ended_at: (status == Status::Delivered).then_some(1_600_000),
+            rating,
+            version: 3,
+        }
+    }
+
+    fn fix(n: u128) -> Event {
+        Event {
+            event_id: EventId(Uuid::from_u128(n)),
+            occurred_at: 1_000,
+            body: EventBody::LocationUpdated(LocationUpdated {
+                courier_id: CourierId(Uuid::from_u128(9)),
+                position: GeoPoint::from_degrees(52.5, 13.4),
+                speed_mm_s: None,
+                heading_ddeg: None,
+                accuracy_cm: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn an_epoch_counts_accepted_fixes_new_deliveries_and_the_active_total() {
+        let metrics = DriverMetrics::register(&Registry::new()).unwrap();
+        let delivered = DeliveryId(Uuid::from_u128(20));
+        let rated = DeliveryId(Uuid::from_u128(21));
+        let rating = Rating {
+            score: 5,
+            comment: None,
+            at: 2_000_000,
+        };
+        let output = EpochOutput {
+            epoch: 4,
+            restored: false,
+            events: vec![fix(1), fix(2), fix(3)],
+            changes: vec![
+                // Newly delivered: observed.
+                (
+                    Change::Delivery(delivered, delivery(Status::InTransit, None)),
+                    -1,
+                ),
+                (
+                    Change::Delivery(delivered, delivery(Status::Delivered, None)),
+                    1,
+                ),
+                // Delivered earlier, rated now: not observed again.
+                (
+                    Change::Delivery(rated, delivery(Status::Delivered, None)),
+                    -1,
+                ),
+                (
+                    Change::Delivery(rated, delivery(Status::Delivered, Some(rating))),
+                    1,
+                ),
+                (
+                    Change::Metric(
+                        Scope::Overall,
+                        Tally {
+                            active: 7,
+                            ..Tally::default()
+                        },
+                    ),
+                    -1,
+                ),
+                (
+                    Change::Metric(
+                        Scope::Overall,
+                        Tally {
+                            active: 6,
+                            ..Tally::default()
+                        },
+                    ),
+                    1,
+                ),
+            ],
+            rejections: vec![Rejection {
+                event_id: EventId(Uuid::from_u128(3)),
+                kind: EventKind::LocationUpdated,
+                reason: RejectReason::Stale,
+            }],
+        };
+        metrics.observe_epoch(&output);
+        assert_eq!(metrics.location_updates.get(), 2);
+        assert_eq!(metrics.active_deliveries.get(), 6);
+        assert_eq!(metrics.delivery_duration.get_sample_count(), 1);
+        assert!((metrics.delivery_duration.get_sample_sum() - 600.0).abs() < 1e-9);
+
+        // A restored epoch restates the total and counts nothing else.
+        let restored = EpochOutput {
+            restored: true,
+            ..output
+        };
+        metrics.observe_epoch(&restored);
+        assert_eq!(metrics.location_updates.get(), 2);
+        assert_eq!(metrics.delivery_duration.get_sample_count(), 1);
     }
 }

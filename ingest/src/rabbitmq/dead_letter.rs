@@ -122,6 +122,13 @@ pub(crate) struct DeadLetter {
     body: Vec<u8>,
 }
 
+impl DeadLetter {
+    /// Why, in words.
+    pub(crate) fn detail(&self) -> &str {
+        &self.detail
+    }
+}
+
 /// The current time, RFC 3339 UTC with milliseconds.
 pub(crate) fn now_rfc3339() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)

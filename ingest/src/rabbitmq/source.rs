@@ -407,6 +407,22 @@ impl Source for RabbitSource {
                 .await;
             return Ok(());
         }
+        if !dead_letters.is_empty() {
+            // One line per epoch, never one per event: the reasons with their counts and
+            // the first one's detail; each event's own reason is in its headers.
+            let mut reasons: std::collections::BTreeMap<&str, usize> =
+                std::collections::BTreeMap::new();
+            for letter in &dead_letters {
+                *reasons.entry(letter.reason).or_default() += 1;
+            }
+            tracing::warn!(
+                dead_lettered = dead_letters.len(),
+                reasons = ?reasons,
+                first = %dead_letters[0].detail(),
+                exchange = %self.config.dead_letter_exchange,
+                "Refused events were dead-lettered with their reasons."
+            );
+        }
         let Some(tag) = last_tag else {
             return Ok(());
         };
