@@ -9,17 +9,20 @@
 //! - `link`: the connection task that reconnects with backoff.
 //! - [`dead_letter`]: the dead-letter headers and publishing with confirms.
 //! - [`metrics`]: [`IngestMetrics`], the Prometheus counters.
+//! - [`publisher`]: [`CommandPublisher`], the API's commands published with confirms.
 
 mod batch;
 pub mod config;
 pub mod dead_letter;
 mod link;
 pub mod metrics;
+pub mod publisher;
 pub mod source;
 pub mod topology;
 
 pub use config::RabbitConfig;
 pub use link::ConnectError;
 pub use metrics::IngestMetrics;
+pub use publisher::{CommandPublishError, CommandPublisher, CommandPublisherConfig};
 pub use source::{RabbitAck, RabbitSource, SourceHealth};
 pub use topology::declare_topology;
