@@ -65,6 +65,7 @@ async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Respons
 
 /// Runs one client's session until either side ends it.
 async fn session(socket: WebSocket, state: AppState) {
+    let _counted = state.metrics.websocket_session();
     let started = Instant::now();
     // Milliseconds since `started` at which the peer last sent anything.
     let heard_from = Arc::new(AtomicU64::new(0));
@@ -79,7 +80,7 @@ async fn session(socket: WebSocket, state: AppState) {
 }
 
 /// Reads until the peer closes, noting when it was last heard from.
-async fn receive_loop(
+pub(crate) async fn receive_loop(
     mut stream: SplitStream<WebSocket>,
     started: Instant,
     heard_from: Arc<AtomicU64>,
@@ -212,7 +213,7 @@ async fn send_json(
 }
 
 /// Sends one message; `false` when the peer is gone or did not take it in time.
-async fn send(
+pub(crate) async fn send(
     sink: &mut SplitSink<WebSocket, Message>,
     message: Message,
     timeout: Duration,
@@ -230,10 +231,10 @@ async fn send(
     }
 }
 
-fn millis_since(start: Instant) -> u64 {
+pub(crate) fn millis_since(start: Instant) -> u64 {
     duration_millis(start.elapsed())
 }
 
-fn duration_millis(duration: Duration) -> u64 {
+pub(crate) fn duration_millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

@@ -4,13 +4,16 @@
 //! The API does not own the metrics: the source, the driver and later the sinks register
 //! theirs in the one [`prometheus::Registry`] the binary puts in [`AppState`], and this
 //! route only renders it, so a new metric needs no change here.
+//!
+//! The API's own metrics are the fields of [`ApiMetrics`], which [`AppState`] holds and
+//! registers in its registry.
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use prometheus::{Encoder, TextEncoder};
+use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -28,4 +31,65 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
         .encode(&state.registry.gather(), &mut body)
         .map_err(|error| ApiError::Internal(Box::new(error)))?;
     Ok(([(CONTENT_TYPE, encoder.format_type().to_owned())], body).into_response())
+}
+
+/// The API's own metrics. A plain struct of metric handles (cheap clones of shared
+/// counters): add a field here, create it in [`ApiMetrics::new`] and list it in
+/// [`ApiMetrics::register`].
+#[derive(Clone, Debug)]
+pub struct ApiMetrics {
+    /// `delivertrack_websocket_connections`: open WebSocket sessions, `/ws/changes` and
+    /// `/ws/track/{id}` together.
+    pub websocket_connections: IntGauge,
+}
+
+impl ApiMetrics {
+    /// Fresh metrics, all zero, registered nowhere yet.
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        Self {
+            // The name and help are constants that the metric accepts: this cannot fail.
+            websocket_connections: IntGauge::new(
+                "delivertrack_websocket_connections",
+                "Open WebSocket sessions (/ws/changes and /ws/track).",
+            )
+            .expect("a valid metric name"),
+        }
+    }
+
+    /// Registers every metric in `registry`.
+    ///
+    /// # Errors
+    /// The registry refused one (a metric of the same name is there already).
+    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.websocket_connections.clone()))
+    }
+
+    /// Counts one open WebSocket session until the returned guard is dropped, so that a
+    /// session ending any way (close, error, panic, abort) is uncounted.
+    pub fn websocket_session(&self) -> WebSocketSession {
+        self.websocket_connections.inc();
+        WebSocketSession {
+            gauge: self.websocket_connections.clone(),
+        }
+    }
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One open WebSocket session, counted in `delivertrack_websocket_connections` while it
+/// lives.
+#[derive(Debug)]
+pub struct WebSocketSession {
+    gauge: IntGauge,
+}
+
+impl Drop for WebSocketSession {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }

@@ -1,0 +1,254 @@
+//! The records of couriers and customers, kept in the system of record:
+//!
+//! - `GET /couriers/{id}` (admins): the courier's profile (`name`, `vehicle_type`) joined
+//!   with its live state from the read model (position, odometer, zones, aggregates,
+//!   active deliveries) and the position PostgreSQL last stored;
+//! - `PUT /couriers/{id}` (admins): sets the profile, creating the record if needed;
+//! - `GET /customers/{id}` (admins, and the customer themself);
+//! - `PUT /customers/{id}` (admins): sets `name`, `address`, `contact`.
+//!
+//! A `PUT` replaces the whole profile: a field left out or `null` is cleared. It answers
+//! `201` when it created the record, `200` when it updated it. Without PostgreSQL these
+//! routes answer `503 store_unavailable`.
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use delivertrack_dataflow::{CourierId, CustomerId};
+use delivertrack_sinks::read_model::CourierDetail;
+use serde::{Deserialize, Serialize};
+
+use super::access::require_admin;
+use super::records::{self, CourierRecord, CustomerProfile, CustomerRecord, StoredPosition};
+use crate::auth::{Principal, Role};
+use crate::error::{ApiError, ApiJson};
+use crate::id;
+use crate::state::AppState;
+
+/// Longest name accepted, characters.
+const MAX_NAME: usize = 200;
+/// Longest vehicle type accepted, characters.
+const MAX_VEHICLE_TYPE: usize = 50;
+/// Longest address accepted, characters.
+const MAX_ADDRESS: usize = 500;
+/// Longest contact accepted, characters.
+const MAX_CONTACT: usize = 200;
+
+/// The routes of this module.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/couriers/{id}", get(get_courier).put(put_courier))
+        .route("/customers/{id}", get(get_customer).put(put_customer))
+}
+
+/// A courier: the record joined with the live state.
+#[derive(Debug, Serialize)]
+struct CourierProfile {
+    /// Profile.
+    #[serde(flatten)]
+    record: CourierRecord,
+    /// The read model's state of the courier; `null` when the pipeline has no fix of it.
+    live: Option<CourierDetail>,
+    /// The last position the system of record stored; `null` before the first fix.
+    stored: Option<StoredPosition>,
+}
+
+/// `200` with the [`CourierProfile`]; `400 invalid_id`; `401`; `403` unless admin;
+/// `404 not_found` when neither PostgreSQL nor the read model knows the courier;
+/// `503 store_unavailable`.
+async fn get_courier(
+    State(state): State<AppState>,
+    principal: Principal,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<CourierProfile>, ApiError> {
+    require_admin(&principal)?;
+    let id: CourierId = id::parse("courier", path)?;
+    let pool = records::pool(&state)?;
+    let row = records::courier(pool, id).await?;
+    let live = state.read_model.courier(id);
+    let (record, stored) = match row {
+        Some(row) => row,
+        None if live.is_some() => (
+            CourierRecord {
+                courier_id: id.0,
+                name: None,
+                vehicle_type: None,
+            },
+            None,
+        ),
+        None => {
+            return Err(ApiError::NotFound {
+                resource: "courier",
+                id: id.to_string(),
+            });
+        }
+    };
+    Ok(Json(CourierProfile {
+        record,
+        live,
+        stored,
+    }))
+}
+
+/// The body of `PUT /couriers/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CourierBody {
+    /// Display name.
+    name: Option<String>,
+    /// Vehicle, free text (`bicycle`, `scooter`, `car`, ...).
+    vehicle_type: Option<String>,
+}
+
+/// `201` (created) or `200` (updated) with the [`CourierProfile`]; `400` (`invalid_id`,
+/// `invalid_field`, `malformed_json`, `unknown_field`); `401`; `403` unless admin; `415`;
+/// `503 store_unavailable`.
+async fn put_courier(
+    State(state): State<AppState>,
+    principal: Principal,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<ApiJson<CourierBody>, ApiError>,
+) -> Result<(StatusCode, Json<CourierProfile>), ApiError> {
+    require_admin(&principal)?;
+    let id: CourierId = id::parse("courier", path)?;
+    let ApiJson(body) = body?;
+    let name = field("name", body.name.as_deref(), MAX_NAME)?;
+    let vehicle_type = field(
+        "vehicle_type",
+        body.vehicle_type.as_deref(),
+        MAX_VEHICLE_TYPE,
+    )?;
+    let pool = records::pool(&state)?;
+    let ((record, stored), created) = records::upsert_courier(pool, id, name, vehicle_type).await?;
+    Ok((
+        created_or_ok(created),
+        Json(CourierProfile {
+            record,
+            live: state.read_model.courier(id),
+            stored,
+        }),
+    ))
+}
+
+/// `200` with the [`CustomerRecord`]; `400 invalid_id`; `401`; `403` for couriers;
+/// `404 not_found` when there is no record, or for another customer's;
+/// `503 store_unavailable`.
+async fn get_customer(
+    State(state): State<AppState>,
+    principal: Principal,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<CustomerRecord>, ApiError> {
+    if principal.role == Role::Courier {
+        return Err(ApiError::Forbidden {
+            reason: "customer records are for admins and the customer themself".to_owned(),
+        });
+    }
+    let id: CustomerId = id::parse("customer", path)?;
+    let not_found = || ApiError::NotFound {
+        resource: "customer",
+        id: id.to_string(),
+    };
+    if principal.role == Role::Customer && principal.sub != id.0 {
+        return Err(not_found());
+    }
+    let pool = records::pool(&state)?;
+    records::customer(pool, id)
+        .await?
+        .map(Json)
+        .ok_or_else(not_found)
+}
+
+/// The body of `PUT /customers/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomerBody {
+    /// Display name.
+    name: Option<String>,
+    /// Postal address.
+    address: Option<String>,
+    /// Phone, e-mail.
+    contact: Option<String>,
+}
+
+/// `201` (created) or `200` (updated) with the [`CustomerRecord`]; `400` (`invalid_id`,
+/// `invalid_field`, `malformed_json`, `unknown_field`); `401`; `403` unless admin; `415`;
+/// `503 store_unavailable`.
+async fn put_customer(
+    State(state): State<AppState>,
+    principal: Principal,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<ApiJson<CustomerBody>, ApiError>,
+) -> Result<(StatusCode, Json<CustomerRecord>), ApiError> {
+    require_admin(&principal)?;
+    let id: CustomerId = id::parse("customer", path)?;
+    let ApiJson(body) = body?;
+    let profile = CustomerProfile {
+        name: field("name", body.name.as_deref(), MAX_NAME)?,
+        address: field("address", body.address.as_deref(), MAX_ADDRESS)?,
+        contact: field("contact", body.contact.as_deref(), MAX_CONTACT)?,
+    };
+    let pool = records::pool(&state)?;
+    let (record, created) = records::upsert_customer(pool, id, profile).await?;
+    Ok((created_or_ok(created), Json(record)))
+}
+
+/// A profile field: trimmed, `None` stays `None`; blank, too long or holding control
+/// characters is `400 invalid_field`.
+fn field<'a>(
+    name: &'static str,
+    value: Option<&'a str>,
+    max: usize,
+) -> Result<Option<&'a str>, ApiError> {
+    let Some(value) = value.map(str::trim) else {
+        return Ok(None);
+    };
+    let problem = if value.is_empty() {
+        Some("must not be blank (use null to clear it)".to_owned())
+    } else if value.chars().count() > max {
+        Some(format!("must be at most {max} characters"))
+    } else if value.chars().any(char::is_control) {
+        Some("must not contain control characters".to_owned())
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(ApiError::BadRequest {
+            code: "invalid_field",
+            message: format!("{name} {problem}"),
+        }),
+        None => Ok(Some(value)),
+    }
+}
+
+fn created_or_ok(created: bool) -> StatusCode {
+    if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_fields_are_trimmed_and_bounded() {
+        assert!(matches!(field("name", None, 5), Ok(None)));
+        assert!(matches!(field("name", Some("  Ada "), 5), Ok(Some("Ada"))));
+        for bad in ["", "   ", "Adalbert", "A\nda"] {
+            assert!(
+                matches!(
+                    field("name", Some(bad), 5),
+                    Err(ApiError::BadRequest {
+                        code: "invalid_field",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+}

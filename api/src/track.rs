@@ -1,0 +1,512 @@
+//! `GET /ws/track/{delivery_id}`: live tracking of one delivery, over a WebSocket.
+//!
+//! Authenticated like every protected route (the token in the `Authorization` header or,
+//! for browsers, the `access_token` query parameter), and open to the delivery's customer,
+//! its courier and admins. Anyone else, and an unknown delivery, gets `404 not_found`
+//! before the upgrade, so that ids cannot be probed.
+//!
+//! Server → client, text frames of JSON, each tagged by `"type"` and carrying the `epoch`
+//! it reflects (epochs only grow within a session):
+//! - `{"type": "snapshot", "reason": "connected" | "lagged" | "courier_changed", "epoch": N,
+//!   "delivery": {...}, "courier": {...} | null}`: the delivery as `GET /deliveries/{id}`
+//!   shows it (status, ETA, ...) and its courier's position; first on connect, again when
+//!   the client fell behind, and when a courier is assigned;
+//! - `{"type": "status", "epoch": N, "status": "picked_up", "previous_status": "assigned",
+//!   "courier_id": "...", "version": 4}`;
+//! - `{"type": "courier_moved", "epoch": N, "courier_id": "...", "position": {"lat", "lon"},
+//!   "at_ms", "speed_mps", "heading_deg", "odometer_m"}`: the delivery's current courier;
+//! - `{"type": "geofence_entered" | "geofence_exited", "epoch": N, "courier_id", "zone_id"}`;
+//! - `{"type": "eta", "epoch": N, "courier_id", "status", "eta_ms", "remaining_m",
+//!   "speed_mps", "as_of_ms"}` and `{"type": "eta_cleared", "epoch": N}`.
+//!
+//! Within an epoch the order is status, courier, geofence, ETA. When the delivery reaches
+//! `delivered`, `failed` or `cancelled` the session sends that final `status` and closes
+//! with code 1000 and reason `delivery ended` (at once, with the snapshot, for a delivery
+//! that had already ended). At server shutdown it closes with 1001.
+//!
+//! Client → server: nothing is expected; pongs and any message are signs of life.
+//!
+//! Each session filters the read model's per-epoch broadcast: the publisher never waits
+//! for it, its buffer is the broadcast's bounded capacity, and a session that falls behind
+//! gets a fresh snapshot instead of the epochs it missed. Pings, the send timeout and the
+//! dead-peer rule are those of [`live`](crate::live).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::get;
+use delivertrack_dataflow::{CourierId, DeliveryId, Epoch, Status, UnixMillis, ZoneId};
+use delivertrack_sinks::read_model::{
+    CourierView, DeliveryView, EpochUpdate, EtaView, LatLon, LiveChange,
+};
+use futures::StreamExt;
+use futures::stream::SplitSink;
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::id;
+use crate::live::{duration_millis, millis_since, receive_loop, send};
+use crate::reads::access::may_see_delivery;
+use crate::state::AppState;
+
+/// The close reason once the delivery has reached a terminal status.
+pub const DELIVERY_ENDED: &str = "delivery ended";
+
+/// The routes of this module.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/ws/track/{delivery_id}", get(upgrade))
+}
+
+/// A message to the client.
+#[derive(Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum TrackMessage {
+    /// The delivery and its courier now.
+    Snapshot {
+        /// `connected`, `lagged` or `courier_changed`.
+        reason: &'static str,
+        /// The epoch the snapshot is consistent with.
+        epoch: Option<Epoch>,
+        /// The delivery, as `GET /deliveries/{id}` shows it.
+        delivery: Box<DeliveryView>,
+        /// Its courier's position, once assigned and located.
+        courier: Option<CourierView>,
+    },
+    /// The delivery's status (or courier, or rating) changed.
+    Status {
+        /// The epoch of the change.
+        epoch: Epoch,
+        /// The status now.
+        status: Status,
+        /// Before this epoch.
+        previous_status: Option<Status>,
+        /// The assigned courier.
+        courier_id: Option<CourierId>,
+        /// Events applied to the delivery.
+        version: u32,
+    },
+    /// The courier reported a newer position.
+    CourierMoved {
+        /// The epoch of the fix.
+        epoch: Epoch,
+        /// The courier.
+        courier_id: CourierId,
+        /// Where.
+        position: LatLon,
+        /// When the fix was taken.
+        at_ms: UnixMillis,
+        /// Speed, m/s.
+        speed_mps: Option<f64>,
+        /// Heading, degrees.
+        heading_deg: Option<f64>,
+        /// Distance travelled, metres.
+        odometer_m: f64,
+    },
+    /// The courier entered a zone.
+    GeofenceEntered {
+        /// The epoch of the entry.
+        epoch: Epoch,
+        /// The courier.
+        courier_id: CourierId,
+        /// The zone.
+        zone_id: ZoneId,
+    },
+    /// The courier left a zone.
+    GeofenceExited {
+        /// The epoch of the exit.
+        epoch: Epoch,
+        /// The courier.
+        courier_id: CourierId,
+        /// The zone.
+        zone_id: ZoneId,
+    },
+    /// A new estimate.
+    Eta {
+        /// The epoch of the estimate.
+        epoch: Epoch,
+        /// The estimate.
+        #[serde(flatten)]
+        eta: EtaView,
+    },
+    /// No estimate any more.
+    EtaCleared {
+        /// The epoch it was withdrawn in.
+        epoch: Epoch,
+    },
+}
+
+/// `101` into a tracking session; `400 invalid_id`; `400 websocket_required` for a request
+/// that is not a WebSocket upgrade; `401`; `404 not_found` for an unknown delivery or one
+/// the caller may not see.
+async fn upgrade(
+    State(state): State<AppState>,
+    principal: Principal,
+    path: Result<Path<String>, PathRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let id: DeliveryId = id::parse("delivery", path)?;
+    let visible = state
+        .read_model
+        .delivery(id)
+        .is_some_and(|view| may_see_delivery(&principal, &view.details));
+    if !visible {
+        return Err(ApiError::NotFound {
+            resource: "delivery",
+            id: id.to_string(),
+        });
+    }
+    let ws = ws.map_err(|rejection| ApiError::BadRequest {
+        code: "websocket_required",
+        message: rejection.body_text(),
+    })?;
+    Ok(ws.on_upgrade(move |socket| session(socket, state, id)))
+}
+
+/// Runs one tracking session until either side ends it.
+async fn session(socket: WebSocket, state: AppState, id: DeliveryId) {
+    let _counted = state.metrics.websocket_session();
+    let started = Instant::now();
+    // Milliseconds since `started` at which the peer last sent anything.
+    let heard_from = Arc::new(AtomicU64::new(0));
+    let (sink, stream) = socket.split();
+    let mut send = tokio::spawn(send_loop(sink, state, id, started, Arc::clone(&heard_from)));
+    let mut receive = tokio::spawn(receive_loop(stream, started, heard_from));
+    tokio::select! {
+        _ = &mut send => receive.abort(),
+        _ = &mut receive => send.abort(),
+    }
+    tracing::debug!(delivery = %id, "A tracking WebSocket session ended.");
+}
+
+/// Why the send loop stopped.
+#[derive(Debug, PartialEq)]
+enum End {
+    /// Close with this frame.
+    Close(u16, &'static str),
+    /// The peer is gone or stuck: drop the connection.
+    Drop,
+}
+
+/// Sends the snapshot, then the delivery's changes, pings, and the final close frame.
+async fn send_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    state: AppState,
+    id: DeliveryId,
+    started: Instant,
+    heard_from: Arc<AtomicU64>,
+) {
+    let end = track(&mut sink, &state, id, started, &heard_from).await;
+    if let End::Close(code, reason) = end {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(
+            state.config.ws_send_timeout,
+            futures::SinkExt::send(&mut sink, Message::Close(Some(frame))),
+        )
+        .await;
+    }
+}
+
+/// What the session knows of the delivery it follows.
+#[derive(Debug)]
+struct Tracker {
+    /// The delivery.
+    id: DeliveryId,
+    /// Its courier now: whose moves and zone changes are sent.
+    courier: Option<CourierId>,
+    /// The last epoch sent (in a snapshot or a change); older updates are skipped.
+    last: Option<Epoch>,
+}
+
+async fn track(
+    sink: &mut SplitSink<WebSocket, Message>,
+    state: &AppState,
+    id: DeliveryId,
+    started: Instant,
+    heard_from: &AtomicU64,
+) -> End {
+    let timeout = state.config.ws_send_timeout;
+    let ping_every = state.config.ws_ping_interval;
+    // Subscribe before taking the snapshot: every later epoch is then either in the
+    // snapshot or received below (those already in it are skipped by epoch).
+    let mut updates = state.read_model.subscribe();
+    let mut tracker = match resync(sink, state, id, "connected", timeout).await {
+        Ok(tracker) => tracker,
+        Err(end) => return end,
+    };
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => {
+                return End::Close(close_code::AWAY, "the server is shutting down");
+            }
+            _ = ping.tick() => {
+                let silent = millis_since(started).saturating_sub(heard_from.load(Ordering::Relaxed));
+                if silent > 2 * duration_millis(ping_every) + duration_millis(timeout) {
+                    tracing::info!(silent_ms = silent, "A tracking WebSocket peer stopped answering pings; closing it.");
+                    return End::Close(close_code::POLICY, "no answer to pings");
+                }
+                if !send(sink, Message::Ping(Default::default()), timeout).await {
+                    return End::Drop;
+                }
+            }
+            update = updates.recv() => match update {
+                Ok(update) => {
+                    if tracker.last.is_some_and(|last| update.epoch <= last) {
+                        continue;
+                    }
+                    tracker.last = Some(update.epoch);
+                    let step = step(&tracker, &update);
+                    for message in &step.messages {
+                        if !send_json(sink, message, timeout).await {
+                            return End::Drop;
+                        }
+                    }
+                    match step.then {
+                        Then::Continue => {}
+                        Then::Resync => {
+                            tracker = match resync(sink, state, id, "courier_changed", timeout).await {
+                                Ok(tracker) => tracker,
+                                Err(end) => return end,
+                            };
+                        }
+                        Then::Close(reason) => return End::Close(close_code::NORMAL, reason),
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::info!(missed, delivery = %id, "A tracking WebSocket client fell behind; sending it a fresh snapshot.");
+                    tracker = match resync(sink, state, id, "lagged", timeout).await {
+                        Ok(tracker) => tracker,
+                        Err(end) => return end,
+                    };
+                }
+                Err(RecvError::Closed) => {
+                    return End::Close(close_code::AWAY, "the pipeline has stopped");
+                }
+            },
+        }
+    }
+}
+
+/// Sends a fresh snapshot of the delivery and returns the tracker that follows from it;
+/// the end of the session when the delivery is gone or has ended, or the peer is gone.
+async fn resync(
+    sink: &mut SplitSink<WebSocket, Message>,
+    state: &AppState,
+    id: DeliveryId,
+    reason: &'static str,
+    timeout: Duration,
+) -> Result<Tracker, End> {
+    let Some(current) = current(state, id) else {
+        return Err(End::Close(close_code::NORMAL, "delivery removed"));
+    };
+    let tracker = Tracker {
+        id,
+        courier: current.delivery.details.courier_id,
+        last: current.epoch,
+    };
+    let ended = current.delivery.details.status.is_terminal();
+    let message = TrackMessage::Snapshot {
+        reason,
+        epoch: current.epoch,
+        delivery: Box::new(current.delivery),
+        courier: current.courier,
+    };
+    if !send_json(sink, &message, timeout).await {
+        return Err(End::Drop);
+    }
+    if ended {
+        return Err(End::Close(close_code::NORMAL, DELIVERY_ENDED));
+    }
+    Ok(tracker)
+}
+
+/// The delivery and its courier as of one epoch.
+struct Current {
+    /// The epoch.
+    epoch: Option<Epoch>,
+    /// The delivery.
+    delivery: DeliveryView,
+    /// Its courier's position, once assigned and located.
+    courier: Option<CourierView>,
+}
+
+/// The delivery now; `None` when the read model does not hold it.
+fn current(state: &AppState, id: DeliveryId) -> Option<Current> {
+    state.read_model.with_state(|read| {
+        let delivery = read.delivery(id)?;
+        let courier = delivery.details.courier_id.and_then(|courier| {
+            let position = read.couriers.get(&courier)?;
+            let inside = read
+                .inside
+                .range((courier, ZoneId(uuid::Uuid::nil()))..)
+                .take_while(|(c, _)| *c == courier)
+                .map(|(_, zone)| *zone)
+                .collect();
+            Some(CourierView::new(courier, position, inside))
+        });
+        Some(Current {
+            epoch: read.epoch,
+            delivery,
+            courier,
+        })
+    })
+}
+
+/// What to do after sending an epoch's messages.
+#[derive(Debug, PartialEq)]
+enum Then {
+    /// Wait for the next epoch.
+    Continue,
+    /// The courier changed: send a fresh snapshot (its position, its zones).
+    Resync,
+    /// Close normally with this reason.
+    Close(&'static str),
+}
+
+/// One epoch, as far as the tracked delivery is concerned.
+#[derive(Debug, PartialEq)]
+struct Step {
+    /// To send, in order.
+    messages: Vec<TrackMessage>,
+    /// Then.
+    then: Then,
+}
+
+/// Picks out of one epoch's changes those of the tracked delivery and of its courier.
+fn step(tracker: &Tracker, update: &EpochUpdate) -> Step {
+    let epoch = update.epoch;
+    let mut status = None;
+    let mut courier = Vec::new();
+    let mut geofence = Vec::new();
+    let mut eta = None;
+    for change in &update.changes {
+        match change {
+            LiveChange::DeliveryStatus {
+                delivery_id,
+                status: now,
+                previous_status,
+                courier_id,
+                version,
+                ..
+            } if *delivery_id == tracker.id => {
+                status = Some(TrackMessage::Status {
+                    epoch,
+                    status: *now,
+                    previous_status: *previous_status,
+                    courier_id: *courier_id,
+                    version: *version,
+                });
+            }
+            LiveChange::DeliveryRemoved { delivery_id } if *delivery_id == tracker.id => {
+                return Step {
+                    messages: Vec::new(),
+                    then: Then::Close("delivery removed"),
+                };
+            }
+            LiveChange::CourierMoved {
+                courier_id,
+                position,
+                at_ms,
+                speed_mps,
+                heading_deg,
+                odometer_m,
+            } if Some(*courier_id) == tracker.courier => {
+                courier.push(TrackMessage::CourierMoved {
+                    epoch,
+                    courier_id: *courier_id,
+                    position: *position,
+                    at_ms: *at_ms,
+                    speed_mps: *speed_mps,
+                    heading_deg: *heading_deg,
+                    odometer_m: *odometer_m,
+                });
+            }
+            LiveChange::GeofenceEntered {
+                courier_id,
+                zone_id,
+            } if Some(*courier_id) == tracker.courier => {
+                geofence.push(TrackMessage::GeofenceEntered {
+                    epoch,
+                    courier_id: *courier_id,
+                    zone_id: *zone_id,
+                });
+            }
+            LiveChange::GeofenceExited {
+                courier_id,
+                zone_id,
+            } if Some(*courier_id) == tracker.courier => {
+                geofence.push(TrackMessage::GeofenceExited {
+                    epoch,
+                    courier_id: *courier_id,
+                    zone_id: *zone_id,
+                });
+            }
+            LiveChange::Eta {
+                delivery_id,
+                eta: estimate,
+            } if *delivery_id == tracker.id => {
+                eta = Some(TrackMessage::Eta {
+                    epoch,
+                    eta: estimate.clone(),
+                });
+            }
+            LiveChange::EtaCleared { delivery_id } if *delivery_id == tracker.id => {
+                eta = Some(TrackMessage::EtaCleared { epoch });
+            }
+            _ => {}
+        }
+    }
+    let then = match &status {
+        Some(TrackMessage::Status { status: now, .. }) if now.is_terminal() => {
+            // The final word: the rest of the epoch (the ETA withdrawn) is implied by it.
+            return Step {
+                messages: status.into_iter().collect(),
+                then: Then::Close(DELIVERY_ENDED),
+            };
+        }
+        Some(TrackMessage::Status { courier_id, .. }) if *courier_id != tracker.courier => {
+            // The new courier's position and zones come with the fresh snapshot.
+            return Step {
+                messages: status.into_iter().collect(),
+                then: Then::Resync,
+            };
+        }
+        _ => Then::Continue,
+    };
+    Step {
+        messages: status
+            .into_iter()
+            .chain(courier)
+            .chain(geofence)
+            .chain(eta)
+            .collect(),
+        then,
+    }
+}
+
+async fn send_json(
+    sink: &mut SplitSink<WebSocket, Message>,
+    message: &TrackMessage,
+    timeout: Duration,
+) -> bool {
+    match serde_json::to_string(message) {
+        Ok(text) => send(sink, Message::Text(text.into()), timeout).await,
+        Err(error) => {
+            tracing::error!(%error, "A tracking message could not be serialized.");
+            false
+        }
+    }
+}
