@@ -1,0 +1,93 @@
+//! `POST /graphql` (queries) and `GET /graphql` (the GraphiQL page).
+
+use async_graphql::http::GraphiQLSource;
+use async_graphql::{Request, Variables};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::response::{Html, IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+
+use super::AnalyticsSchema;
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiJson};
+use crate::state::AppState;
+
+/// The body of `POST /graphql`: the GraphQL-over-HTTP request object.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct GraphQlBody {
+    /// The document.
+    query: String,
+    /// Which of its operations to run, when it has several.
+    #[serde(default)]
+    operation_name: Option<String>,
+    /// The variables, an object (or `null`).
+    #[serde(default)]
+    variables: Option<serde_json::Value>,
+    /// Protocol extensions some clients send (persisted-query hashes): accepted, unused.
+    #[serde(default, rename = "extensions")]
+    _extensions: Option<serde::de::IgnoredAny>,
+}
+
+/// Runs one query for an authenticated caller. `200` with `{"data", "errors"}` (GraphQL
+/// errors, `FORBIDDEN` included, are in the body); `401` without a valid token and `400`
+/// / `413` / `415` for a body that is not a GraphQL request, in the API's error shape.
+pub(super) async fn execute(
+    State(state): State<AppState>,
+    Extension(schema): Extension<AnalyticsSchema>,
+    principal: Principal,
+    ApiJson(body): ApiJson<GraphQlBody>,
+) -> Result<Response, ApiError> {
+    let variables = match body.variables {
+        None | Some(serde_json::Value::Null) => Variables::default(),
+        Some(value @ serde_json::Value::Object(_)) => Variables::from_json(value),
+        Some(_) => {
+            return Err(ApiError::BadRequest {
+                code: "invalid_query",
+                message: "variables must be a JSON object".into(),
+            });
+        }
+    };
+    let mut request = Request::new(body.query)
+        .variables(variables)
+        .data(principal)
+        .data(state.read_model.clone());
+    if let Some(name) = body.operation_name {
+        request = request.operation_name(name);
+    }
+    Ok(Json(schema.execute(request).await).into_response())
+}
+
+/// The query string of `GET /graphql`.
+#[derive(Debug, Deserialize)]
+pub(super) struct PageQuery {
+    /// A token to preset in the page (for queries and subscriptions alike).
+    access_token: Option<String>,
+}
+
+/// The GraphiQL page. It needs no token; `?access_token=...` presets a valid one for the
+/// page's queries (the `Authorization` header) and subscriptions (the connection-init
+/// payload). Any other is ignored: only a token that verifies, which holds nothing but
+/// base64url and dots, is ever written into the page.
+pub(super) async fn graphiql(
+    State(state): State<AppState>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Html<String> {
+    let bearer = query
+        .ok()
+        .and_then(|Query(q)| q.access_token)
+        .filter(|token| state.auth.verify(token).is_ok())
+        .map(|token| format!("Bearer {token}"));
+    let page = GraphiQLSource::build()
+        .title("DeliverTrack analytics")
+        .endpoint("/graphql")
+        .subscription_endpoint("/graphql/ws");
+    let page = match &bearer {
+        Some(bearer) => page
+            .header("Authorization", bearer)
+            .ws_connection_param("Authorization", bearer),
+        None => page,
+    };
+    Html(page.finish())
+}

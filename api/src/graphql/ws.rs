@@ -1,0 +1,321 @@
+//! `GET /graphql/ws`: GraphQL subscriptions over a WebSocket, in the
+//! `graphql-transport-ws` protocol (the older `graphql-ws` one too), chosen by the
+//! `Sec-WebSocket-Protocol` header.
+//!
+//! **Authentication.** A token on the upgrade request itself (`Authorization: Bearer`
+//! header, or `access_token` query parameter for browsers) must be valid, otherwise the
+//! upgrade is answered `401` in the API's error shape. Without one, the token comes in the
+//! `connection_init` message's payload, `{"Authorization": "Bearer ..."}`; a missing or
+//! invalid one closes the socket with code `4403` and the reason. A client that sends no
+//! `connection_init` within 10 seconds is closed with `4408`, as the protocol says.
+//!
+//! **Liveness and limits.** As on `/ws/changes`: the server pings every
+//! [`ApiConfig::ws_ping_interval`](crate::ApiConfig::ws_ping_interval) and closes a peer
+//! silent for two intervals, drops one that does not take a message within
+//! [`ApiConfig::ws_send_timeout`](crate::ApiConfig::ws_send_timeout), and closes every
+//! session with `1001` at shutdown. The subscriptions' own buffering is the read model's
+//! bounded broadcast (see [`subscription`](super::subscription)). Open sessions count in
+//! `delivertrack_websocket_connections` with the other WebSockets.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_graphql::Data;
+use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, WebSocketProtocols, WsMessage};
+use axum::Extension;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::response::{IntoResponse, Response};
+use futures::stream::SplitSink;
+use futures::{SinkExt, StreamExt, future};
+use tokio::time::Instant;
+
+use super::AnalyticsSchema;
+use crate::auth::{AuthError, Authenticator, Principal};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// How long a client has to send `connection_init` after the upgrade.
+pub const CONNECTION_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Close code: the connection-init payload carried no valid token.
+pub const CLOSE_FORBIDDEN: u16 = 4403;
+/// Close code: no `connection_init` in time.
+pub const CLOSE_INIT_TIMEOUT: u16 = 4408;
+
+/// Upgrades to a GraphQL WebSocket session.
+pub(super) async fn upgrade(
+    State(state): State<AppState>,
+    Extension(schema): Extension<AnalyticsSchema>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (mut parts, _body) = request.into_parts();
+    let ws = WebSocketUpgrade::from_request_parts(&mut parts, &state)
+        .await
+        .map_err(|rejection| ApiError::BadRequest {
+            code: "websocket_required",
+            message: rejection.body_text(),
+        })?;
+    let protocol = parts
+        .headers
+        .get(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|protocols| {
+            protocols
+                .split(',')
+                .find_map(|p| WebSocketProtocols::from_str(p.trim()).ok())
+        })
+        .ok_or_else(|| ApiError::BadRequest {
+            code: "unsupported_protocol",
+            message: "Sec-WebSocket-Protocol must name graphql-transport-ws (or graphql-ws)".into(),
+        })?;
+    // A token on the upgrade must be valid; none leaves it to `connection_init`.
+    let principal = match state.auth.authenticate(&parts) {
+        Ok(principal) => Some(principal),
+        Err(AuthError::Missing) => None,
+        Err(error) => {
+            return Err(ApiError::Unauthorized {
+                reason: error.to_string(),
+            });
+        }
+    };
+    Ok(ws
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| session(socket, state, schema, protocol, principal))
+        .into_response())
+}
+
+/// How the `connection_init` went, shared between the protocol's callback and the loop
+/// that sends.
+#[derive(Debug, Default)]
+struct Init {
+    accepted: AtomicBool,
+    refused: AtomicBool,
+}
+
+/// Runs one session until either side ends it.
+async fn session(
+    socket: WebSocket,
+    state: AppState,
+    schema: AnalyticsSchema,
+    protocol: WebSocketProtocols,
+    principal: Option<Principal>,
+) {
+    let _counted = state.metrics.websocket_session();
+    let started = Instant::now();
+    // Milliseconds since `started` at which the peer last sent anything.
+    let heard_from = Arc::new(AtomicU64::new(0));
+    let (mut sink, stream) = socket.split();
+    let input = {
+        let heard_from = Arc::clone(&heard_from);
+        stream
+            .take_while(|message| future::ready(message.is_ok()))
+            .filter_map(move |message| {
+                heard_from.store(millis_since(started), Ordering::Relaxed);
+                future::ready(match message {
+                    Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
+                        Some(message.into_data())
+                    }
+                    _ => None,
+                })
+            })
+    };
+
+    let init = Arc::new(Init::default());
+    let mut data = Data::default();
+    data.insert(state.read_model.clone());
+    if let Some(principal) = principal {
+        data.insert(principal);
+    }
+    let on_init = {
+        let init = Arc::clone(&init);
+        let auth = state.auth.clone();
+        move |payload: serde_json::Value| async move {
+            match init_principal(&auth, &payload, principal.is_some()) {
+                Ok(found) => {
+                    init.accepted.store(true, Ordering::SeqCst);
+                    let mut data = Data::default();
+                    if let Some(principal) = found {
+                        data.insert(principal);
+                    }
+                    Ok(data)
+                }
+                Err(reason) => {
+                    init.refused.store(true, Ordering::SeqCst);
+                    Err(async_graphql::Error::new(reason))
+                }
+            }
+        }
+    };
+    let graphql = async_graphql::http::WebSocket::new(schema, input, protocol)
+        .connection_data(data)
+        .on_connection_init(on_init);
+    futures::pin_mut!(graphql);
+
+    let timeout = state.config.ws_send_timeout;
+    let ping_every = state.config.ws_ping_interval;
+    let mut ping = tokio::time::interval_at(started + ping_every, ping_every);
+    let init_deadline = tokio::time::sleep_until(started + CONNECTION_INIT_TIMEOUT);
+    tokio::pin!(init_deadline);
+    let mut init_pending = true;
+    let close = loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => {
+                break Some((close_code::AWAY, "the server is shutting down".to_owned()));
+            }
+            () = &mut init_deadline, if init_pending => {
+                init_pending = false;
+                if !init.accepted.load(Ordering::SeqCst) {
+                    break Some((CLOSE_INIT_TIMEOUT, "Connection initialisation timeout".to_owned()));
+                }
+            }
+            _ = ping.tick() => {
+                let silent = millis_since(started).saturating_sub(heard_from.load(Ordering::Relaxed));
+                if silent > 2 * duration_millis(ping_every) + duration_millis(timeout) {
+                    tracing::info!(silent_ms = silent, "A GraphQL WebSocket peer stopped answering pings; closing it.");
+                    break Some((close_code::POLICY, "no answer to pings".to_owned()));
+                }
+                if !send(&mut sink, Message::Ping(Default::default()), timeout).await {
+                    break None;
+                }
+            }
+            message = graphql.next() => match message {
+                Some(WsMessage::Text(text)) => {
+                    if !send(&mut sink, Message::Text(text.into()), timeout).await {
+                        break None;
+                    }
+                }
+                Some(WsMessage::Close(code, reason)) => {
+                    let code = if init.refused.load(Ordering::SeqCst) { CLOSE_FORBIDDEN } else { code };
+                    break Some((code, reason));
+                }
+                // The peer closed its side.
+                None => break None,
+            },
+        }
+    };
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame {
+            code,
+            reason: truncate(&reason, 120).into(),
+        };
+        let _ = send(&mut sink, Message::Close(Some(frame)), timeout).await;
+    }
+    tracing::debug!("A GraphQL WebSocket session ended.");
+}
+
+/// The principal of a `connection_init` payload: `Ok(Some)` from its `Authorization`,
+/// `Ok(None)` when it has none but the upgrade carried a token, otherwise why not.
+fn init_principal(
+    auth: &Authenticator,
+    payload: &serde_json::Value,
+    upgraded_with_token: bool,
+) -> Result<Option<Principal>, String> {
+    let header = payload.as_object().and_then(|fields| {
+        fields
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case("authorization"))
+            .map(|(_, value)| value)
+    });
+    match header {
+        Some(serde_json::Value::String(value)) => {
+            let token = value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+                .map(str::trim)
+                .filter(|token| !token.is_empty())
+                .ok_or_else(|| AuthError::Malformed.to_string())?;
+            auth.verify(token).map(Some).map_err(|e| e.to_string())
+        }
+        Some(_) => Err(AuthError::Malformed.to_string()),
+        None if upgraded_with_token => Ok(None),
+        None => Err(AuthError::Missing.to_string()),
+    }
+}
+
+/// Sends one message; `false` when the peer is gone or did not take it in time.
+async fn send(
+    sink: &mut SplitSink<WebSocket, Message>,
+    message: Message,
+    timeout: Duration,
+) -> bool {
+    match tokio::time::timeout(timeout, sink.send(message)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "A GraphQL WebSocket peer went away.");
+            false
+        }
+        Err(_) => {
+            tracing::info!("A GraphQL WebSocket peer did not take a message in time; dropping it.");
+            false
+        }
+    }
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary (a close reason may hold
+/// 123 bytes).
+fn truncate(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+fn millis_since(start: Instant) -> u64 {
+    duration_millis(start.elapsed())
+}
+
+fn duration_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::auth::{AuthConfig, Role};
+    use uuid::Uuid;
+
+    #[test]
+    fn the_init_payload_carries_the_token() {
+        let auth = Authenticator::new(&AuthConfig {
+            secret: "a-secret-for-tests".into(),
+            expiry: Duration::from_secs(60),
+        })
+        .unwrap();
+        let sub = Uuid::from_u128(5);
+        let token = auth.issue(Role::Admin, sub).unwrap();
+        let payload = serde_json::json!({"Authorization": format!("Bearer {token}")});
+        assert_eq!(
+            init_principal(&auth, &payload, false).unwrap(),
+            Some(Principal {
+                sub,
+                role: Role::Admin
+            })
+        );
+        let lower = serde_json::json!({"authorization": format!("bearer {token}")});
+        assert!(init_principal(&auth, &lower, false).unwrap().is_some());
+        assert!(init_principal(&auth, &serde_json::Value::Null, false).is_err());
+        assert_eq!(
+            init_principal(&auth, &serde_json::json!({}), true),
+            Ok(None)
+        );
+        assert!(init_principal(&auth, &serde_json::json!({"Authorization": token}), true).is_err());
+        assert!(
+            init_principal(
+                &auth,
+                &serde_json::json!({"Authorization": "Bearer x.y.z"}),
+                true
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn close_reasons_are_cut_at_a_character_boundary() {
+        assert_eq!(truncate("abc", 120), "abc");
+        assert_eq!(truncate("ééé", 3), "é");
+    }
+}
