@@ -1,15 +1,17 @@
-//! `load-tests`: load generators for DeliverTrack.
+//! `load-tests`: the load-testing harness of DeliverTrack.
 //!
-//! `load-tests publish --events N --batch B` sends N `location.updated` events to the
-//! exchange, B per message, and reports how fast the broker confirmed them.
+//! `load-tests fleet|trackers|analysts|mixed|baselines [flags]` runs a scenario against a
+//! running service and writes a JSON report and a PNG (see the library's documentation and
+//! `BENCHMARKS.md`); `load-tests publish --events N --batch B` sends N `location.updated`
+//! events to the exchange, B per message, and reports how fast the broker confirmed them.
 
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use delivertrack_load_tests::Publisher;
 use delivertrack_load_tests::fleet::location_events;
+use delivertrack_load_tests::{Publisher, RunArgs, Scenario};
 
 /// Load generators for DeliverTrack.
 #[derive(Debug, Parser)]
@@ -21,6 +23,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// N couriers publishing positions at R fixes/s each (one tracker observes).
+    Fleet(Box<RunArgs>),
+    /// M WebSocket trackers following the live deliveries of a small fleet.
+    Trackers(Box<RunArgs>),
+    /// K GraphQL analysts polling the metrics query while a small fleet ingests.
+    Analysts(Box<RunArgs>),
+    /// Fleet, trackers and analysts at once.
+    Mixed(Box<RunArgs>),
+    /// The baselines alone: broker ceiling, geofence against PostGIS, GraphQL against SQL.
+    Baselines(Box<RunArgs>),
     /// Publishes location events to the event exchange, with publisher confirms.
     Publish(PublishArgs),
 }
@@ -63,8 +75,17 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Publish(args) => publish(args).await,
+        let scenario = match cli.command {
+            Command::Publish(args) => return publish(args).await,
+            Command::Fleet(args) => (Scenario::Fleet, args),
+            Command::Trackers(args) => (Scenario::Trackers, args),
+            Command::Analysts(args) => (Scenario::Analysts, args),
+            Command::Mixed(args) => (Scenario::Mixed, args),
+            Command::Baselines(args) => (Scenario::Baselines, args),
+        };
+        tokio::select! {
+            result = run(scenario.0, *scenario.1) => result,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; no report written")),
         }
     });
     match result {
@@ -74,6 +95,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn run(scenario: Scenario, args: RunArgs) -> anyhow::Result<()> {
+    let (report, written) = delivertrack_load_tests::scenario::run(scenario, args).await?;
+    println!("{}", report.table());
+    println!("report: {}", written.report.display());
+    if let Some(chart) = written.chart {
+        println!("chart:  {}", chart.display());
+    }
+    Ok(())
 }
 
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
