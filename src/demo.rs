@@ -2,21 +2,32 @@
 //!
 //! The fleet simulator feeds the in-process source; the [driver](crate::driver) runs the
 //! dataflow and commits every epoch to the read model; the API serves the read model, the
-//! live WebSocket stream and the operations map.
+//! live WebSocket stream and the operations map. The API's write routes send their events
+//! into the same in-process channel as the simulator ([`InProcessCommands`]); tokens are
+//! signed with a random secret of this process, and the banner prints an admin token.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use delivertrack_api::Readiness;
+use delivertrack_api::{AuthConfig, Readiness, Role};
 use delivertrack_ingest::{FleetSimulator, SimulatorConfig, in_process, run_simulator};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 
+use crate::commands::InProcessCommands;
 use crate::driver::DriveReport;
 use crate::metrics::DriverMetrics;
 use crate::service::{Companion, PipelineConfig, Service};
+
+/// How long the banner's admin token is valid: the demo's secret dies with its process
+/// anyway.
+const DEMO_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a command may wait for room in the full in-process channel.
+const COMMAND_SEND_BOUND: Duration = Duration::from_secs(2);
 
 /// Everything `delivertrack demo` can be told.
 #[derive(Clone, Debug)]
@@ -43,6 +54,8 @@ pub struct DemoConfig {
     pub seed: u64,
     /// Events buffered between the simulator and the dataflow.
     pub channel_capacity: usize,
+    /// The secret tokens are signed and verified with; `None`: a random one of this process.
+    pub auth: Option<AuthConfig>,
 }
 
 impl Default for DemoConfig {
@@ -59,18 +72,21 @@ impl Default for DemoConfig {
             tick: Duration::from_millis(100),
             seed: 0,
             channel_capacity: 10_000,
+            auth: None,
         }
     }
 }
 
-/// What to open, for a person starting the demo.
-pub fn banner(addr: SocketAddr) -> String {
+/// What to open, for a person starting the demo, with an admin token to try the API with.
+pub fn banner(addr: SocketAddr, admin_token: &str) -> String {
     format!(
         "DeliverTrack demo is running.\n  \
          operations map:  http://{addr}/\n  \
          snapshot (JSON): http://{addr}/api/snapshot\n  \
          live changes:    ws://{addr}/ws/changes\n  \
-         health:          http://{addr}/healthz\n\
+         health:          http://{addr}/healthz\n  \
+         admin token:     {admin_token}\n  \
+         (send it as `Authorization: Bearer <token>` to the write routes, e.g. POST /deliveries)\n\
          Press Ctrl-C to stop."
     )
 }
@@ -81,14 +97,19 @@ pub fn banner(addr: SocketAddr) -> String {
 /// # Errors
 /// The address cannot be bound, or the pipeline failed (see [`run_demo_on`]).
 pub async fn run_demo(
-    config: DemoConfig,
+    mut config: DemoConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let listener = config.pipeline.bind().await?;
     let addr = listener
         .local_addr()
         .context("the listener has no local address")?;
-    println!("{}", banner(addr));
+    let auth = config
+        .auth
+        .get_or_insert_with(|| crate::auth::random_secret(DEMO_TOKEN_LIFETIME))
+        .clone();
+    let admin_token = crate::auth::issue_token(&auth, true, Role::Admin, uuid::Uuid::new_v4())?;
+    println!("{}", banner(addr, &admin_token));
     run_demo_on(listener, config, shutdown).await.map(|_| ())
 }
 
@@ -119,6 +140,20 @@ pub async fn run_demo_on(
         registry,
         metrics,
     )?;
+    // The write routes feed the pipeline beside the simulator.
+    service.state = service
+        .state
+        .clone()
+        .with_commands(Arc::new(InProcessCommands::new(
+            sender.clone(),
+            COMMAND_SEND_BOUND,
+        )));
+    if let Some(auth) = &config.auth {
+        service.state = service
+            .state
+            .clone()
+            .with_auth(crate::auth::authenticator(auth, true)?);
+    }
     let simulator = FleetSimulator::new(simulator_config(&config), now_ms());
     let stopped = service.stop.clone().cancelled_owned();
     let (tick, speed) = (config.tick, config.speed);

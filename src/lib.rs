@@ -4,6 +4,9 @@
 //! so that everything it does can be tested in-process.
 //!
 //! # Layout
+//! - [`commands`] — [`RabbitCommands`] and [`InProcessCommands`], the API's write routes'
+//!   publishers for `run` and `demo`.
+//! - [`auth`] — the JWT secret's checks and tokens for `run`, `token` and `demo`.
 //! - [`driver`] — [`drive`], the generic loop source → epochs → dataflow → sinks → ack.
 //! - [`service`] — [`Service`], the wiring both commands share (read model, sinks, API,
 //!   driver) and the order in which it stops; [`PipelineConfig`], their common settings.
@@ -15,6 +18,8 @@
 //! - [`metrics`] — [`DriverMetrics`], the driver's Prometheus metrics.
 //! - [`telemetry`] — logging set-up.
 
+pub mod auth;
+pub mod commands;
 pub mod demo;
 pub mod driver;
 pub mod metrics;
@@ -24,6 +29,7 @@ pub mod service;
 pub mod stores;
 pub mod telemetry;
 
+pub use commands::{InProcessCommands, RabbitCommands};
 pub use demo::{DemoConfig, banner, run_demo, run_demo_on};
 pub use driver::{DriveReport, DriverConfig, drive};
 pub use metrics::DriverMetrics;

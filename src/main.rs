@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use delivertrack::StoresConfig;
+use delivertrack::auth::issue_token;
 use delivertrack::telemetry::{self, LogFormat};
 use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_migrations, run_pipeline};
+use delivertrack_api::{AuthConfig, Role};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_sinks::{DerivedConfig, MongoConfig, PostgresConfig, RedisConfig};
 
@@ -37,6 +39,61 @@ enum Command {
     Run(Box<RunArgs>),
     /// Applies the PostgreSQL migrations the database does not have yet, then exits.
     Migrate(PostgresArgs),
+    /// Prints a signed API token (JWT) for a role and subject, alone on stdout.
+    Token(TokenArgs),
+}
+
+/// The API's token settings: `run` verifies with them, `token` signs with them.
+#[derive(Debug, clap::Args)]
+struct JwtArgs {
+    /// The HS256 secret of the API's tokens. Required: `run` refuses an empty one and the
+    /// README's sample `change-me` (see --insecure-dev-secret).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, default_value = "")]
+    jwt_secret: String,
+    /// The lifetime of a token `token` issues, seconds.
+    #[arg(long, env = "JWT_EXPIRY", default_value_t = 3600)]
+    jwt_expiry_secs: u64,
+    /// Accepts the README's sample secret `change-me`: for a developer's machine only.
+    #[arg(long)]
+    insecure_dev_secret: bool,
+}
+
+impl JwtArgs {
+    fn config(&self) -> AuthConfig {
+        AuthConfig {
+            secret: self.jwt_secret.clone(),
+            expiry: Duration::from_secs(self.jwt_expiry_secs),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// Whom the token speaks for.
+    #[arg(long, value_enum)]
+    role: TokenRole,
+    /// The subject: the customer's or courier's id (a UUID); an admin's own id.
+    #[arg(long)]
+    sub: uuid::Uuid,
+    #[command(flatten)]
+    jwt: JwtArgs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TokenRole {
+    Customer,
+    Courier,
+    Admin,
+}
+
+impl From<TokenRole> for Role {
+    fn from(role: TokenRole) -> Self {
+        match role {
+            TokenRole::Customer => Role::Customer,
+            TokenRole::Courier => Role::Courier,
+            TokenRole::Admin => Role::Admin,
+        }
+    }
 }
 
 /// Where PostgreSQL is: `DATABASE_URL`, or the `POSTGRES_*` parts.
@@ -185,6 +242,8 @@ struct RunArgs {
     shutdown_timeout_secs: u64,
     #[command(flatten)]
     stores: StoreArgs,
+    #[command(flatten)]
+    jwt: JwtArgs,
 }
 
 /// The stores `run` writes: each on localhost by default, and each required unless left
@@ -296,12 +355,32 @@ impl From<RunArgs> for RunConfig {
                 ..RabbitConfig::default()
             },
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+            auth: Some(args.jwt.config()),
+            insecure_dev_secret: args.jwt.insecure_dev_secret,
         }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Token(args) = &cli.command {
+        // No runtime, no logger: the token alone on stdout, an error alone on stderr.
+        return match issue_token(
+            &args.jwt.config(),
+            args.jwt.insecure_dev_secret,
+            args.role.into(),
+            args.sub,
+        ) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let format = match cli.log_format {
         Format::Human => LogFormat::Human,
         Format::Json => LogFormat::Json,
@@ -322,6 +401,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => run_demo(args.into(), shutdown_signal()).await,
             Command::Run(args) => run_pipeline((*args).into(), shutdown_signal()).await,
             Command::Migrate(args) => run_migrations(&args.config()).await,
+            Command::Token(_) => Ok(()),
         }
     });
     // The drain is bounded inside the pipeline; do not wait on stragglers (a blocked

@@ -13,22 +13,32 @@
 //! a lost connection is the source's to heal (it reconnects with backoff); meanwhile
 //! `/readyz` answers `503 source_unavailable` with the reason.
 //!
+//! The API's write routes publish their events to the same exchange through a
+//! [`CommandPublisher`] with a connection of its own ([`crate::commands`]), and verify
+//! tokens with `JWT_SECRET` ([`RunConfig::auth`]): an empty secret, or the README's sample
+//! one without [`RunConfig::insecure_dev_secret`], stops the start before anything opens.
+//!
 //! Shutdown (rule 7): the source stops being read, the open epochs are computed, committed
 //! and acknowledged, then the API stops — all within [`RunConfig::shutdown_timeout`], after
 //! which the process gives up and leaves what is unacknowledged to be redelivered.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use delivertrack_api::{Readiness, SourceStatus};
-use delivertrack_ingest::rabbitmq::{IngestMetrics, RabbitConfig, RabbitSource, SourceHealth};
+use delivertrack_api::{AuthConfig, Readiness, SourceStatus};
+use delivertrack_ingest::rabbitmq::{
+    CommandPublisher, CommandPublisherConfig, IngestMetrics, RabbitConfig, RabbitSource,
+    SourceHealth,
+};
 use delivertrack_sinks::Sink;
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
+use crate::commands::RabbitCommands;
 use crate::driver::DriveReport;
 use crate::metrics::DriverMetrics;
 use crate::service::{PipelineConfig, Service};
@@ -47,6 +57,12 @@ pub struct RunConfig {
     /// How long the drain after Ctrl-C / SIGTERM may take before the process gives up
     /// (what it read and did not acknowledge is then redelivered to the next consumer).
     pub shutdown_timeout: Duration,
+    /// `JWT_SECRET` and `JWT_EXPIRY`, which the API verifies tokens with. `None`: a random
+    /// secret of this process (tokens only it can issue); `delivertrack run` always sets it.
+    pub auth: Option<AuthConfig>,
+    /// Accept the README's sample secret ([`SAMPLE_SECRET`](crate::auth::SAMPLE_SECRET)),
+    /// which is otherwise refused at start (an empty one always is).
+    pub insecure_dev_secret: bool,
 }
 
 impl Default for RunConfig {
@@ -56,6 +72,8 @@ impl Default for RunConfig {
             rabbit: RabbitConfig::default(),
             stores: StoresConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
+            auth: None,
+            insecure_dev_secret: false,
         }
     }
 }
@@ -146,6 +164,12 @@ pub async fn run_pipeline_on(
     let addr = listener
         .local_addr()
         .context("the listener has no local address")?;
+    // The secret first: a refused one stops the start before anything is opened.
+    let authenticator = config
+        .auth
+        .as_ref()
+        .map(|auth| crate::auth::authenticator(auth, config.insecure_dev_secret))
+        .transpose()?;
     let registry = Registry::new();
     let metrics =
         IngestMetrics::register(&registry).context("the ingest metrics could not be registered")?;
@@ -175,6 +199,13 @@ pub async fn run_pipeline_on(
         }
     };
     let readiness = readiness(source.health());
+    // The write routes publish on a connection of their own, to the exchange the source
+    // has just declared and bound its queue to.
+    let publisher = Arc::new(
+        CommandPublisher::connect(CommandPublisherConfig::for_source(&config.rabbit))
+            .await
+            .with_context(|| format!("RabbitMQ at {url} cannot take commands"))?,
+    );
 
     let mut service = Service::assemble(
         source,
@@ -185,6 +216,13 @@ pub async fn run_pipeline_on(
         driver_metrics,
     )?;
     service.drain_timeout = Some(config.shutdown_timeout);
+    service.state = service
+        .state
+        .clone()
+        .with_commands(Arc::new(RabbitCommands::new(Arc::clone(&publisher))));
+    if let Some(authenticator) = authenticator {
+        service.state = service.state.clone().with_auth(authenticator);
+    }
     service.restore = stores.restore;
     let sink_names: Vec<&str> = service.sinks.iter().map(|s| s.name()).collect();
     tracing::info!(%addr, rabbitmq = %url, queue = %config.rabbit.queue, prefetch = config.rabbit.prefetch, workers = config.pipeline.workers, sinks = ?sink_names, restored_records = service.restore.len(), "DeliverTrack is running.");
@@ -192,7 +230,9 @@ pub async fn run_pipeline_on(
         // The caller may have stopped listening; nothing depends on it hearing this.
         let _ = started.send(Started { addr });
     }
-    service.run(listener, shutdown).await
+    let ran = service.run(listener, shutdown).await;
+    publisher.close().await;
+    ran
 }
 
 /// `/readyz`'s view of the source: connected, or the reason it is not.

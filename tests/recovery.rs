@@ -498,6 +498,7 @@ async fn start_binary(
         .arg("--no-mongo")
         .args(["--log-format", "json"])
         .env("RABBITMQ_URL", &rabbit.url)
+        .env("JWT_SECRET", "recovery-test-jwt-key-3b8e")
         .env_remove("DATABASE_URL")
         .env_remove("MONGO_URI")
         .env("RUST_LOG", "info")
@@ -802,6 +803,7 @@ async fn a_postgres_outage_pauses_the_pipeline_and_it_resumes_alone() {
             ..StoresConfig::default()
         },
         shutdown_timeout: Duration::from_secs(30),
+        ..RunConfig::default()
     };
     let publisher = publisher(&rabbit).await;
     let running = start_in_process(config).await;
@@ -898,6 +900,7 @@ async fn failed_start(args: &[&str]) -> String {
         .args(["--no-derived"])
         .args(args)
         .env("RABBITMQ_URL", &rabbit.url)
+        .env("JWT_SECRET", "recovery-test-jwt-key-3b8e")
         .env_remove("DATABASE_URL")
         .env_remove("MONGO_URI")
         .output();

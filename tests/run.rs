@@ -652,6 +652,7 @@ async fn the_binary_drains_and_exits_zero_on_sigterm() {
         // The stores have their own end-to-end tests (tests/recovery.rs).
         .args(["--no-postgres", "--no-redis", "--no-mongo", "--no-derived"])
         .env("RABBITMQ_URL", &config.url)
+        .env("JWT_SECRET", "run-test-jwt-key-7c1d")
         .args(["--log-format", "json"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -752,6 +753,7 @@ async fn an_unreachable_broker_at_start_is_an_error_naming_it() {
         .args(["run", "--listen", "127.0.0.1:0"])
         .args(["--no-postgres", "--no-redis", "--no-mongo", "--no-derived"])
         .env("RABBITMQ_URL", "amqp://guest:secret@127.0.0.1:1/%2f")
+        .env("JWT_SECRET", "run-test-jwt-key-7c1d")
         .output();
     let output = timeout(PATIENCE, output).await.unwrap().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

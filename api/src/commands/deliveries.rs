@@ -1,0 +1,329 @@
+//! `POST /deliveries`, `PUT /deliveries/{id}/status`, `POST /deliveries/{id}/rating`.
+//!
+//! Who may do what (the token's `sub` is the customer's or courier's id):
+//!
+//! | route | customer | courier | admin |
+//! |---|---|---|---|
+//! | `POST /deliveries` | for themselves (`customer_id` absent or their own) | `403` | for any `customer_id` (required) |
+//! | `PUT /deliveries/{id}/status` | `cancelled`, on their own deliveries | `picked_up`, `in_transit`, `delivered`, `failed`, on deliveries assigned to them | any legal step |
+//! | `POST /deliveries/{id}/rating` | their own deliveries | `403` | any delivery |
+//!
+//! A customer asking about someone else's delivery gets `404`, as if it did not exist; a
+//! courier acting on a delivery not assigned to them gets `403`. Assigning is an
+//! operator's decision (admin); cancelling is the customer's or an operator's. The status
+//! is checked against the read model with [`Status::can_become`] before publishing:
+//! `409 illegal_transition`; a rating needs a delivered or failed delivery:
+//! `409 not_rateable`.
+
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, put};
+use delivertrack_dataflow::{DeliveryId, Event, EventBody, EventKind, Status};
+use delivertrack_sinks::read_model::DeliveryView;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::build::{self, point};
+use super::settle::{Applied, Pending, Written, publish, settle};
+use crate::auth::{Principal, Role};
+use crate::error::{ApiError, ApiJson};
+use crate::id;
+use crate::rate_limit::Limit;
+use crate::state::AppState;
+
+/// The routes of this module.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/deliveries", post(create))
+        .route("/deliveries/{id}/status", put(change_status))
+        .route("/deliveries/{id}/rating", post(rate))
+}
+
+/// A position in a request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Position {
+    lat: f64,
+    lon: f64,
+}
+
+/// The body of `POST /deliveries`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateDelivery {
+    pickup: Position,
+    dropoff: Position,
+    /// RFC 3339.
+    #[serde(default)]
+    promised_by: Option<String>,
+    /// Whose delivery: required of an admin; a customer may only name themselves.
+    #[serde(default)]
+    customer_id: Option<String>,
+}
+
+/// The body of `PUT /deliveries/{id}/status`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeStatus {
+    status: String,
+    /// Exactly with `assigned`.
+    #[serde(default)]
+    courier_id: Option<String>,
+}
+
+/// The body of `POST /deliveries/{id}/rating`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rate {
+    /// An integer from 1 to 5 (any JSON number is taken here, the contract judges it).
+    score: serde_json::Number,
+    #[serde(default)]
+    comment: Option<String>,
+}
+
+/// What the checks need of a delivery, read under the lock in one go.
+#[derive(Clone, Copy, Debug)]
+struct Current {
+    customer: uuid::Uuid,
+    courier: Option<uuid::Uuid>,
+    status: Status,
+    version: u32,
+}
+
+fn forbidden(reason: impl Into<String>) -> ApiError {
+    ApiError::Forbidden {
+        reason: reason.into(),
+    }
+}
+
+fn not_found(id: DeliveryId) -> ApiError {
+    ApiError::NotFound {
+        resource: "delivery",
+        id: id.to_string(),
+    }
+}
+
+fn location(id: DeliveryId) -> String {
+    format!("/api/deliveries/{id}")
+}
+
+/// The delivery as the read model holds it, if `ready` says the write is visible.
+fn view_if(
+    id: DeliveryId,
+    ready: impl Fn(&delivertrack_dataflow::model::DeliveryState) -> bool,
+) -> impl Fn(&delivertrack_sinks::read_model::ReadState) -> Option<DeliveryView> {
+    move |state| {
+        state
+            .deliveries
+            .get(&id)
+            .filter(|delivery| ready(delivery))
+            .and_then(|_| state.delivery(id))
+    }
+}
+
+/// The delivery's owner and state, or `404` — also for a customer's look at someone
+/// else's delivery, which must not reveal that it exists.
+fn current(state: &AppState, principal: &Principal, id: DeliveryId) -> Result<Current, ApiError> {
+    let current = state.read_model.with_state(|s| {
+        s.deliveries.get(&id).map(|d| Current {
+            customer: d.customer_id.0,
+            courier: d.courier_id.map(|c| c.0),
+            status: d.status,
+            version: d.version,
+        })
+    });
+    match current {
+        Some(current) if principal.role == Role::Customer && current.customer != principal.sub => {
+            Err(not_found(id))
+        }
+        Some(current) => Ok(current),
+        None => Err(not_found(id)),
+    }
+}
+
+/// Answers a published write on delivery `id`: `status` with the view once `ready` holds,
+/// else `202`.
+async fn answer(
+    state: &AppState,
+    id: DeliveryId,
+    event: &Event,
+    status: StatusCode,
+    ready: impl Fn(&delivertrack_dataflow::model::DeliveryState) -> bool,
+) -> Response {
+    match settle(state, view_if(id, ready)).await {
+        Some(view) => Applied {
+            status,
+            location: location(id),
+            body: Written {
+                id: id.0,
+                event_id: event.event_id,
+                view,
+            },
+        }
+        .into_response(),
+        None => Pending::new(id.0, event, location(id), state.config.command_wait).into_response(),
+    }
+}
+
+/// `POST /deliveries`: `201` with the delivery (`"id"`, `"status": "created"`, ...) once the
+/// pipeline has applied it, `202` if not within the bound.
+async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    body: Result<ApiJson<CreateDelivery>, ApiError>,
+) -> Result<Response, ApiError> {
+    if principal.role == Role::Courier {
+        return Err(forbidden("a courier cannot create deliveries"));
+    }
+    let ApiJson(body) = body?;
+    let customer = match (principal.role, body.customer_id) {
+        (_, Some(customer)) => Value::from(customer),
+        (Role::Admin, None) => {
+            return Err(ApiError::BadRequest {
+                code: "missing_field",
+                message: "missing field `customer_id`: an admin names the customer".into(),
+            });
+        }
+        (_, None) => Value::from(principal.sub.to_string()),
+    };
+    let id = DeliveryId::new_random();
+    let mut fields = Map::new();
+    fields.insert("delivery_id".into(), Value::from(id.to_string()));
+    fields.insert("customer_id".into(), customer);
+    fields.insert("pickup".into(), point(body.pickup.lat, body.pickup.lon));
+    fields.insert("dropoff".into(), point(body.dropoff.lat, body.dropoff.lon));
+    if let Some(promised_by) = body.promised_by {
+        fields.insert("promised_by".into(), Value::from(promised_by));
+    }
+    let event = build::event(EventKind::DeliveryCreated, None, fields)?;
+    let EventBody::DeliveryCreated(created) = &event.body else {
+        return Err(ApiError::Internal(
+            "a delivery.created command decoded as another kind".into(),
+        ));
+    };
+    if principal.role == Role::Customer && created.customer_id.0 != principal.sub {
+        return Err(forbidden(
+            "a customer creates deliveries only for themselves",
+        ));
+    }
+    // Counted only for a creation that would be published: a refused one costs no quota.
+    state
+        .limiter
+        .check(Limit::DeliveryCreation, &created.customer_id.to_string())
+        .await?;
+    publish(&state, &event).await?;
+    Ok(answer(&state, id, &event, StatusCode::CREATED, |_| true).await)
+}
+
+/// `PUT /deliveries/{id}/status`: `200` with the delivery once the change is applied, `202`
+/// if not within the bound.
+async fn change_status(
+    State(state): State<AppState>,
+    principal: Principal,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<ApiJson<ChangeStatus>, ApiError>,
+) -> Result<Response, ApiError> {
+    let id: DeliveryId = id::parse("delivery", path)?;
+    let ApiJson(body) = body?;
+    let status: Status = body.status.parse().map_err(|_| ApiError::BadRequest {
+        code: "invalid_status",
+        message: format!(
+            "{:?} is not a status; one of assigned, picked_up, in_transit, delivered, failed, cancelled",
+            body.status
+        ),
+    })?;
+    if body.courier_id.is_some() && status != Status::Assigned {
+        return Err(ApiError::BadRequest {
+            code: "courier_not_allowed",
+            message: "`courier_id` is given only with status assigned".into(),
+        });
+    }
+    let mut fields = Map::new();
+    fields.insert("delivery_id".into(), Value::from(id.to_string()));
+    fields.insert("status".into(), Value::from(body.status));
+    if let Some(courier) = body.courier_id {
+        fields.insert("courier_id".into(), Value::from(courier));
+    }
+    let event = build::event(EventKind::StatusChanged, None, fields)?;
+
+    let current = current(&state, &principal, id)?;
+    match principal.role {
+        Role::Admin => {}
+        Role::Customer if status == Status::Cancelled => {}
+        Role::Customer => {
+            return Err(forbidden(format!(
+                "a customer may only cancel a delivery, not set it {status}"
+            )));
+        }
+        Role::Courier if current.courier != Some(principal.sub) => {
+            return Err(forbidden("this delivery is not assigned to you"));
+        }
+        Role::Courier
+            if matches!(
+                status,
+                Status::PickedUp | Status::InTransit | Status::Delivered | Status::Failed
+            ) => {}
+        Role::Courier => {
+            return Err(forbidden(format!(
+                "a courier may not set a delivery {status} (assigning and cancelling are for operators and customers)"
+            )));
+        }
+    }
+    if !current.status.can_become(status) {
+        return Err(ApiError::Conflict {
+            code: "illegal_transition",
+            message: format!("a delivery cannot go from {} to {status}", current.status),
+        });
+    }
+    publish(&state, &event).await?;
+    let before = current.version;
+    // Visible: the delivery moved past the checked version to this status — or by more
+    // than one event, so that a concurrent write that overtook this one does not hold the
+    // answer until the bound.
+    Ok(answer(&state, id, &event, StatusCode::OK, move |d| {
+        d.version > before && (d.status == status || d.version > before + 1)
+    })
+    .await)
+}
+
+/// `POST /deliveries/{id}/rating`: `201` with the delivery (its `rating`) once applied,
+/// `202` if not within the bound.
+async fn rate(
+    State(state): State<AppState>,
+    principal: Principal,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<ApiJson<Rate>, ApiError>,
+) -> Result<Response, ApiError> {
+    let id: DeliveryId = id::parse("delivery", path)?;
+    if principal.role == Role::Courier {
+        return Err(forbidden("a courier cannot rate deliveries"));
+    }
+    let ApiJson(body) = body?;
+    let mut fields = Map::new();
+    fields.insert("delivery_id".into(), Value::from(id.to_string()));
+    fields.insert("score".into(), Value::Number(body.score));
+    if let Some(comment) = body.comment {
+        fields.insert("comment".into(), Value::from(comment));
+    }
+    let event = build::event(EventKind::DeliveryRated, None, fields)?;
+
+    let current = current(&state, &principal, id)?;
+    if !matches!(current.status, Status::Delivered | Status::Failed) {
+        return Err(ApiError::Conflict {
+            code: "not_rateable",
+            message: format!(
+                "a delivery can be rated once delivered or failed; this one is {}",
+                current.status
+            ),
+        });
+    }
+    publish(&state, &event).await?;
+    let at = event.occurred_at;
+    Ok(answer(&state, id, &event, StatusCode::CREATED, move |d| {
+        d.rating.as_ref().is_some_and(|rating| rating.at >= at)
+    })
+    .await)
+}

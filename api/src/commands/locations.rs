@@ -1,0 +1,143 @@
+//! `POST /locations`: a courier's GPS fix.
+//!
+//! The courier is the token's `sub`: a courier reports only their own position (a body
+//! naming another `courier_id` is `403`). An admin may report for any courier and must name
+//! it with `courier_id` (an operator's correction, a device relayed by a back office). A
+//! customer may not (`403`).
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use delivertrack_dataflow::{CourierId, EventBody, EventKind};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::build;
+use super::settle::{Applied, Pending, Written, publish, settle};
+use crate::auth::{Principal, Role};
+use crate::error::{ApiError, ApiJson};
+use crate::rate_limit::Limit;
+use crate::state::AppState;
+
+/// The routes of this module.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/locations", post(report))
+}
+
+/// The body of `POST /locations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Report {
+    lat: f64,
+    lon: f64,
+    /// When the fix was taken (RFC 3339); now when absent.
+    #[serde(default)]
+    occurred_at: Option<String>,
+    #[serde(default)]
+    speed_mps: Option<f64>,
+    #[serde(default)]
+    heading_deg: Option<f64>,
+    #[serde(default)]
+    accuracy_m: Option<f64>,
+    /// Required of an admin; a courier may only name themselves.
+    #[serde(default)]
+    courier_id: Option<String>,
+}
+
+fn location(id: CourierId) -> String {
+    format!("/api/couriers/{id}")
+}
+
+/// `201` with the courier (position, zones, aggregates, active deliveries) once the read
+/// model holds this fix or a newer one; `202` if not within the bound (also when the fix is
+/// older than what the courier already reported: it is kept as history, but never becomes
+/// the current position).
+async fn report(
+    State(state): State<AppState>,
+    principal: Principal,
+    body: Result<ApiJson<Report>, ApiError>,
+) -> Result<Response, ApiError> {
+    if principal.role == Role::Customer {
+        return Err(ApiError::Forbidden {
+            reason: "only couriers report locations".into(),
+        });
+    }
+    let ApiJson(body) = body?;
+    let courier = match (principal.role, body.courier_id) {
+        (_, Some(courier)) => Value::from(courier),
+        (Role::Admin, None) => {
+            return Err(ApiError::BadRequest {
+                code: "missing_field",
+                message: "missing field `courier_id`: an admin names the courier".into(),
+            });
+        }
+        (_, None) => Value::from(principal.sub.to_string()),
+    };
+    let mut fields = Map::new();
+    fields.insert("courier_id".into(), courier);
+    fields.insert("lat".into(), Value::from(body.lat));
+    fields.insert("lon".into(), Value::from(body.lon));
+    for (name, value) in [
+        ("speed_mps", body.speed_mps),
+        ("heading_deg", body.heading_deg),
+        ("accuracy_m", body.accuracy_m),
+    ] {
+        if let Some(value) = value {
+            fields.insert(name.into(), Value::from(value));
+        }
+    }
+    let event = build::event(EventKind::LocationUpdated, body.occurred_at, fields)?;
+    let EventBody::LocationUpdated(fix) = &event.body else {
+        return Err(ApiError::Internal(
+            "a location.updated command decoded as another kind".into(),
+        ));
+    };
+    let id = fix.courier_id;
+    if principal.role == Role::Courier && id.0 != principal.sub {
+        return Err(ApiError::Forbidden {
+            reason: "a courier reports only their own location".into(),
+        });
+    }
+    // Counted only for a fix that would be published: a refused one costs no quota.
+    state
+        .limiter
+        .check(Limit::LocationUpdate, &id.to_string())
+        .await?;
+    publish(&state, &event).await?;
+    let (event_id, at) = (event.event_id, event.occurred_at);
+    // `Some(Some(view))`: this fix is the courier's current one; `Some(None)`: a newer fix
+    // is, so this one never will be; `None`: not applied yet.
+    let settled = settle(&state, |s| {
+        let current = s.couriers.get(&id)?;
+        if current.event_id == event_id {
+            Some(s.courier(id))
+        } else if current.at > at {
+            Some(None)
+        } else {
+            None
+        }
+    })
+    .await;
+    Ok(match settled {
+        Some(Some(view)) => Applied {
+            status: StatusCode::CREATED,
+            location: location(id),
+            body: Written {
+                id: id.0,
+                event_id,
+                view,
+            },
+        }
+        .into_response(),
+        Some(None) => {
+            let mut pending = Pending::new(id.0, &event, location(id), state.config.command_wait);
+            pending.message =
+                "the fix is published and kept as history, but the courier has reported a newer one"
+                    .into();
+            pending.into_response()
+        }
+        None => Pending::new(id.0, &event, location(id), state.config.command_wait).into_response(),
+    })
+}
