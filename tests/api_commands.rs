@@ -1357,50 +1357,69 @@ async fn commands_reach_postgres_and_redis_through_the_pipeline() {
         .await;
     assert_eq!(fix.status, 201, "{fix:?}");
 
-    // The read model applies an epoch only after every sink committed it, so by now both
-    // stores hold the commands' events.
+    // The sinks commit an epoch in parallel: the read model may show it a moment before
+    // the stores do. Both must hold the commands' events soon after.
     let pool = sqlx::PgPool::connect(&database.url()).await.unwrap();
     let ids: Vec<Uuid> = [&created, &cancelled, &fix]
         .iter()
         .map(|a| Uuid::parse_str(a.body["event_id"].as_str().unwrap()).unwrap())
         .collect();
-    let rows: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT event_id, kind FROM delivery_events WHERE event_id = ANY($1) ORDER BY occurred_at",
-    )
-    .bind(&ids)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        rows,
-        vec![
-            (ids[0], "delivery.created".to_owned()),
-            (ids[1], "status.changed".to_owned()),
-            (ids[2], "location.updated".to_owned()),
-        ]
-    );
-    let (status,): (String,) = sqlx::query_as("SELECT status FROM deliveries WHERE id = $1")
-        .bind(id)
-        .fetch_one(&pool)
+    let expected = vec![
+        (ids[0], "delivery.created".to_owned()),
+        (ids[1], "status.changed".to_owned()),
+        (ids[2], "location.updated".to_owned()),
+    ];
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT event_id, kind FROM delivery_events WHERE event_id = ANY($1) ORDER BY occurred_at",
+        )
+        .bind(&ids)
+        .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(status, "cancelled");
+        let status: Option<(String,)> =
+            sqlx::query_as("SELECT status FROM deliveries WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        if rows == expected && status.as_ref().is_some_and(|(s,)| s == "cancelled") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL never held the commands: {rows:?}, status {status:?}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
     pool.close().await;
 
     let mut redis = redis().await;
-    let cached: Option<String> = redis::cmd("GET")
-        .arg(format!("{prefix}delivery:{id}"))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let cached: Value = serde_json::from_str(&cached.expect("the delivery is cached")).unwrap();
-    assert_eq!(cached["status"], "cancelled");
-    let location: Option<String> = redis::cmd("GET")
-        .arg(format!("{prefix}courier:{courier}:location"))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert!(location.is_some(), "the courier's location is cached");
+    loop {
+        let cached: Option<String> = redis::cmd("GET")
+            .arg(format!("{prefix}delivery:{id}"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let status = cached
+            .as_deref()
+            .and_then(|c| serde_json::from_str::<Value>(c).ok())
+            .map(|c| c["status"].clone());
+        let location: Option<String> = redis::cmd("GET")
+            .arg(format!("{prefix}courier:{courier}:location"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if status == Some(json!("cancelled")) && location.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis never held the commands: delivery {status:?}, location {location:?}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
 
     running.stop().await;
     delete_keys(&prefix).await;

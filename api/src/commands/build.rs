@@ -3,7 +3,7 @@
 //! A write route does not construct an [`Event`] by hand: it writes the event's wire form
 //! (the request's fields under the contract's names, a new UUIDv4 `event_id`,
 //! `occurred_at` now unless the client gave one) and decodes it with
-//! [`decode_event`](delivertrack_dataflow::contract::decode_event) — the very function
+//! [`delivertrack_dataflow::contract::decode_event`] — the very function
 //! RabbitMQ input goes through. A command is therefore held to exactly the rules of ingest
 //! (ranges, geometry, string lengths, clock skew), and what it publishes is an event the
 //! pipeline will not dead-letter at decoding. The contract's reason codes become the

@@ -7,7 +7,7 @@
 //! view of the entity. A `GET` right after that answer therefore returns the write. If the
 //! event is not visible within [`ApiConfig::command_wait`](crate::ApiConfig::command_wait)
 //! (a pipeline slowed by a stalled sink, a concurrent write that made this one moot), the
-//! route answers [`Pending`]: `202 Accepted`, the event id, and a `Location` to poll.
+//! route answers `Pending`: `202 Accepted`, the event id, and a `Location` to poll.
 
 use std::time::Duration;
 
