@@ -41,6 +41,16 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// CPU time this process has used (user + system), from `/proc/self/stat` on Linux
+/// (clock ticks of 10 ms); `None` elsewhere.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// The read model after `epochs` simulated minutes of a 200-courier city.
 fn read_model(epochs: usize) -> ReadModel {
     let mut simulator = FleetSimulator::new(
@@ -100,10 +110,12 @@ async fn main() {
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
     let mut measured_from = started;
+    let mut cpu_from = cpu_time();
     for n in 0..total {
         let due = ticks.tick().await;
         if n == warm_up {
             measured_from = due;
+            cpu_from = cpu_time();
         }
         let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
             shed += 1;
@@ -133,6 +145,9 @@ async fn main() {
     }
     while tasks.join_next().await.is_some() {}
     let elapsed = measured_from.elapsed();
+    let cpu = cpu_time()
+        .zip(cpu_from)
+        .map(|(to, from)| to.saturating_sub(from));
     shutdown.cancel();
     let _ = server.await;
 
@@ -154,4 +169,12 @@ async fn main() {
         ms(0.999),
         histogram.max() as f64 / 1000.0
     );
+    if let Some(cpu) = cpu {
+        println!(
+            "CPU (client and server together): {:.2} s, {:.3} ms per request, {:.0}% of one core",
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1000.0 / histogram.len().max(1) as f64,
+            cpu.as_secs_f64() * 100.0 / elapsed.as_secs_f64()
+        );
+    }
 }

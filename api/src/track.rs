@@ -189,7 +189,7 @@ async fn session(socket: WebSocket, state: AppState, id: DeliveryId) {
 }
 
 /// Why the send loop stopped.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 enum End {
     /// Close with this frame.
     Close(u16, &'static str),
@@ -230,6 +230,8 @@ struct Tracker {
     last: Option<Epoch>,
 }
 
+/// The session's protocol: the snapshot, then per epoch what concerns the delivery, pings,
+/// resyncs; returns how the session ends.
 async fn track(
     sink: &mut SplitSink<WebSocket, Message>,
     state: &AppState,
@@ -508,5 +510,146 @@ async fn send_json(
             tracing::error!(%error, "A tracking message could not be serialized.");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    const DELIVERY: DeliveryId = DeliveryId(Uuid::from_u128(1));
+    const COURIER: CourierId = CourierId(Uuid::from_u128(2));
+    const OTHER: CourierId = CourierId(Uuid::from_u128(3));
+    const ZONE: ZoneId = ZoneId(Uuid::from_u128(4));
+
+    fn tracker(courier: Option<CourierId>) -> Tracker {
+        Tracker {
+            id: DELIVERY,
+            courier,
+            last: Some(1),
+        }
+    }
+
+    fn moved(courier_id: CourierId) -> LiveChange {
+        LiveChange::CourierMoved {
+            courier_id,
+            position: LatLon {
+                lat: 52.5,
+                lon: 13.4,
+            },
+            at_ms: 1_000,
+            speed_mps: None,
+            heading_deg: None,
+            odometer_m: 10.0,
+        }
+    }
+
+    fn status(status: Status, courier_id: Option<CourierId>) -> LiveChange {
+        LiveChange::DeliveryStatus {
+            delivery_id: DELIVERY,
+            status,
+            previous_status: Some(Status::Assigned),
+            courier_id,
+            dropoff: LatLon {
+                lat: 52.5,
+                lon: 13.4,
+            },
+            version: 3,
+        }
+    }
+
+    fn update(changes: Vec<LiveChange>) -> EpochUpdate {
+        EpochUpdate {
+            epoch: 2,
+            changes,
+            rejected: 0,
+        }
+    }
+
+    fn types(step: &Step) -> Vec<String> {
+        step.messages
+            .iter()
+            .map(|m| {
+                serde_json::to_value(m)
+                    .map(|v| v["type"].to_string())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_the_delivery_and_its_courier_pass_in_a_fixed_order() {
+        let step = step(
+            &tracker(Some(COURIER)),
+            &update(vec![
+                moved(OTHER),
+                moved(COURIER),
+                LiveChange::GeofenceEntered {
+                    courier_id: COURIER,
+                    zone_id: ZONE,
+                },
+                LiveChange::GeofenceExited {
+                    courier_id: OTHER,
+                    zone_id: ZONE,
+                },
+                status(Status::PickedUp, Some(COURIER)),
+                LiveChange::EtaCleared {
+                    delivery_id: DeliveryId(Uuid::from_u128(9)),
+                },
+                LiveChange::EtaCleared {
+                    delivery_id: DELIVERY,
+                },
+            ]),
+        );
+        assert_eq!(step.then, Then::Continue);
+        assert_eq!(
+            types(&step),
+            [
+                "\"status\"",
+                "\"courier_moved\"",
+                "\"geofence_entered\"",
+                "\"eta_cleared\""
+            ]
+        );
+        assert!(
+            step.messages
+                .iter()
+                .all(|m| { serde_json::to_value(m).is_ok_and(|v| v["epoch"] == 2) })
+        );
+    }
+
+    #[test]
+    fn an_end_a_new_courier_and_a_removal_are_told_apart() {
+        let ended = step(
+            &tracker(Some(COURIER)),
+            &update(vec![
+                moved(COURIER),
+                status(Status::Delivered, Some(COURIER)),
+            ]),
+        );
+        assert_eq!(ended.then, Then::Close(DELIVERY_ENDED));
+        assert_eq!(types(&ended), ["\"status\""]);
+
+        let assigned = step(
+            &tracker(None),
+            &update(vec![
+                moved(COURIER),
+                status(Status::Assigned, Some(COURIER)),
+            ]),
+        );
+        assert_eq!(assigned.then, Then::Resync);
+        assert_eq!(types(&assigned), ["\"status\""]);
+
+        let removed = step(
+            &tracker(Some(COURIER)),
+            &update(vec![LiveChange::DeliveryRemoved {
+                delivery_id: DELIVERY,
+            }]),
+        );
+        assert_eq!(removed.then, Then::Close("delivery removed"));
+
+        let nothing = step(&tracker(None), &update(vec![moved(COURIER), moved(OTHER)]));
+        assert_eq!((nothing.messages.len(), nothing.then), (0, Then::Continue));
     }
 }
