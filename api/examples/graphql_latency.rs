@@ -7,7 +7,9 @@
 //! that is not recorded), as an admin. Latency is measured from the moment a request was
 //! due, not from when it was sent, so a stalled server shows in the figures instead of
 //! silently lowering the rate. Client and server share the process and its two runtime
-//! threads, so the figures are an upper bound of the server's own share.
+//! threads, so the figures are an upper bound of the server's own share; the CPU time the
+//! process spent per request (from `/proc/self/stat`) is printed too, a figure other load
+//! on the machine does not inflate the way it does latency.
 //!
 //! ```sh
 //! cargo run -p delivertrack-api --example graphql_latency -- --rates 500,1000 --seconds 10
@@ -69,12 +71,27 @@ fn read_model(minutes: usize) -> ReadModel {
     model
 }
 
+/// CPU time this process has used (user + system, every thread), from `/proc/self/stat`;
+/// `None` where there is no procfs. Clock ticks are taken as 100 per second (Linux's
+/// USER_HZ on every common platform).
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// What one run at one rate measured.
 struct Outcome {
     histogram: Histogram<u64>,
     elapsed: Duration,
     errors: u64,
     shed: u64,
+    /// CPU time of the whole process (client and server) during the measured part.
+    cpu: Option<Duration>,
 }
 
 async fn run(addr: SocketAddr, token: &str, rate: u64, seconds: u64) -> Outcome {
@@ -92,10 +109,12 @@ async fn run(addr: SocketAddr, token: &str, rate: u64, seconds: u64) -> Outcome 
     let warm_up = rate;
     let mut tasks = tokio::task::JoinSet::new();
     let mut measured_from = Instant::now();
+    let mut cpu_from = None;
     for n in 0..rate * (seconds + 1) {
         let due = ticks.tick().await;
         if n == warm_up {
             measured_from = due;
+            cpu_from = cpu_time();
         }
         let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
             shed += 1;
@@ -129,12 +148,16 @@ async fn run(addr: SocketAddr, token: &str, rate: u64, seconds: u64) -> Outcome 
     }
     while tasks.join_next().await.is_some() {}
     let elapsed = measured_from.elapsed();
+    let cpu = cpu_time()
+        .zip(cpu_from)
+        .map(|(end, start)| end.saturating_sub(start));
     let histogram = Arc::try_unwrap(histogram).unwrap().into_inner().unwrap();
     Outcome {
         histogram,
         elapsed,
         errors: errors.load(Ordering::Relaxed),
         shed,
+        cpu,
     }
 }
 
@@ -174,8 +197,18 @@ async fn main() {
         let outcome = run(addr, &admin, rate, seconds).await;
         let h = &outcome.histogram;
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let cpu = outcome.cpu.map_or_else(
+            || "unknown".to_owned(),
+            |cpu| {
+                format!(
+                    "{:.2} ms",
+                    cpu.as_secs_f64() * 1000.0 / h.len().max(1) as f64
+                )
+            },
+        );
         println!(
-            "{rate}/s for {seconds} s: {} measured ({:.0}/s achieved), {} errors, {} shed; \
+            "{rate}/s for {seconds} s: {} measured ({:.0}/s achieved), {} errors, {} shed, \
+             {cpu} CPU per request (client and server); \
              p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
             h.len(),
             h.len() as f64 / outcome.elapsed.as_secs_f64(),
