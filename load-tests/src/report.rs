@@ -141,20 +141,29 @@ impl Report {
                 met: Some(ratio >= 0.8),
             });
         }
+        let unpaced = self.config["unpaced"].as_bool().unwrap_or(false);
         if let Some(ws) = self.latency.get("publish_to_websocket")
             && ws.count > 0
         {
             checks.push(TargetCheck {
                 target: "publish → WebSocket p99 < 100 ms (at half the maximum sustained rate)"
                     .into(),
-                measured: format!(
-                    "p99 {:.1} ms at {:.0} events/s offered",
-                    ws.p99_ms, self.events.offered_per_s
-                ),
-                met: Some(ws.p99_ms < 100.0),
+                measured: if unpaced {
+                    format!(
+                        "p99 {:.1} ms, but unpaced: the queue grows and latency is backlog",
+                        ws.p99_ms
+                    )
+                } else {
+                    format!(
+                        "p99 {:.1} ms at {:.0} events/s offered",
+                        ws.p99_ms, self.events.offered_per_s
+                    )
+                },
+                met: (!unpaced).then_some(ws.p99_ms < 100.0),
             });
         }
-        if self.websocket.trackers > 0 {
+        // One observer does not make a connection test.
+        if self.websocket.trackers > 1 {
             let held = self.websocket.held_connections;
             let per = self.websocket.kib_per_connection;
             checks.push(TargetCheck {

@@ -4,7 +4,9 @@
 //! Both answer "per courier: deliveries, delivered, failed, cancelled" — GraphQL from the
 //! read model the dataflow keeps current (`successRates(scope: COURIER)`), PostgreSQL by a
 //! `GROUP BY` over `delivery_events` (each delivery's assigned courier and latest status,
-//! the way a reporting query without the dataflow would get them). Each is sent `requests`
+//! the way a reporting query without the dataflow would get them), with a row for every
+//! courier that reported a position, as the dataflow's courier scope has (couriers
+//! without deliveries have zeros). Each is sent `requests`
 //! times, one after another from one client, while the fleet ingests; the latencies are
 //! request → full answer (for SQL: query → all rows fetched). The row counts of the last
 //! answers are reported, to show both computed the same groups.
@@ -21,8 +23,11 @@ use crate::target::Target;
 
 /// The `GROUP BY` over the event log.
 pub const SQL: &str = "
-WITH assigned AS (
-    SELECT DISTINCT ON (delivery_id) delivery_id, (payload ->> 'courier_id') AS courier_id
+WITH couriers AS (
+    SELECT DISTINCT courier_id FROM delivery_events
+    WHERE kind = 'location.updated' AND NOT stale
+), assigned AS (
+    SELECT DISTINCT ON (delivery_id) delivery_id, courier_id
     FROM delivery_events
     WHERE kind = 'status.changed' AND NOT stale AND payload ->> 'status' = 'assigned'
     ORDER BY delivery_id, occurred_at DESC, event_id DESC
@@ -31,14 +36,21 @@ WITH assigned AS (
     FROM delivery_events
     WHERE kind = 'status.changed' AND NOT stale
     ORDER BY delivery_id, occurred_at DESC, event_id DESC
+), per_courier AS (
+    SELECT a.courier_id,
+           count(*) AS deliveries,
+           count(*) FILTER (WHERE l.status = 'delivered') AS delivered,
+           count(*) FILTER (WHERE l.status = 'failed') AS failed,
+           count(*) FILTER (WHERE l.status = 'cancelled') AS cancelled
+    FROM assigned a JOIN latest l USING (delivery_id)
+    GROUP BY a.courier_id
 )
-SELECT a.courier_id,
-       count(*) AS deliveries,
-       count(*) FILTER (WHERE l.status = 'delivered') AS delivered,
-       count(*) FILTER (WHERE l.status = 'failed') AS failed,
-       count(*) FILTER (WHERE l.status = 'cancelled') AS cancelled
-FROM assigned a JOIN latest l USING (delivery_id)
-GROUP BY a.courier_id";
+SELECT c.courier_id,
+       coalesce(p.deliveries, 0) AS deliveries,
+       coalesce(p.delivered, 0) AS delivered,
+       coalesce(p.failed, 0) AS failed,
+       coalesce(p.cancelled, 0) AS cancelled
+FROM couriers c LEFT JOIN per_courier p USING (courier_id)";
 
 /// GraphQL against SQL.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
