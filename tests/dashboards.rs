@@ -81,6 +81,11 @@ fn expressions() -> Vec<(String, String, String)> {
     found
 }
 
+/// Prometheus's instant query of `expr`.
+fn query_url(prometheus: &str, expr: &str) -> url::Url {
+    url::Url::parse_with_params(&format!("{prometheus}/api/v1/query"), [("query", expr)]).unwrap()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -222,8 +227,10 @@ async fn every_dashboard_expression_is_valid_and_returns_series() {
     let up = timeout(PATIENCE, async {
         loop {
             let answer = client
-                .get(format!("{prom_url}/api/v1/query"))
-                .query(&[("query", "count_over_time(up{job=\"delivertrack\"}[1m])")])
+                .get(query_url(
+                    &prom_url,
+                    "count_over_time(up{job=\"delivertrack\"}[1m])",
+                ))
                 .send()
                 .await;
             if let Ok(answer) = answer
@@ -245,8 +252,7 @@ async fn every_dashboard_expression_is_valid_and_returns_series() {
     let mut failures = Vec::new();
     for (file, panel, expr) in &expressions {
         let body: Value = client
-            .get(format!("{prom_url}/api/v1/query"))
-            .query(&[("query", expr.as_str())])
+            .get(query_url(&prom_url, expr))
             .send()
             .await
             .unwrap()

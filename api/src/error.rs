@@ -91,6 +91,13 @@ pub enum ApiError {
         /// A sentence for operators.
         reason: String,
     },
+    /// `503 store_unavailable`: the system of record (PostgreSQL) is not configured for
+    /// this process, or cannot be reached now; the reason says which.
+    #[error("{reason}")]
+    StoreUnavailable {
+        /// Why.
+        reason: String,
+    },
     /// `500 internal`: a bug or a failed dependency; the cause is logged, never sent.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -108,9 +115,9 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::SourceUnavailable { .. } | ApiError::CommandsUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::SourceUnavailable { .. }
+            | ApiError::CommandsUnavailable { .. }
+            | ApiError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -129,6 +136,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::CommandsUnavailable { .. } => "commands_unavailable",
+            ApiError::StoreUnavailable { .. } => "store_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -15,6 +15,9 @@
 //! | `GET /api/couriers/{id}` | [`couriers`] | one courier |
 //! | `GET /api/deliveries/{id}` | [`deliveries`] | one delivery |
 //! | `GET /ws/changes` | [`live`] | WebSocket: a snapshot, then one message per epoch |
+//! | `POST /graphql`, `GET /graphql`, `GET /graphql/ws` | [`graphql`] | analytics queries (admins), deliveries by role, GraphiQL, metric subscriptions |
+//! | `GET /deliveries`, `GET /deliveries/{id}`, `GET /zones[/{id}]`, `GET`/`PUT /couriers/{id}`, `GET`/`PUT /customers/{id}` | [`reads`] | authenticated reads, by role and ownership |
+//! | `GET /ws/track/{delivery_id}` | [`track`] | WebSocket: one delivery's status, courier and ETA |
 //!
 //! Every error is JSON of one shape, `{"error": {"code": "...", "message": "..."}}`
 //! ([`ApiError`]).
@@ -23,24 +26,31 @@
 //! - [`state`] — [`AppState`] and [`ApiConfig`].
 //! - [`readiness`] — [`Readiness`], the source's status as `/readyz` sees it.
 //! - [`error`] — [`ApiError`], the one error type of every handler.
+//! - [`rate_limit`] — [`RateLimiter`]: per-courier, per-customer and per-API-key limits
+//!   (Redis or in-process), and the `X-API-Key` middleware every route goes through.
 //! - [`id`] — parsing typed ids out of paths.
 //! - [`health`], [`metrics`], [`snapshot`], [`couriers`], [`deliveries`], [`live`],
 //!   [`map`]: the resources.
 //! - [`server`] — [`serve`], with graceful shutdown.
 
 pub mod auth;
+pub mod commands;
 pub mod couriers;
 pub mod deliveries;
 pub mod error;
+pub mod graphql;
 pub mod health;
 pub mod id;
 pub mod live;
 pub mod map;
 pub mod metrics;
+pub mod rate_limit;
 pub mod readiness;
+pub mod reads;
 pub mod server;
 pub mod snapshot;
 pub mod state;
+pub mod track;
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -48,7 +58,9 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use auth::{AuthConfig, Authenticator, Principal, Role};
+pub use commands::{EventPublisher, PublishError};
 pub use error::{ApiError, ApiJson};
+pub use rate_limit::{Limit, Quota, RateLimitConfig, RateLimiter};
 pub use readiness::{Readiness, SourceProbe, SourceStatus};
 pub use server::serve;
 pub use state::{ApiConfig, AppState};
@@ -65,7 +77,15 @@ pub fn router(state: AppState) -> Router {
         .merge(couriers::router())
         .merge(deliveries::router())
         .merge(live::router())
+        .merge(graphql::router())
+        .merge(reads::router())
+        .merge(track::router())
+        .merge(commands::router())
         .fallback(|| async { ApiError::RouteNotFound })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::api_key_layer,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(error::BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

@@ -1,12 +1,17 @@
 //! The state every handler shares.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use delivertrack_sinks::ReadModel;
 use prometheus::Registry;
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthConfig, Authenticator};
+use crate::commands::EventPublisher;
+use crate::metrics::ApiMetrics;
+use crate::rate_limit::RateLimiter;
 use crate::readiness::Readiness;
 
 /// Limits and timings of the API.
@@ -21,6 +26,14 @@ pub struct ApiConfig {
     /// A WebSocket message the peer does not take within this time closes the session:
     /// a stuck peer never holds resources for long.
     pub ws_send_timeout: Duration,
+    /// How long a write route may wait for its event's publisher confirm (or the demo's
+    /// channel) before answering `503 commands_unavailable`.
+    pub command_publish_timeout: Duration,
+    /// Read-your-writes: how long a write route waits, after the confirm, for the pipeline
+    /// to apply its event before answering `202 Accepted` instead of the applied view.
+    /// With [`command_publish_timeout`](Self::command_publish_timeout) it must stay below
+    /// [`request_timeout`](Self::request_timeout).
+    pub command_wait: Duration,
 }
 
 impl Default for ApiConfig {
@@ -29,6 +42,8 @@ impl Default for ApiConfig {
             request_timeout: Duration::from_secs(10),
             ws_ping_interval: Duration::from_secs(15),
             ws_send_timeout: Duration::from_secs(10),
+            command_publish_timeout: Duration::from_secs(4),
+            command_wait: Duration::from_secs(5),
         }
     }
 }
@@ -49,6 +64,18 @@ pub struct AppState {
     pub registry: Registry,
     /// Verifies the bearer tokens of protected routes.
     pub auth: Authenticator,
+    /// The system of record, for what the read model does not hold: courier and customer
+    /// profiles, and deliveries the read model has not (yet) seen. `None`: routes that need
+    /// it answer `503 store_unavailable`, and delivery reads use the read model alone.
+    pub records: Option<PgPool>,
+    /// The API's own metrics, registered in [`registry`](Self::registry).
+    pub metrics: ApiMetrics,
+    /// The rate limits (per courier, per customer, per API key); its metrics are
+    /// registered in [`registry`](Self::registry).
+    pub limiter: RateLimiter,
+    /// Where the write routes publish their events; `None`: they answer
+    /// `503 commands_unavailable`.
+    pub commands: Option<Arc<dyn EventPublisher>>,
 }
 
 impl AppState {
@@ -62,14 +89,35 @@ impl AppState {
         };
         #[allow(clippy::expect_used)]
         let auth = Authenticator::new(&random).expect("a 72-character secret is usable");
+        let registry = Registry::new();
+        let metrics = ApiMetrics::new();
+        register(&metrics, &registry);
+        let limiter = RateLimiter::default();
+        register_limiter(&limiter, &registry);
         Self {
             read_model,
             config: ApiConfig::default(),
             shutdown,
             readiness: Readiness::always_connected(),
-            registry: Registry::new(),
+            registry,
             auth,
+            records: None,
+            metrics,
+            limiter,
+            commands: None,
         }
+    }
+
+    /// The same state publishing the write routes' events through `publisher`.
+    pub fn with_commands(mut self, publisher: Arc<dyn EventPublisher>) -> Self {
+        self.commands = Some(publisher);
+        self
+    }
+
+    /// The same state reading records from PostgreSQL through `pool`.
+    pub fn with_records(mut self, pool: PgPool) -> Self {
+        self.records = Some(pool);
+        self
     }
 
     /// The same state verifying tokens with `auth`.
@@ -84,9 +132,22 @@ impl AppState {
         self
     }
 
-    /// The same state serving another registry on `/metrics`.
+    /// The same state serving another registry on `/metrics`, with the API's own metrics
+    /// registered in it.
     pub fn with_registry(mut self, registry: Registry) -> Self {
+        register(&self.metrics, &registry);
+        register_limiter(&self.limiter, &registry);
         self.registry = registry;
+        self
+    }
+
+    /// The same state enforcing the limits of `limiter` (in-process with the defaults
+    /// otherwise), whose metrics replace the previous limiter's in the registry.
+    pub fn with_limiter(mut self, limiter: RateLimiter) -> Self {
+        // The previous limiter's metrics have the same names: they make room.
+        let _ = self.limiter.unregister(&self.registry);
+        register_limiter(&limiter, &self.registry);
+        self.limiter = limiter;
         self
     }
 
@@ -94,5 +155,22 @@ impl AppState {
     pub fn with_config(mut self, config: ApiConfig) -> Self {
         self.config = config;
         self
+    }
+}
+
+/// Registers the API's metrics in `registry`; a registry that has them already (the same
+/// one given twice) keeps them.
+fn register(metrics: &ApiMetrics, registry: &Registry) {
+    match metrics.register(registry) {
+        Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+        Err(error) => tracing::warn!(%error, "The API's metrics could not be registered."),
+    }
+}
+
+/// Registers a rate limiter's metrics in `registry`, as [`register`] does the API's.
+fn register_limiter(limiter: &RateLimiter, registry: &Registry) {
+    match limiter.register(registry) {
+        Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
+        Err(error) => tracing::warn!(%error, "The rate limiter's metrics could not be registered."),
     }
 }
