@@ -10,6 +10,7 @@ use delivertrack::auth::issue_token;
 use delivertrack::telemetry::{self, LogFormat};
 use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_migrations, run_pipeline};
 use delivertrack_api::{AuthConfig, Role};
+use delivertrack_api::{Quota, RateLimitConfig};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_sinks::{DerivedConfig, MongoConfig, PostgresConfig, RedisConfig};
 
@@ -244,6 +245,58 @@ struct RunArgs {
     stores: StoreArgs,
     #[command(flatten)]
     jwt: JwtArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// The API's rate limits (kept in Redis unless `--no-redis`).
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Location updates per courier, as `count/period` (`1/s`, `5/10s`, `100/min`, `10/h`).
+    #[arg(
+        long,
+        env = "DELIVERTRACK_LOCATION_UPDATE_LIMIT",
+        default_value = "1/s"
+    )]
+    location_update_limit: Quota,
+    /// Deliveries created per customer.
+    #[arg(
+        long,
+        env = "DELIVERTRACK_DELIVERY_CREATION_LIMIT",
+        default_value = "10/h"
+    )]
+    delivery_creation_limit: Quota,
+    /// API keys and their quotas, `key=quota,key=quota` (`X-API-Key` header).
+    #[arg(long, env = "DELIVERTRACK_API_KEYS", hide_env_values = true, value_parser = api_keys, default_value = "")]
+    api_keys: ApiKeys,
+    /// The quota all unlisted API keys share; without it an unlisted key is refused.
+    #[arg(long, env = "DELIVERTRACK_API_KEY_DEFAULT")]
+    api_key_default: Option<Quota>,
+}
+
+/// Parsed `--api-keys` (a newtype, so that clap does not take the map for a list).
+#[derive(Clone, Debug, Default)]
+struct ApiKeys(std::collections::HashMap<String, Quota>);
+
+fn api_keys(text: &str) -> Result<ApiKeys, String> {
+    if text.trim().is_empty() {
+        return Ok(ApiKeys::default());
+    }
+    RateLimitConfig::parse_api_keys(text)
+        .map(ApiKeys)
+        .map_err(|error| error.to_string())
+}
+
+impl LimitArgs {
+    fn config(self) -> RateLimitConfig {
+        RateLimitConfig {
+            location_update: self.location_update_limit,
+            delivery_creation: self.delivery_creation_limit,
+            api_keys: self.api_keys.0,
+            api_key_default: self.api_key_default,
+            ..RateLimitConfig::default()
+        }
+    }
 }
 
 /// The stores `run` writes: each on localhost by default, and each required unless left
@@ -357,6 +410,7 @@ impl From<RunArgs> for RunConfig {
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
             auth: Some(args.jwt.config()),
             insecure_dev_secret: args.jwt.insecure_dev_secret,
+            rate_limits: args.limits.config(),
         }
     }
 }

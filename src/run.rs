@@ -43,6 +43,7 @@ use crate::driver::DriveReport;
 use crate::metrics::DriverMetrics;
 use crate::service::{PipelineConfig, Service};
 use crate::stores::{StoresConfig, open_stores};
+use delivertrack_api::{RateLimitConfig, RateLimiter};
 
 /// Everything `delivertrack run` can be told.
 #[derive(Clone, Debug)]
@@ -63,6 +64,9 @@ pub struct RunConfig {
     /// Accept the README's sample secret ([`SAMPLE_SECRET`](crate::auth::SAMPLE_SECRET)),
     /// which is otherwise refused at start (an empty one always is).
     pub insecure_dev_secret: bool,
+    /// The API's rate limits: kept in Redis (shared by every instance) when the Redis store
+    /// is configured, in this process otherwise.
+    pub rate_limits: RateLimitConfig,
 }
 
 impl Default for RunConfig {
@@ -74,6 +78,7 @@ impl Default for RunConfig {
             shutdown_timeout: Duration::from_secs(30),
             auth: None,
             insecure_dev_secret: false,
+            rate_limits: RateLimitConfig::default(),
         }
     }
 }
@@ -187,6 +192,19 @@ pub async fn run_pipeline_on(
     };
     let mut sinks = stores.sinks;
     sinks.extend(hooks.extra_sinks);
+    let limiter = match &config.stores.redis {
+        Some(redis) => {
+            let limits = RateLimitConfig {
+                key_prefix: format!("{}ratelimit:", redis.key_prefix),
+                ..config.rate_limits.clone()
+            };
+            RateLimiter::redis(redis, limits).await.with_context(|| {
+                format!("Redis at {} cannot keep the rate limits", redis.target())
+            })?
+        }
+        None => RateLimiter::in_process(config.rate_limits.clone())
+            .context("the rate limits are not usable")?,
+    };
 
     let url = config.rabbit.redacted_url();
     let source = tokio::select! {
@@ -222,6 +240,10 @@ pub async fn run_pipeline_on(
         .with_commands(Arc::new(RabbitCommands::new(Arc::clone(&publisher))));
     if let Some(authenticator) = authenticator {
         service.state = service.state.clone().with_auth(authenticator);
+    }
+    service.state = service.state.clone().with_limiter(limiter);
+    if let Some(records) = stores.records {
+        service.state = service.state.clone().with_records(records);
     }
     service.restore = stores.restore;
     let sink_names: Vec<&str> = service.sinks.iter().map(|s| s.name()).collect();

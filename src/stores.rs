@@ -21,6 +21,7 @@ use delivertrack_sinks::{
     DerivedConfig, DerivedSink, MongoConfig, MongoSink, PostgresConfig, PostgresSink, RedisConfig,
     RedisSink, Sink,
 };
+use sqlx::PgPool;
 
 use crate::metrics::DriverMetrics;
 
@@ -45,6 +46,10 @@ pub struct Stores {
     /// The dataflow's state read back from PostgreSQL (empty without it, or on a new
     /// database).
     pub restore: Vec<Restore>,
+    /// A pool of its own on the same database, for the API's reads of the records
+    /// (deliveries the read model does not hold, courier and customer profiles); the
+    /// sink's pool closes when the sink does, before the API stops.
+    pub records: Option<PgPool>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -55,6 +60,7 @@ impl std::fmt::Debug for Stores {
                 &self.sinks.iter().map(|s| s.name()).collect::<Vec<_>>(),
             )
             .field("restore", &self.restore.len())
+            .field("records", &self.records.is_some())
             .finish()
     }
 }
@@ -74,6 +80,7 @@ pub async fn open_stores(
         let (sink, restore) = open_postgres(postgres, speed_window, metrics).await?;
         stores.sinks.push(Box::new(sink));
         stores.restore = restore;
+        stores.records = Some(connect_pool(postgres).await?);
     } else {
         tracing::warn!(
             "PostgreSQL is left out: nothing is recorded and a restart begins from nothing."

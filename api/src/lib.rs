@@ -44,6 +44,7 @@ pub mod id;
 pub mod live;
 pub mod map;
 pub mod metrics;
+pub mod openapi;
 pub mod rate_limit;
 pub mod readiness;
 pub mod reads;
@@ -81,10 +82,16 @@ pub fn router(state: AppState) -> Router {
         .merge(reads::router())
         .merge(track::router())
         .merge(commands::router())
+        .merge(openapi::router())
         .fallback(|| async { ApiError::RouteNotFound })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             rate_limit::api_key_layer,
+        ))
+        // Outside the rate limit, so that refusals are timed too.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track_requests,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(error::BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(
@@ -264,6 +271,30 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("delivertrack_test_total 3"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn requests_are_timed_by_route_pattern_method_and_status() {
+        let state = AppState::new(ReadModel::default(), CancellationToken::new());
+        let histogram = state.metrics.http_request_duration.clone();
+        let id = Uuid::from_u128(77);
+        assert_eq!(
+            get_raw(state.clone(), &format!("/deliveries/{id}"))
+                .await
+                .status(),
+            401
+        );
+        assert_eq!(get_raw(state.clone(), "/healthz").await.status(), 200);
+        assert_eq!(get_raw(state, "/nowhere/at/all").await.status(), 404);
+        let count = |labels: [&str; 3]| {
+            histogram
+                .get_metric_with_label_values(&labels)
+                .map(|h| h.get_sample_count())
+                .unwrap_or(0)
+        };
+        assert_eq!(count(["/deliveries/{id}", "GET", "401"]), 1);
+        assert_eq!(count(["/healthz", "GET", "200"]), 1);
+        assert_eq!(count(["unmatched", "GET", "404"]), 1);
     }
 
     #[tokio::test]

@@ -13,7 +13,11 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntGauge, Registry, TextEncoder};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -41,6 +45,10 @@ pub struct ApiMetrics {
     /// `delivertrack_websocket_connections`: open WebSocket sessions, `/ws/changes` and
     /// `/ws/track/{id}` together.
     pub websocket_connections: IntGauge,
+    /// `delivertrack_http_request_duration_seconds{route, method, status}`: every answered
+    /// request, by its route pattern (`/deliveries/{id}`, never the id itself, so the
+    /// series stay few; `unmatched` for what no route serves).
+    pub http_request_duration: HistogramVec,
 }
 
 impl ApiMetrics {
@@ -54,6 +62,18 @@ impl ApiMetrics {
                 "Open WebSocket sessions (/ws/changes and /ws/track).",
             )
             .expect("a valid metric name"),
+            http_request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "delivertrack_http_request_duration_seconds",
+                    "Time to answer an HTTP request, by route pattern, method and status.",
+                )
+                .buckets(vec![
+                    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0,
+                ]),
+                &["route", "method", "status"],
+            )
+            .expect("a valid metric name"),
         }
     }
 
@@ -62,7 +82,8 @@ impl ApiMetrics {
     /// # Errors
     /// The registry refused one (a metric of the same name is there already).
     pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
-        registry.register(Box::new(self.websocket_connections.clone()))
+        registry.register(Box::new(self.websocket_connections.clone()))?;
+        registry.register(Box::new(self.http_request_duration.clone()))
     }
 
     /// Counts one open WebSocket session until the returned guard is dropped, so that a
@@ -92,4 +113,27 @@ impl Drop for WebSocketSession {
     fn drop(&mut self) {
         self.gauge.dec();
     }
+}
+
+/// Middleware timing every request into
+/// [`http_request_duration`](ApiMetrics::http_request_duration). A WebSocket session is
+/// timed until its upgrade is answered, not for its whole life.
+pub async fn track_requests(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .http_request_duration
+        .with_label_values(&[route.as_str(), method.as_str(), response.status().as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
