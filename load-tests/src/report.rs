@@ -49,6 +49,9 @@ pub struct WebSocketFigures {
     pub server_rss_held_kib: Option<u64>,
     /// (held − before) ÷ held connections, KiB.
     pub kib_per_connection: Option<f64>,
+    /// The harness's own resident memory per held connection, KiB (its clients' read
+    /// buffers are `--ws-read-buffer`): the same WebSocket library on the other side.
+    pub harness_kib_per_connection: Option<f64>,
     /// When the held memory was read: `idle` (every tracker connected, before any
     /// traffic: `/ws/changes`) or `loaded` (at the most sessions open while the fleet ran:
     /// `/ws/track`, whose sessions need live deliveries; includes the fleet's own state).
@@ -249,7 +252,7 @@ impl Report {
         if w.trackers > 0 {
             let _ = writeln!(
                 out,
-                "websocket  trackers {}  held {}  peak {}  messages {}  server RSS {} → {} KiB ({} KiB/connection)",
+                "websocket  trackers {}  held {}  peak {}  messages {}  server RSS {} → {} KiB ({} KiB/connection; harness {} KiB/connection)",
                 w.trackers,
                 w.held_connections,
                 w.peak_connections,
@@ -258,6 +261,8 @@ impl Report {
                     .map_or("?".into(), |v| v.to_string()),
                 w.server_rss_held_kib.map_or("?".into(), |v| v.to_string()),
                 w.kib_per_connection
+                    .map_or("?".into(), |v| format!("{v:.1}")),
+                w.harness_kib_per_connection
                     .map_or("?".into(), |v| format!("{v:.1}")),
             );
             let l = &self.loss;

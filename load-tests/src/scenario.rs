@@ -204,6 +204,9 @@ pub struct RunArgs {
     /// New WebSocket connections per second at most.
     #[arg(long, env = "LOAD_CONNECT_RATE", default_value_t = 2_000.0)]
     pub connect_rate: f64,
+    /// Each tracker's WebSocket read buffer, bytes (the harness's own memory).
+    #[arg(long, env = "LOAD_WS_READ_BUFFER", default_value_t = 8_192)]
+    pub ws_read_buffer: usize,
 
     /// GraphQL analysts (default: the scenario's).
     #[arg(long, env = "LOAD_ANALYSTS")]
@@ -499,6 +502,8 @@ async fn run_traffic(
 
     // Trackers first: connections held, memory read, before any traffic.
     let rss_before = plan.server_pid.and_then(rss_kib);
+    let own_rss_before = rss_kib(std::process::id());
+    let mut own_rss_held = None;
     let tracker_task = (plan.trackers > 0).then(|| {
         let ctx = Arc::new(TrackerContext {
             target: target.clone(),
@@ -514,6 +519,7 @@ async fn run_traffic(
                 mode: plan.ws_mode,
                 connect_rate: args.connect_rate,
                 connect_concurrency: 256,
+                read_buffer: args.ws_read_buffer,
             },
             ctx,
         ))
@@ -544,6 +550,7 @@ async fn run_traffic(
         tokio::time::sleep(Duration::from_secs(2)).await;
         held = recorder.ws_open.load(Ordering::Relaxed);
         rss_held = plan.server_pid.and_then(rss_kib);
+        own_rss_held = rss_kib(std::process::id());
     }
 
     // The fleet and the analysts.
@@ -639,6 +646,7 @@ async fn run_traffic(
             if open >= held {
                 held = open;
                 rss_held = plan.server_pid.and_then(rss_kib);
+                own_rss_held = rss_kib(std::process::id());
             }
         }
         timeline.push(sample);
@@ -769,6 +777,12 @@ async fn run_traffic(
         server_rss_before_kib: rss_before,
         server_rss_held_kib: rss_held,
         kib_per_connection: match (rss_before, rss_held) {
+            (Some(before), Some(after)) if held > 0 => {
+                Some(after.saturating_sub(before) as f64 / held as f64)
+            }
+            _ => None,
+        },
+        harness_kib_per_connection: match (own_rss_before, own_rss_held) {
             (Some(before), Some(after)) if held > 0 => {
                 Some(after.saturating_sub(before) as f64 / held as f64)
             }

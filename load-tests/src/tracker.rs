@@ -25,6 +25,7 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Tokens;
@@ -111,6 +112,9 @@ pub struct TrackerConfig {
     pub connect_rate: f64,
     /// Handshakes in flight at most.
     pub connect_concurrency: usize,
+    /// Each client's WebSocket read buffer, bytes (tungstenite's default is 128 KiB, which
+    /// 20 000 clients would hold in vain: trackers read small frames).
+    pub read_buffer: usize,
 }
 
 /// What every tracker shares.
@@ -216,10 +220,11 @@ pub async fn run_trackers(config: TrackerConfig, ctx: Arc<TrackerContext>) {
         let ctx = Arc::clone(&ctx);
         let handshakes = Arc::clone(&handshakes);
         let count = config.count;
+        let read_buffer = config.read_buffer;
         tasks.push(tokio::spawn(async move {
             match config.mode {
-                WsMode::Changes => changes_tracker(j, count, &ctx, &handshakes).await,
-                WsMode::Track => track_tracker(&ctx, &handshakes).await,
+                WsMode::Changes => changes_tracker(j, count, &ctx, &handshakes, read_buffer).await,
+                WsMode::Track => track_tracker(&ctx, &handshakes, read_buffer).await,
             }
         }));
         tokio::time::sleep(pause).await;
@@ -232,14 +237,28 @@ pub async fn run_trackers(config: TrackerConfig, ctx: Arc<TrackerContext>) {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(ctx: &TrackerContext, handshakes: &Semaphore, url: &str) -> Option<Socket> {
-    let _permit = handshakes.acquire().await.ok()?;
-    match tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(url),
-    )
-    .await
-    {
+/// Connects, unless the stop fires first (then `None`, and no error is counted).
+async fn connect(
+    ctx: &TrackerContext,
+    handshakes: &Semaphore,
+    url: &str,
+    read_buffer: usize,
+) -> Option<Socket> {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(read_buffer.max(1_024))
+        .write_buffer_size(0);
+    let _permit = tokio::select! {
+        permit = handshakes.acquire() => permit.ok()?,
+        () = ctx.stop.cancelled() => return None,
+    };
+    let attempt = tokio::select! {
+        attempt = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async_with_config(url, Some(config), true),
+        ) => attempt,
+        () = ctx.stop.cancelled() => return None,
+    };
+    match attempt {
         Ok(Ok((socket, _))) => Some(socket),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
             ctx.recorder
@@ -272,7 +291,13 @@ fn ws_error_kind(error: &tokio_tungstenite::tungstenite::Error) -> &'static str 
 }
 
 /// One `/ws/changes` session for the whole run.
-async fn changes_tracker(j: usize, m: usize, ctx: &TrackerContext, handshakes: &Semaphore) {
+async fn changes_tracker(
+    j: usize,
+    m: usize,
+    ctx: &TrackerContext,
+    handshakes: &Semaphore,
+    read_buffer: usize,
+) {
     let n = ctx.sent.couriers();
     let follows = |c: usize| {
         if m >= n {
@@ -281,7 +306,8 @@ async fn changes_tracker(j: usize, m: usize, ctx: &TrackerContext, handshakes: &
             c % m == j
         }
     };
-    let Some(socket) = connect(ctx, handshakes, &ctx.target.ws("/ws/changes")).await else {
+    let Some(socket) = connect(ctx, handshakes, &ctx.target.ws("/ws/changes"), read_buffer).await
+    else {
         return;
     };
     ctx.recorder.ws_opened();
@@ -313,7 +339,7 @@ async fn changes_tracker(j: usize, m: usize, ctx: &TrackerContext, handshakes: &
 }
 
 /// `/ws/track/{id}` sessions, one delivery after another, until the stop.
-async fn track_tracker(ctx: &TrackerContext, handshakes: &Semaphore) {
+async fn track_tracker(ctx: &TrackerContext, handshakes: &Semaphore, read_buffer: usize) {
     let Some(tokens) = &ctx.tokens else {
         ctx.recorder.error("ws_track_without_token");
         return;
@@ -335,7 +361,7 @@ async fn track_tracker(ctx: &TrackerContext, handshakes: &Semaphore) {
         let url = ctx
             .target
             .ws(&format!("/ws/track/{}?access_token={token}", delivery.0));
-        let Some(socket) = connect(ctx, handshakes, &url).await else {
+        let Some(socket) = connect(ctx, handshakes, &url, read_buffer).await else {
             tokio::select! {
                 () = ctx.stop.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_millis(200)) => continue,
