@@ -19,8 +19,29 @@ use crate::record::{Recorder, Series};
 use crate::sent::SentLog;
 use crate::target::Target;
 
-/// The metrics query analysts poll: success rates per courier.
-pub const DEFAULT_QUERY: &str = "{ successRates(scope: COURIER) { key deliveries delivered failed cancelled active successRate } }";
+/// Which metrics the analysts ask for (and the analytics baseline computes in SQL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsScope {
+    /// The fleet's success rate: one row (a dashboard's headline).
+    Overall,
+    /// Success rates per courier: one row per courier.
+    Courier,
+}
+
+impl MetricsScope {
+    /// The GraphQL query of this scope.
+    pub fn query(self) -> &'static str {
+        match self {
+            MetricsScope::Overall => {
+                "{ successRates(scope: OVERALL) { deliveries delivered failed cancelled active successRate } }"
+            }
+            MetricsScope::Courier => {
+                "{ successRates(scope: COURIER) { key deliveries delivered failed cancelled active successRate } }"
+            }
+        }
+    }
+}
 
 /// How the analysts run.
 #[derive(Clone, Debug)]

@@ -24,7 +24,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::analysts::{AnalystConfig, AnalystContext, DEFAULT_QUERY, run_analysts};
+use crate::analysts::{AnalystConfig, AnalystContext, MetricsScope, run_analysts};
 use crate::auth::Tokens;
 use crate::baseline::{
     self, AnalyticsBaseline, GeofenceBaseline, analytics_read_path, broker_ceiling,
@@ -214,9 +214,12 @@ pub struct RunArgs {
     /// GraphQL requests per second, all analysts together.
     #[arg(long, env = "LOAD_ANALYST_RATE", default_value_t = 100.0)]
     pub analyst_rate: f64,
-    /// The analysts' query.
-    #[arg(long, env = "LOAD_QUERY", default_value = DEFAULT_QUERY)]
-    pub query: String,
+    /// The metrics the analysts poll and the analytics baseline computes in SQL.
+    #[arg(long, env = "LOAD_METRICS", value_enum, default_value_t = MetricsScope::Overall)]
+    pub metrics: MetricsScope,
+    /// Another GraphQL query for the analysts (default: the one of `--metrics`).
+    #[arg(long, env = "LOAD_QUERY")]
+    pub query: Option<String>,
 
     /// Baselines to measure in this run (default: all for `baselines`, none otherwise).
     #[arg(long, env = "LOAD_BASELINES", value_enum, value_delimiter = ',')]
@@ -591,7 +594,7 @@ async fn run_traffic(
             let config = AnalystConfig {
                 count: plan.analysts,
                 rate: args.analyst_rate,
-                query: args.query.clone(),
+                query: query_of(args),
                 probe: plan.couriers > 0,
             };
             Some(tokio::spawn(run_analysts(config, ctx)))
@@ -655,14 +658,15 @@ async fn run_traffic(
             analytics = tokens.map(|tokens| {
                 let (target, http, tokens) = (target.clone(), http.clone(), tokens.clone());
                 let database = args.database_url.clone();
-                let query = args.query.clone();
+                let query = query_of(args);
+                let scope = args.metrics;
                 let requests = args.analytics_requests;
                 tokio::spawn(async move {
                     let database = database.ok_or_else(|| {
                         "--database-url (DATABASE_URL) is needed: the service's database".to_owned()
                     })?;
                     let token = tokens.admin().map_err(|e| e.to_string())?;
-                    analytics_read_path(&target, &http, &token, &database, &query, requests)
+                    analytics_read_path(&target, &http, &token, &database, &query, scope, requests)
                         .await
                         .map_err(|e| e.to_string())
                 })
@@ -813,7 +817,8 @@ async fn run_analytics(
             http,
             &token,
             database,
-            &args.query,
+            &query_of(args),
+            args.metrics,
             args.analytics_requests,
         )
         .await
@@ -827,6 +832,13 @@ async fn run_analytics(
             report.baselines.errors.insert("analytics".into(), error);
         }
     }
+}
+
+/// The analysts' query: `--query`, else the one of `--metrics`.
+fn query_of(args: &RunArgs) -> String {
+    args.query
+        .clone()
+        .unwrap_or_else(|| args.metrics.query().to_owned())
 }
 
 /// The geofence baseline: the index on a blocking thread, then PostGIS.

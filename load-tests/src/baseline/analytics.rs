@@ -1,15 +1,19 @@
 //! The analytics read path: the GraphQL metrics query against the same aggregate computed
 //! by PostgreSQL over the event log.
 //!
-//! Both answer "per courier: deliveries, delivered, failed, cancelled" — GraphQL from the
-//! read model the dataflow keeps current (`successRates(scope: COURIER)`), PostgreSQL by a
-//! `GROUP BY` over `delivery_events` (each delivery's assigned courier and latest status,
-//! the way a reporting query without the dataflow would get them), with a row for every
-//! courier that reported a position, as the dataflow's courier scope has (couriers
-//! without deliveries have zeros). Each is sent `requests`
-//! times, one after another from one client, while the fleet ingests; the latencies are
-//! request → full answer (for SQL: query → all rows fetched). The row counts of the last
-//! answers are reported, to show both computed the same groups.
+//! Both answer the same question — GraphQL from the read model the dataflow keeps current
+//! (`successRates(scope: ...)`), PostgreSQL by a `GROUP BY` over `delivery_events`, the
+//! way a reporting query without the dataflow would (each delivery's creation, assigned
+//! courier and latest status):
+//! - [`MetricsScope::Overall`]: the fleet's deliveries by current status (GraphQL: one
+//!   row of counts and rates; SQL: one row per status);
+//! - [`MetricsScope::Courier`]: per courier, deliveries and how they ended, with a row for
+//!   every courier that reported a position, as the dataflow's courier scope has
+//!   (couriers without deliveries have zeros).
+//!
+//! Each is sent `requests` times, one after another from one client, while the fleet
+//! ingests; the latencies are request → full answer (for SQL: query → all rows fetched).
+//! The row counts of the last answers are reported.
 
 use std::time::{Duration, Instant};
 
@@ -18,11 +22,27 @@ use serde_json::{Value, json};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
+use crate::analysts::MetricsScope;
 use crate::record::LatencySummary;
 use crate::target::Target;
 
-/// The `GROUP BY` over the event log.
-pub const SQL: &str = "
+/// The fleet's deliveries by current status: a `GROUP BY` over the event log (each
+/// delivery's creation, and its latest status change).
+pub const SQL_OVERALL: &str = "
+WITH created AS (
+    SELECT delivery_id FROM delivery_events WHERE kind = 'delivery.created' AND NOT stale
+), latest AS (
+    SELECT DISTINCT ON (delivery_id) delivery_id, payload ->> 'status' AS status
+    FROM delivery_events
+    WHERE kind = 'status.changed' AND NOT stale
+    ORDER BY delivery_id, occurred_at DESC, event_id DESC
+)
+SELECT coalesce(l.status, 'created') AS status, count(*) AS deliveries
+FROM created c LEFT JOIN latest l USING (delivery_id)
+GROUP BY 1";
+
+/// Per courier: deliveries by how they ended, a `GROUP BY` over the event log.
+pub const SQL_COURIER: &str = "
 WITH couriers AS (
     SELECT DISTINCT courier_id FROM delivery_events
     WHERE kind = 'location.updated' AND NOT stale
@@ -52,9 +72,19 @@ SELECT c.courier_id,
        coalesce(p.cancelled, 0) AS cancelled
 FROM couriers c LEFT JOIN per_courier p USING (courier_id)";
 
+/// The SQL of a scope.
+pub fn statement(scope: MetricsScope) -> &'static str {
+    match scope {
+        MetricsScope::Overall => SQL_OVERALL,
+        MetricsScope::Courier => SQL_COURIER,
+    }
+}
+
 /// GraphQL against SQL.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct AnalyticsBaseline {
+    /// The metrics compared.
+    pub scope: Option<MetricsScope>,
     /// Requests of each.
     pub requests: usize,
     /// The GraphQL query, request → answer.
@@ -92,6 +122,7 @@ pub async fn analytics_read_path(
     token: &str,
     database_url: &str,
     query: &str,
+    scope: MetricsScope,
     requests: usize,
 ) -> Result<AnalyticsBaseline, AnalyticsError> {
     let requests = requests.max(1);
@@ -131,7 +162,7 @@ pub async fn analytics_read_path(
     let mut sql_rows = 0;
     for _ in 0..requests {
         let started = Instant::now();
-        let rows = sqlx::query(SQL).fetch_all(&mut db).await?;
+        let rows = sqlx::query(statement(scope)).fetch_all(&mut db).await?;
         record(&mut sql, started.elapsed());
         sql_rows = rows.len();
     }
@@ -139,6 +170,7 @@ pub async fn analytics_read_path(
     let graphql = LatencySummary::of(&graphql);
     let sql = LatencySummary::of(&sql);
     Ok(AnalyticsBaseline {
+        scope: Some(scope),
         requests,
         ratio_p50: (graphql.p50_ms > 0.0).then(|| sql.p50_ms / graphql.p50_ms),
         graphql,
