@@ -6,7 +6,7 @@
 #   ./scripts/bench.sh --quick      the same runs, small and short (a check of the script)
 #   ./scripts/bench.sh --dev        use the dev build instead of building release
 #   ./scripts/bench.sh --only NAME  one measurement: baselines, max, half, batched,
-#                                   http, trackers, track, analysts
+#                                   http, trackers, track, analysts, analysts-courier
 #
 # What it does:
 #   1. brings the local services up (scripts/test.sh --services) and installs PostGIS
@@ -195,11 +195,20 @@ if wants track; then
     stop_service
 fi
 
-# GraphQL at 1k requests/s while ingesting, beside the SQL GROUP BY over delivery_events.
+# GraphQL at 1k requests/s while ingesting, beside the SQL GROUP BY over delivery_events:
+# the fleet's success rate (one row), then the heavier per-courier rates.
 if wants analysts; then
     start_service analysts
     harness analysts analysts --analysts 20 --analyst-rate "$GQL" --couriers "$((COURIERS / 4))" \
-        --duration "$D" --ramp-up 5 --baselines analytics --analytics-requests 200 --seed 107
+        --duration "$D" --ramp-up 5 --metrics overall --baselines analytics \
+        --analytics-requests 200 --seed 107
+    stop_service
+fi
+if wants analysts-courier; then
+    start_service analysts-courier
+    harness analysts analysts-courier --analysts 10 --analyst-rate "$((GQL / 5))" \
+        --couriers "$((COURIERS / 4))" --duration "$D" --ramp-up 5 --metrics courier \
+        --baselines analytics --analytics-requests 200 --seed 108
     stop_service
 fi
 
@@ -211,11 +220,13 @@ step "summary ($OUT/summary.md)"
     for f in "$OUT"/*.json; do
         jq -r --arg run "$(basename "$f" .json)" '
           def r: if . == null then "–" else (. * 10 | round / 10 | tostring) end;
-          "| \($run) | \(.events.offered_per_s | r) | \(.events.achieved_per_s | r) | \(.events.processed_per_s | r) | \(.latency.publish_to_websocket.p50_ms | r) / \(.latency.publish_to_websocket.p99_ms | r) | \(.latency.graphql_query.p50_ms | r) / \(.latency.graphql_query.p99_ms | r) | " +
-          ([ (if .baselines.broker then "broker \(.baselines.broker.consumed_per_s | r) ev/s" else empty end),
+          def lat(s): if (.latency[s].count // 0) > 0
+              then "\(.latency[s].p50_ms | r) / \(.latency[s].p99_ms | r)" else "–" end;
+          "| \($run) | \(.events.offered_per_s | r) | \(.events.achieved_per_s | r) | \(.events.processed_per_s | r) | \(lat("publish_to_websocket")) | \(lat("graphql_query")) | " +
+          ([ (if .baselines.broker then "broker ceiling \(.baselines.broker.consumed_per_s | r) ev/s" else empty end),
              (if .baselines.geofence then "index \(.baselines.geofence.index.updates_per_s | r)/s, PostGIS \(.baselines.geofence.postgis_points_per_s | r)/s" else empty end),
-             (if .baselines.analytics then "SQL p50 \(.baselines.analytics.sql.p50_ms | r) ms" else empty end),
-             (if .websocket.held_connections > 0 then "\(.websocket.held_connections) held, \(.websocket.kib_per_connection | r) KiB/conn" else empty end)
+             (if .baselines.analytics then "SQL GROUP BY p50 \(.baselines.analytics.sql.p50_ms | r) / p99 \(.baselines.analytics.sql.p99_ms | r) ms" else empty end),
+             (if .websocket.trackers > 1 then "\(.websocket.held_connections) held, \(.websocket.kib_per_connection | r) KiB/conn" else empty end)
            ] | join("; ")) + " |"' "$f"
     done
 } | tee "$OUT/summary.md"
