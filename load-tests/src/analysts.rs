@@ -4,7 +4,7 @@
 //! token) and records request → full answer; an answer with GraphQL `errors` counts as an
 //! error of kind `graphql_errors`. The probe measures publish → visible: it takes the
 //! newest status change the fleet published ([`SentLog::take_status`]) and asks
-//! `delivery(id) { status }` every 2 ms until the answer shows that status or a later one.
+//! `delivery(id) { status }` every 5 ms until the answer shows that status or a later one.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -175,7 +175,7 @@ async fn probe(ctx: &AnalystContext) {
                     .latency(Series::PublishToGraphql, sent.elapsed());
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }

@@ -334,7 +334,12 @@ async fn changes_tracker(
     if closed_by_server {
         ctx.recorder.error("ws_closed_by_server");
     }
-    let unseen = follow.unseen(ctx);
+    // A followed courier never heard from counts whole.
+    let never: u64 = (0..n)
+        .filter(|&c| follows(c) && !follow.seen.contains_key(&c))
+        .map(|c| ctx.sent.last_seq(c))
+        .sum();
+    let unseen = follow.unseen(ctx) + never;
     ctx.recorder.loss(|l| l.unseen_at_end += unseen);
 }
 
