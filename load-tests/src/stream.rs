@@ -598,6 +598,38 @@ mod tests {
     }
 
     #[test]
+    fn couriers_cross_zones() {
+        use delivertrack_dataflow::spatial::ZoneIndex;
+        let events = all(FleetConfig {
+            zones: 200,
+            couriers: 50,
+            ..config()
+        });
+        let zones = ZoneIndex::bulk_load(events.iter().filter_map(|p| match &p.event.body {
+            EventBody::ZoneUpserted(z) => Some((z.zone_id, z.shape.clone())),
+            _ => None,
+        }));
+        // Per courier: was it ever inside a zone, and ever outside?
+        let mut inside: HashMap<usize, (bool, bool)> = HashMap::new();
+        for planned in &events {
+            if let (Some(fix), EventBody::LocationUpdated(l)) = (planned.fix, &planned.event.body) {
+                let hit = zones.containing(l.position).next().is_some();
+                let entry = inside.entry(fix.courier).or_default();
+                if hit {
+                    entry.0 = true;
+                } else {
+                    entry.1 = true;
+                }
+            }
+        }
+        let crossing = inside.values().filter(|(a, b)| *a && *b).count();
+        assert!(
+            crossing >= 10,
+            "{crossing} of 50 couriers crossed a zone's edge"
+        );
+    }
+
+    #[test]
     fn max_events_bounds_the_stream() {
         let events = all(FleetConfig {
             max_events: 500,
