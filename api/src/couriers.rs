@@ -7,7 +7,7 @@ use axum::{Json, Router};
 use delivertrack_dataflow::CourierId;
 use delivertrack_sinks::read_model::CourierDetail;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::id;
 use crate::state::AppState;
 
@@ -17,6 +17,20 @@ pub fn router() -> Router<AppState> {
 }
 
 /// `200` with the [`CourierDetail`]; `400 invalid_id`; `404 not_found`.
+#[utoipa::path(
+    get,
+    path = "/api/couriers/{id}",
+    operation_id = "getReadModelCourier",
+    tag = "read model",
+    summary = "One courier from the read model",
+    description = "Position, zones, aggregates and active deliveries, as the read model holds them.",
+    params(("id" = Uuid, Path, description = "The courier.")),
+    responses(
+        (status = 200, description = "The courier.", body = crate::openapi::schemas::CourierDetail),
+        (status = 400, description = "`invalid_id`: the id is not a UUID.", body = ErrorBody),
+        (status = 404, description = "`not_found`: the read model has no fix of this courier.", body = ErrorBody),
+    )
+)]
 async fn courier(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,

@@ -7,7 +7,7 @@ use axum::{Json, Router};
 use delivertrack_dataflow::DeliveryId;
 use delivertrack_sinks::read_model::DeliveryView;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::id;
 use crate::state::AppState;
 
@@ -17,6 +17,21 @@ pub fn router() -> Router<AppState> {
 }
 
 /// `200` with the [`DeliveryView`]; `400 invalid_id`; `404 not_found`.
+#[utoipa::path(
+    get,
+    path = "/api/deliveries/{id}",
+    operation_id = "getReadModelDelivery",
+    tag = "read model",
+    summary = "One delivery from the read model",
+    description = "Its state, ETA and dropoff zones, as the read model holds them (no \
+        PostgreSQL fallback, no ownership check: the dashboard's view).",
+    params(("id" = Uuid, Path, description = "The delivery.")),
+    responses(
+        (status = 200, description = "The delivery.", body = crate::openapi::schemas::DeliveryView),
+        (status = 400, description = "`invalid_id`: the id is not a UUID.", body = ErrorBody),
+        (status = 404, description = "`not_found`: the read model holds no such delivery.", body = ErrorBody),
+    )
+)]
 async fn delivery(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,

@@ -142,15 +142,26 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody {
-    error: ErrorDetail,
+/// The body of every error answer: `{"error": {"code": "...", "message": "..."}}`. Also
+/// the `ErrorBody` schema of the OpenAPI document ([`crate::openapi`]).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
 }
 
-#[derive(Serialize)]
-struct ErrorDetail {
-    code: &'static str,
-    message: String,
+/// The inside of an [`ErrorBody`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable: clients match on it (`not_found`, `invalid_id`,
+    /// `unauthorized`, `forbidden`, `rate_limited`, `malformed_json`, `unknown_field`,
+    /// `illegal_transition`, `payload_too_large`, `unsupported_media_type`,
+    /// `store_unavailable`, ...).
+    #[schema(value_type = String, example = "not_found")]
+    pub code: &'static str,
+    /// For people; its wording may change.
+    #[schema(example = "no delivery with id 7f8c2f9e-4b1a-4c47-9a43-2b1c7a0d9e11")]
+    pub message: String,
 }
 
 impl IntoResponse for ApiError {

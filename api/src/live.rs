@@ -59,6 +59,23 @@ enum ServerMessage<'a> {
     Epoch(&'a EpochUpdate),
 }
 
+/// Upgrades to a session of the change stream.
+#[utoipa::path(
+    get,
+    path = "/ws/changes",
+    operation_id = "streamChanges",
+    tag = "live",
+    summary = "Every change, epoch by epoch (WebSocket)",
+    description = "A WebSocket, no token needed. Text frames of JSON tagged by `type`: \
+        `snapshot` (the whole `/api/snapshot`, with `reason` `connected` or `lagged`) first and \
+        whenever the client fell behind, then one `epoch` message per applied epoch \
+        (`epoch`, `changes`, `rejected`).",
+    responses(
+        (status = 101, description = "Switching to the WebSocket session."),
+        (status = 400, description = "Not a WebSocket upgrade request (a plain-text answer)."),
+        (status = 426, description = "The connection cannot be upgraded (a plain-text answer)."),
+    )
+)]
 async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |socket| session(socket, state))
 }

@@ -17,6 +17,17 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/", get(map))
 }
 
+/// The operations map: one self-contained HTML page.
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "mapPage",
+    tag = "read model",
+    summary = "The operations map page",
+    description = "One self-contained HTML page (inline script, no CDN) that loads \
+        `/api/snapshot` and follows `/ws/changes`.",
+    responses((status = 200, description = "The page.", body = String, content_type = "text/html"))
+)]
 async fn map() -> Html<&'static str> {
     Html(MAP_PAGE)
 }

@@ -28,6 +28,17 @@ pub fn router() -> Router<AppState> {
 }
 
 /// `200` with the text format (`text/plain; version=0.0.4`).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "health",
+    summary = "Prometheus metrics",
+    description = "Every metric of the process's registry (source, driver, sinks, API), in the \
+        Prometheus text exposition format.",
+    responses((status = 200, description = "The metrics.", body = String,
+        content_type = "text/plain; version=0.0.4"))
+)]
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let encoder = TextEncoder::new();
     let mut body = Vec::new();

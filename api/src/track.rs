@@ -53,7 +53,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use crate::auth::Principal;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::id;
 use crate::live::{duration_millis, millis_since, receive_loop, send};
 use crate::reads::access::may_see_delivery;
@@ -148,6 +148,27 @@ enum TrackMessage {
 /// `101` into a tracking session; `400 invalid_id`; `400 websocket_required` for a request
 /// that is not a WebSocket upgrade; `401`; `404 not_found` for an unknown delivery or one
 /// the caller may not see.
+#[utoipa::path(
+    get,
+    path = "/ws/track/{delivery_id}",
+    operation_id = "trackDelivery",
+    tag = "live",
+    summary = "Track one delivery (WebSocket)",
+    description = "A WebSocket for the delivery's customer, its courier and admins. Text \
+        frames of JSON tagged by `type`: `snapshot` first (and after falling behind, and when \
+        a courier is assigned), then `status`, `courier_moved`, `geofence_entered`, \
+        `geofence_exited`, `eta` and `eta_cleared`, each with its `epoch`. Closed with 1000 \
+        `delivery ended` once the delivery is delivered, failed or cancelled, 1001 at \
+        shutdown. Browsers pass the token as `access_token`.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(("delivery_id" = Uuid, Path, description = "The delivery.")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket session."),
+        (status = 400, description = "`invalid_id`, or `websocket_required`: not a WebSocket upgrade request.", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, description = "`not_found`: no such delivery, or not the caller's.", body = ErrorBody),
+    )
+)]
 async fn upgrade(
     State(state): State<AppState>,
     principal: Principal,

@@ -25,12 +25,14 @@ use delivertrack_dataflow::{DeliveryId, Event, EventBody, EventKind, Status};
 use delivertrack_sinks::read_model::DeliveryView;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use super::build::{self, point};
 use super::settle::{Applied, Pending, Written, publish, settle};
 use crate::auth::{Principal, Role};
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::id;
+use crate::openapi::schemas::DeliveryWritten;
 use crate::rate_limit::Limit;
 use crate::state::AppState;
 
@@ -43,43 +45,56 @@ pub fn router() -> Router<AppState> {
 }
 
 /// A position in a request body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Position {
+pub(crate) struct Position {
+    /// Latitude, degrees (-90 to 90).
+    #[schema(minimum = -90, maximum = 90)]
     lat: f64,
+    /// Longitude, degrees (-180 to 180).
+    #[schema(minimum = -180, maximum = 180)]
     lon: f64,
 }
 
 /// The body of `POST /deliveries`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateDelivery {
+pub(crate) struct CreateDelivery {
+    /// Collection point.
     pickup: Position,
+    /// Destination.
     dropoff: Position,
-    /// RFC 3339.
+    /// The promised delivery time, RFC 3339.
     #[serde(default)]
+    #[schema(format = DateTime)]
     promised_by: Option<String>,
     /// Whose delivery: required of an admin; a customer may only name themselves.
     #[serde(default)]
+    #[schema(format = Uuid)]
     customer_id: Option<String>,
 }
 
 /// The body of `PUT /deliveries/{id}/status`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ChangeStatus {
+pub(crate) struct ChangeStatus {
+    /// The new status.
+    #[schema(value_type = crate::openapi::schemas::Status)]
     status: String,
-    /// Exactly with `assigned`.
+    /// The courier: given exactly with `assigned`.
     #[serde(default)]
+    #[schema(format = Uuid)]
     courier_id: Option<String>,
 }
 
 /// The body of `POST /deliveries/{id}/rating`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Rate {
+pub(crate) struct Rate {
     /// An integer from 1 to 5 (any JSON number is taken here, the contract judges it).
+    #[schema(value_type = i32, minimum = 1, maximum = 5)]
     score: serde_json::Number,
+    /// Free text.
     #[serde(default)]
     comment: Option<String>,
 }
@@ -170,6 +185,35 @@ async fn answer(
 
 /// `POST /deliveries`: `201` with the delivery (`"id"`, `"status": "created"`, ...) once the
 /// pipeline has applied it, `202` if not within the bound.
+#[utoipa::path(
+    post,
+    path = "/deliveries",
+    operation_id = "createDelivery",
+    tag = "commands",
+    summary = "Create a delivery",
+    description = "Customers create deliveries for themselves (`customer_id` absent or their \
+        own), admins for any customer (`customer_id` required); couriers may not. Counted \
+        against the customer's `delivery_creation` limit (10 per hour by default).",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    request_body = CreateDelivery,
+    responses(
+        (status = 201, description = "Created and applied: the delivery as the read model holds it.",
+            body = DeliveryWritten, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+        (status = 202, description = "Published and confirmed, not applied within the bound.",
+            body = Pending, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+        (status = 400, description = "`malformed_json`, `unknown_field`, `missing_field` (an \
+            admin without `customer_id`), `invalid_coordinates`, `invalid_value`, \
+            `timestamp_in_future`, ...: the event contract's codes.", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: a courier, or a customer naming another customer.", body = ErrorBody),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 429, description = "`rate_limited`: the customer's `delivery_creation` limit, \
+            or the API key's; retry after `Retry-After` seconds.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry would pass."))),
+        (status = 503, description = "`commands_unavailable`: the event could not be published; nothing was accepted.", body = ErrorBody),
+    )
+)]
 async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -220,6 +264,37 @@ async fn create(
 
 /// `PUT /deliveries/{id}/status`: `200` with the delivery once the change is applied, `202`
 /// if not within the bound.
+#[utoipa::path(
+    put,
+    path = "/deliveries/{id}/status",
+    operation_id = "changeDeliveryStatus",
+    tag = "commands",
+    summary = "Change a delivery's status",
+    description = "Customers may cancel their own deliveries; couriers set `picked_up`, \
+        `in_transit`, `delivered` or `failed` on deliveries assigned to them; admins take any \
+        legal step (`assigned` with `courier_id`). The step is checked against the delivery's \
+        current status.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(("id" = Uuid, Path, description = "The delivery.")),
+    request_body = ChangeStatus,
+    responses(
+        (status = 200, description = "Applied: the delivery as the read model holds it.",
+            body = DeliveryWritten, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+        (status = 202, description = "Published and confirmed, not applied within the bound.",
+            body = Pending, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+        (status = 400, description = "`invalid_id`, `invalid_status`, `courier_not_allowed` \
+            (`courier_id` with another status), `courier_required`, `malformed_json`, \
+            `unknown_field`, ...", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: the role may not set this status, or the \
+            delivery is not assigned to the calling courier.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such delivery (or another customer's).", body = ErrorBody),
+        (status = 409, description = "`illegal_transition`: the delivery cannot go from its status to this one.", body = ErrorBody),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 503, description = "`commands_unavailable`: the event could not be published; nothing was accepted.", body = ErrorBody),
+    )
+)]
 async fn change_status(
     State(state): State<AppState>,
     principal: Principal,
@@ -291,6 +366,33 @@ async fn change_status(
 
 /// `POST /deliveries/{id}/rating`: `201` with the delivery (its `rating`) once applied,
 /// `202` if not within the bound.
+#[utoipa::path(
+    post,
+    path = "/deliveries/{id}/rating",
+    operation_id = "rateDelivery",
+    tag = "commands",
+    summary = "Rate a delivery",
+    description = "Customers rate their own deliveries, admins any; couriers may not. The \
+        delivery must be delivered or failed.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(("id" = Uuid, Path, description = "The delivery.")),
+    request_body = Rate,
+    responses(
+        (status = 201, description = "Applied: the delivery, with its `rating`.",
+            body = DeliveryWritten, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+        (status = 202, description = "Published and confirmed, not applied within the bound.",
+            body = Pending, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+        (status = 400, description = "`invalid_id`, `invalid_score`, `string_too_long`, \
+            `malformed_json`, `unknown_field`, ...", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: couriers cannot rate deliveries.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such delivery (or another customer's).", body = ErrorBody),
+        (status = 409, description = "`not_rateable`: the delivery is neither delivered nor failed.", body = ErrorBody),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 503, description = "`commands_unavailable`: the event could not be published; nothing was accepted.", body = ErrorBody),
+    )
+)]
 async fn rate(
     State(state): State<AppState>,
     principal: Principal,

@@ -13,11 +13,13 @@ use axum::routing::post;
 use delivertrack_dataflow::{CourierId, EventBody, EventKind};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use super::build;
 use super::settle::{Applied, Pending, Written, publish, settle};
 use crate::auth::{Principal, Role};
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::openapi::schemas::CourierWritten;
 use crate::rate_limit::Limit;
 use crate::state::AppState;
 
@@ -27,22 +29,31 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The body of `POST /locations`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Report {
+pub(crate) struct Report {
+    /// Latitude, degrees (-90 to 90).
+    #[schema(minimum = -90, maximum = 90)]
     lat: f64,
+    /// Longitude, degrees (-180 to 180).
+    #[schema(minimum = -180, maximum = 180)]
     lon: f64,
     /// When the fix was taken (RFC 3339); now when absent.
     #[serde(default)]
+    #[schema(format = DateTime)]
     occurred_at: Option<String>,
+    /// Speed, m/s.
     #[serde(default)]
     speed_mps: Option<f64>,
+    /// Heading, degrees clockwise from north.
     #[serde(default)]
     heading_deg: Option<f64>,
+    /// Accuracy of the fix, metres.
     #[serde(default)]
     accuracy_m: Option<f64>,
     /// Required of an admin; a courier may only name themselves.
     #[serde(default)]
+    #[schema(format = Uuid)]
     courier_id: Option<String>,
 }
 
@@ -54,6 +65,37 @@ fn location(id: CourierId) -> String {
 /// model holds this fix or a newer one; `202` if not within the bound (also when the fix is
 /// older than what the courier already reported: it is kept as history, but never becomes
 /// the current position).
+#[utoipa::path(
+    post,
+    path = "/locations",
+    operation_id = "reportLocation",
+    tag = "commands",
+    summary = "Report a courier's GPS fix",
+    description = "Couriers report their own position (the token's `sub`); admins report for \
+        any courier and name it with `courier_id`; customers may not. Counted against the \
+        courier's `location_update` limit (1 per second by default). A fix older than the \
+        courier's current one is kept as history and answered `202`.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    request_body = Report,
+    responses(
+        (status = 201, description = "Applied: the courier (position, zones, aggregates, active deliveries).",
+            body = CourierWritten, headers(("Location" = String, description = "`/api/couriers/{id}`"))),
+        (status = 202, description = "Published and confirmed, not the current position within \
+            the bound (not applied yet, or older than the courier's newest fix).",
+            body = Pending, headers(("Location" = String, description = "`/api/couriers/{id}`"))),
+        (status = 400, description = "`invalid_coordinates`, `value_out_of_range`, \
+            `timestamp_in_future`, `invalid_value`, `missing_field` (an admin without \
+            `courier_id`), `malformed_json`, `unknown_field`, ...", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: a customer, or a courier naming another courier.", body = ErrorBody),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 429, description = "`rate_limited`: the courier's `location_update` limit, or \
+            the API key's; retry after `Retry-After` seconds.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry would pass."))),
+        (status = 503, description = "`commands_unavailable`: the event could not be published; nothing was accepted.", body = ErrorBody),
+    )
+)]
 async fn report(
     State(state): State<AppState>,
     principal: Principal,

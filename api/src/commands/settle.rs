@@ -126,13 +126,15 @@ impl<V: Serialize> IntoResponse for Applied<V> {
 }
 
 /// A write published and confirmed but not yet visible within the bound: `202 Accepted`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct Pending {
     /// The entity.
     pub id: uuid::Uuid,
     /// The event the command became.
+    #[schema(value_type = uuid::Uuid)]
     pub event_id: EventId,
     /// Its kind.
+    #[schema(value_type = crate::openapi::schemas::EventKind)]
     pub kind: EventKind,
     /// Where to read the entity once applied (also the `Location` header).
     pub location: String,

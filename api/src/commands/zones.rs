@@ -15,12 +15,14 @@ use delivertrack_dataflow::{EventKind, ZoneId};
 use delivertrack_sinks::read_model::ZoneView;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use super::build;
 use super::settle::{Applied, Pending, Written, publish, settle};
 use crate::auth::Principal;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::id;
+use crate::openapi::schemas::ZoneWritten;
 use crate::state::AppState;
 
 /// The routes of this module.
@@ -29,13 +31,18 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The body of `PUT /zones/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UpsertZone {
+pub(crate) struct UpsertZone {
+    /// Display name.
     name: String,
-    /// GeoJSON Polygon or MultiPolygon; the contract validates it.
+    /// GeoJSON Polygon or MultiPolygon (`[lon, lat]` positions, closed rings, a valid simple
+    /// feature); the contract validates it.
+    #[schema(value_type = Object, example = json!({"type": "Polygon", "coordinates": [[[13.38, 52.51], [13.42, 52.51], [13.42, 52.53], [13.38, 52.53], [13.38, 52.51]]]}))]
     geometry: Value,
+    /// How long a courier must stay inside before counting as inside, seconds; 0 when absent.
     #[serde(default)]
+    #[schema(minimum = 0)]
     dwell_seconds: Option<f64>,
 }
 
@@ -55,6 +62,33 @@ fn admin_only(principal: &Principal) -> Result<(), ApiError> {
 
 /// `201` (a new zone) or `200` (a replaced one) with the zone once the read model holds
 /// this version; `202` if not within the bound, or when a newer version is already held.
+#[utoipa::path(
+    put,
+    path = "/zones/{id}",
+    operation_id = "upsertZone",
+    tag = "commands",
+    summary = "Create or replace a zone",
+    description = "Admins only. The zone's name, GeoJSON geometry and dwell time.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(("id" = Uuid, Path, description = "The zone.")),
+    request_body = UpsertZone,
+    responses(
+        (status = 200, description = "Replaced and applied: the zone.",
+            body = ZoneWritten, headers(("Location" = String, description = "`/zones/{id}`"))),
+        (status = 201, description = "Created and applied: the zone.",
+            body = ZoneWritten, headers(("Location" = String, description = "`/zones/{id}`"))),
+        (status = 202, description = "Published and confirmed, not applied within the bound (or \
+            a newer version of the zone is already held).",
+            body = Pending, headers(("Location" = String, description = "`/zones/{id}`"))),
+        (status = 400, description = "`invalid_id`, `invalid_geometry`, `value_out_of_range`, \
+            `string_too_long`, `malformed_json`, `unknown_field`, ...", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: only an admin may change zones.", body = ErrorBody),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 503, description = "`commands_unavailable`: the event could not be published; nothing was accepted.", body = ErrorBody),
+    )
+)]
 async fn upsert(
     State(state): State<AppState>,
     principal: Principal,
@@ -113,6 +147,27 @@ async fn upsert(
 
 /// `204` once the read model no longer holds the zone; `404` when it holds no such zone;
 /// `202` if not within the bound.
+#[utoipa::path(
+    delete,
+    path = "/zones/{id}",
+    operation_id = "deleteZone",
+    tag = "commands",
+    summary = "Delete a zone",
+    description = "Admins only; the zone must be one the read model holds.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(("id" = Uuid, Path, description = "The zone.")),
+    responses(
+        (status = 204, description = "Deleted and applied."),
+        (status = 202, description = "Published and confirmed, not applied within the bound (or \
+            a newer version of the zone is already held).",
+            body = Pending, headers(("Location" = String, description = "`/zones/{id}`"))),
+        (status = 400, description = "`invalid_id`: the id is not a UUID.", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: only an admin may change zones.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such zone.", body = ErrorBody),
+        (status = 503, description = "`commands_unavailable`: the event could not be published; nothing was accepted.", body = ErrorBody),
+    )
+)]
 async fn delete(
     State(state): State<AppState>,
     principal: Principal,

@@ -10,29 +10,53 @@ use serde::Deserialize;
 
 use super::AnalyticsSchema;
 use crate::auth::Principal;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::state::AppState;
 
 /// The body of `POST /graphql`: the GraphQL-over-HTTP request object.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct GraphQlBody {
     /// The document.
+    #[schema(example = "{ successRates(scope: OVERALL) { successRate } }")]
     query: String,
     /// Which of its operations to run, when it has several.
     #[serde(default)]
     operation_name: Option<String>,
     /// The variables, an object (or `null`).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     variables: Option<serde_json::Value>,
     /// Protocol extensions some clients send (persisted-query hashes): accepted, unused.
     #[serde(default, rename = "extensions")]
+    #[schema(value_type = Option<Object>)]
     _extensions: Option<serde::de::IgnoredAny>,
 }
 
 /// Runs one query for an authenticated caller. `200` with `{"data", "errors"}` (GraphQL
 /// errors, `FORBIDDEN` included, are in the body); `401` without a valid token and `400`
 /// / `413` / `415` for a body that is not a GraphQL request, in the API's error shape.
+#[utoipa::path(
+    post,
+    path = "/graphql",
+    operation_id = "graphqlQuery",
+    tag = "graphql",
+    summary = "Run a GraphQL query",
+    description = "Analytics (success rates, courier efficiency, peak times, satisfaction: \
+        admins) and deliveries (by role and ownership, as over REST). GraphQL errors, \
+        `FORBIDDEN` included, are answered `200` in `errors`; a body that is not a GraphQL \
+        request is answered in the API's error shape. The schema is introspectable.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    request_body = GraphQlBody,
+    responses(
+        (status = 200, description = "The result, with any GraphQL errors.", body = crate::openapi::schemas::GraphQlResponse),
+        (status = 400, description = "`malformed_json`, `unknown_field`, or `invalid_query` \
+            (variables that are not an object).", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+    )
+)]
 pub(super) async fn execute(
     State(state): State<AppState>,
     Extension(schema): Extension<AnalyticsSchema>,
@@ -70,6 +94,17 @@ pub(super) struct PageQuery {
 /// page's queries (the `Authorization` header) and subscriptions (the connection-init
 /// payload). Any other is ignored: only a token that verifies, which holds nothing but
 /// base64url and dots, is ever written into the page.
+#[utoipa::path(
+    get,
+    path = "/graphql",
+    operation_id = "graphiql",
+    tag = "graphql",
+    summary = "The GraphiQL page",
+    description = "Needs no token; a valid `access_token` presets it for the page's queries \
+        and subscriptions (an invalid one is ignored).",
+    params(("access_token" = Option<String>, Query, description = "A token to preset in the page.")),
+    responses((status = 200, description = "The page.", body = String, content_type = "text/html"))
+)]
 pub(super) async fn graphiql(
     State(state): State<AppState>,
     query: Result<Query<PageQuery>, QueryRejection>,

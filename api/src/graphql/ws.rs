@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use super::AnalyticsSchema;
 use crate::auth::{AuthError, Authenticator, Principal};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
 /// How long a client has to send `connection_init` after the upgrade.
@@ -45,6 +45,26 @@ pub const CLOSE_FORBIDDEN: u16 = 4403;
 pub const CLOSE_INIT_TIMEOUT: u16 = 4408;
 
 /// Upgrades to a GraphQL WebSocket session.
+#[utoipa::path(
+    get,
+    path = "/graphql/ws",
+    operation_id = "graphqlSubscriptions",
+    tag = "graphql",
+    summary = "GraphQL subscriptions (WebSocket)",
+    description = "`metricChanged` subscriptions in the `graphql-transport-ws` protocol (or the \
+        older `graphql-ws`), named in `Sec-WebSocket-Protocol`. The token comes with the \
+        upgrade (header or `access_token`; an invalid one is `401`) or in the \
+        `connection_init` payload, `{\"Authorization\": \"Bearer ...\"}`; none is closed \
+        with 4403, no `connection_init` within 10 s with 4408.",
+    security((), ("bearer_jwt" = []), ("access_token" = [])),
+    params(("Sec-WebSocket-Protocol" = String, Header, description = "`graphql-transport-ws` or `graphql-ws`.")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket session."),
+        (status = 400, description = "`websocket_required` (not a WebSocket upgrade request) or \
+            `unsupported_protocol`.", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+    )
+)]
 pub(super) async fn upgrade(
     State(state): State<AppState>,
     Extension(schema): Extension<AnalyticsSchema>,

@@ -14,13 +14,15 @@ use axum::{Json, Router};
 use delivertrack_dataflow::{DeliveryId, Status};
 use delivertrack_sinks::read_model::DeliveryView;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::access::{may_see, may_see_delivery};
 use super::cursor::PageKey;
 use super::records;
 use crate::auth::Principal;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::id;
+use crate::openapi::schemas::DeliveryView as DeliveryViewSchema;
 use crate::state::AppState;
 
 /// Deliveries per page when the client does not say.
@@ -38,6 +40,25 @@ pub fn router() -> Router<AppState> {
 /// `200` with the [`DeliveryView`]; `400 invalid_id`; `401`; `404 not_found` when there is
 /// no such delivery or the caller may not see it (the two are indistinguishable);
 /// `503 store_unavailable` when the read model lacks it and PostgreSQL cannot be reached.
+#[utoipa::path(
+    get,
+    path = "/deliveries/{id}",
+    operation_id = "getDelivery",
+    tag = "deliveries",
+    summary = "One delivery",
+    description = "For its customer, its courier and admins; from the read model, else from \
+        PostgreSQL. Anyone else's delivery is answered exactly like a missing one.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(("id" = Uuid, Path, description = "The delivery.")),
+    responses(
+        (status = 200, description = "The delivery.", body = DeliveryViewSchema),
+        (status = 400, description = "`invalid_id`: the id is not a UUID.", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, description = "`not_found`: no such delivery, or not the caller's.", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`: the read model lacks it and \
+            PostgreSQL cannot be reached.", body = ErrorBody),
+    )
+)]
 async fn one(
     State(state): State<AppState>,
     principal: Principal,
@@ -61,25 +82,30 @@ async fn one(
 
 /// The query of `GET /deliveries`. Every value is taken as text and checked here, so that
 /// each mistake gets its own code.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
     /// Only deliveries in this status.
+    #[param(value_type = Option<crate::openapi::schemas::Status>)]
     status: Option<String>,
-    /// Page size, 1 to [`MAX_LIMIT`].
+    /// Page size, 1 to 200 (50 when absent).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
     limit: Option<String>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (opaque).
     cursor: Option<String>,
     /// The token, for clients that cannot send headers: read by the [`Principal`]
-    /// extractor, allowed and ignored here.
+    /// extractor, allowed and ignored here (documented as a security scheme).
     #[serde(rename = "access_token")]
+    #[param(ignore)]
     _access_token: Option<serde::de::IgnoredAny>,
 }
 
 /// One page.
-#[derive(Debug, Serialize)]
-struct Page {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Page {
     /// Newest first.
+    #[schema(value_type = Vec<DeliveryViewSchema>)]
     deliveries: Vec<DeliveryView>,
     /// Pass as `cursor` for the next page; `null` on the last one.
     next_cursor: Option<String>,
@@ -88,6 +114,25 @@ struct Page {
 /// `200` with a [`Page`]: the caller's deliveries (all of them for an admin), newest first,
 /// optionally of one status; `400 invalid_status` or `400 invalid_query` (a limit outside
 /// 1–200, a cursor that is not one, an unknown or repeated parameter); `401`.
+#[utoipa::path(
+    get,
+    path = "/deliveries",
+    operation_id = "listDeliveries",
+    tag = "deliveries",
+    summary = "A page of deliveries",
+    description = "The caller's deliveries (a customer's own, a courier's assigned ones, all of \
+        them for an admin), newest first (then by id), optionally of one status. Walk the pages \
+        with `next_cursor`: a walk returns every delivery that existed when it started exactly \
+        once.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page.", body = Page),
+        (status = 400, description = "`invalid_status`, or `invalid_query` (a limit outside \
+            1–200, a cursor this API did not issue, an unknown or repeated parameter).", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+    )
+)]
 async fn list(
     State(state): State<AppState>,
     principal: Principal,

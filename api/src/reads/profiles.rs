@@ -19,11 +19,12 @@ use axum::{Json, Router};
 use delivertrack_dataflow::{CourierId, CustomerId};
 use delivertrack_sinks::read_model::CourierDetail;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::access::require_admin;
 use super::records::{self, CourierRecord, CustomerProfile, CustomerRecord, StoredPosition};
 use crate::auth::{Principal, Role};
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::id;
 use crate::state::AppState;
 
@@ -44,12 +45,13 @@ pub fn router() -> Router<AppState> {
 }
 
 /// A courier: the record joined with the live state.
-#[derive(Debug, Serialize)]
-struct CourierProfile {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CourierProfile {
     /// Profile.
     #[serde(flatten)]
     record: CourierRecord,
     /// The read model's state of the courier; `null` when the pipeline has no fix of it.
+    #[schema(value_type = Option<crate::openapi::schemas::CourierDetail>)]
     live: Option<CourierDetail>,
     /// The last position the system of record stored; `null` before the first fix.
     stored: Option<StoredPosition>,
@@ -58,6 +60,25 @@ struct CourierProfile {
 /// `200` with the [`CourierProfile`]; `400 invalid_id`; `401`; `403` unless admin;
 /// `404 not_found` when neither PostgreSQL nor the read model knows the courier;
 /// `503 store_unavailable`.
+#[utoipa::path(
+    get,
+    path = "/couriers/{id}",
+    operation_id = "getCourier",
+    tag = "records",
+    summary = "A courier's record",
+    description = "Admins only. The profile from PostgreSQL joined with the live state from the \
+        read model and the position PostgreSQL last stored.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(("id" = Uuid, Path, description = "The courier.")),
+    responses(
+        (status = 200, description = "The courier.", body = CourierProfile),
+        (status = 400, description = "`invalid_id`: the id is not a UUID.", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: admins only.", body = ErrorBody),
+        (status = 404, description = "`not_found`: neither PostgreSQL nor the read model knows the courier.", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`: no PostgreSQL, or it cannot be reached.", body = ErrorBody),
+    )
+)]
 async fn get_courier(
     State(state): State<AppState>,
     principal: Principal,
@@ -92,19 +113,45 @@ async fn get_courier(
     }))
 }
 
-/// The body of `PUT /couriers/{id}`.
-#[derive(Debug, Deserialize)]
+/// The body of `PUT /couriers/{id}`: the whole profile (a field left out or `null` is
+/// cleared).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CourierBody {
-    /// Display name.
+pub(crate) struct CourierBody {
+    /// Display name (at most 200 characters).
+    #[schema(max_length = 200)]
     name: Option<String>,
-    /// Vehicle, free text (`bicycle`, `scooter`, `car`, ...).
+    /// Vehicle, free text (`bicycle`, `scooter`, `car`, ...; at most 50 characters).
+    #[schema(max_length = 50)]
     vehicle_type: Option<String>,
 }
 
 /// `201` (created) or `200` (updated) with the [`CourierProfile`]; `400` (`invalid_id`,
 /// `invalid_field`, `malformed_json`, `unknown_field`); `401`; `403` unless admin; `415`;
 /// `503 store_unavailable`.
+#[utoipa::path(
+    put,
+    path = "/couriers/{id}",
+    operation_id = "putCourier",
+    tag = "records",
+    summary = "Set a courier's profile",
+    description = "Admins only. Replaces the whole profile (a field left out or `null` is \
+        cleared), creating the record if needed; never touches the tracking columns.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(("id" = Uuid, Path, description = "The courier.")),
+    request_body = CourierBody,
+    responses(
+        (status = 200, description = "Updated: the courier.", body = CourierProfile),
+        (status = 201, description = "Created: the courier.", body = CourierProfile),
+        (status = 400, description = "`invalid_id`, `invalid_field` (blank, too long, control \
+            characters), `malformed_json`, `unknown_field`.", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: admins only.", body = ErrorBody),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 503, description = "`store_unavailable`: no PostgreSQL, or it cannot be reached.", body = ErrorBody),
+    )
+)]
 async fn put_courier(
     State(state): State<AppState>,
     principal: Principal,
@@ -135,6 +182,25 @@ async fn put_courier(
 /// `200` with the [`CustomerRecord`]; `400 invalid_id`; `401`; `403` for couriers;
 /// `404 not_found` when there is no record, or for another customer's;
 /// `503 store_unavailable`.
+#[utoipa::path(
+    get,
+    path = "/customers/{id}",
+    operation_id = "getCustomer",
+    tag = "records",
+    summary = "A customer's record",
+    description = "For admins and the customer themself; another customer's record is answered \
+        like a missing one.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(("id" = Uuid, Path, description = "The customer.")),
+    responses(
+        (status = 200, description = "The customer.", body = CustomerRecord),
+        (status = 400, description = "`invalid_id`: the id is not a UUID.", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: couriers.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no record, or another customer's.", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`: no PostgreSQL, or it cannot be reached.", body = ErrorBody),
+    )
+)]
 async fn get_customer(
     State(state): State<AppState>,
     principal: Principal,
@@ -160,21 +226,48 @@ async fn get_customer(
         .ok_or_else(not_found)
 }
 
-/// The body of `PUT /customers/{id}`.
-#[derive(Debug, Deserialize)]
+/// The body of `PUT /customers/{id}`: the whole profile (a field left out or `null` is
+/// cleared).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CustomerBody {
-    /// Display name.
+pub(crate) struct CustomerBody {
+    /// Display name (at most 200 characters).
+    #[schema(max_length = 200)]
     name: Option<String>,
-    /// Postal address.
+    /// Postal address (at most 500 characters).
+    #[schema(max_length = 500)]
     address: Option<String>,
-    /// Phone, e-mail.
+    /// Phone, e-mail (at most 200 characters).
+    #[schema(max_length = 200)]
     contact: Option<String>,
 }
 
 /// `201` (created) or `200` (updated) with the [`CustomerRecord`]; `400` (`invalid_id`,
 /// `invalid_field`, `malformed_json`, `unknown_field`); `401`; `403` unless admin; `415`;
 /// `503 store_unavailable`.
+#[utoipa::path(
+    put,
+    path = "/customers/{id}",
+    operation_id = "putCustomer",
+    tag = "records",
+    summary = "Set a customer's profile",
+    description = "Admins only. Replaces `name`, `address` and `contact` (a field left out or \
+        `null` is cleared), creating the record if needed.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
+    params(("id" = Uuid, Path, description = "The customer.")),
+    request_body = CustomerBody,
+    responses(
+        (status = 200, description = "Updated: the customer.", body = CustomerRecord),
+        (status = 201, description = "Created: the customer.", body = CustomerRecord),
+        (status = 400, description = "`invalid_id`, `invalid_field` (blank, too long, control \
+            characters), `malformed_json`, `unknown_field`.", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: admins only.", body = ErrorBody),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 503, description = "`store_unavailable`: no PostgreSQL, or it cannot be reached.", body = ErrorBody),
+    )
+)]
 async fn put_customer(
     State(state): State<AppState>,
     principal: Principal,

@@ -214,7 +214,7 @@ fn degrees(lat: f64, lon: f64) -> LatLon {
 // ---------------------------------------------------------------------------------------
 
 /// A courier's profile.
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct CourierRecord {
     /// The courier.
     #[sqlx(rename = "id")]
@@ -235,11 +235,13 @@ struct TrackedRow {
 }
 
 /// The position stored for a courier: where and when its last fix was, and its odometer.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct StoredPosition {
     /// Where.
+    #[schema(value_type = crate::openapi::schemas::LatLon)]
     pub position: LatLon,
     /// When.
+    #[schema(value_type = i64)]
     pub at_ms: UnixMillis,
     /// Distance travelled, metres.
     pub odometer_m: f64,
@@ -331,7 +333,7 @@ pub async fn upsert_courier(
 // ---------------------------------------------------------------------------------------
 
 /// A customer's record.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct CustomerRecord {
     /// The customer.
     pub customer_id: Uuid,
@@ -342,6 +344,7 @@ pub struct CustomerRecord {
     /// How to reach them (phone, e-mail).
     pub contact: Option<String>,
     /// When the system first saw the customer (a delivery of theirs, or this record).
+    #[schema(value_type = i64)]
     pub first_seen_at_ms: UnixMillis,
 }
 
