@@ -82,6 +82,17 @@ pub struct TargetCheck {
     pub met: Option<bool>,
 }
 
+/// The first three fields of `/proc/loadavg` (1, 5 and 15 minutes).
+pub fn loadavg() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
 /// The whole outcome.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Report {
@@ -91,6 +102,8 @@ pub struct Report {
     pub started_at_ms: i64,
     /// Wall time of the run, seconds.
     pub seconds: f64,
+    /// `/proc/loadavg` when the run started and when it ended: how busy the machine was.
+    pub loadavg: [Option<String>; 2],
     /// The settings, as given.
     pub config: serde_json::Value,
     /// Events.
@@ -219,8 +232,11 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\n== load-tests {} — {:.1} s ==",
-            self.scenario, self.seconds
+            "\n== load-tests {} — {:.1} s (load average {} → {}) ==",
+            self.scenario,
+            self.seconds,
+            self.loadavg[0].as_deref().unwrap_or("?"),
+            self.loadavg[1].as_deref().unwrap_or("?"),
         );
         let e = &self.events;
         if e.offered > 0 {

@@ -387,6 +387,7 @@ pub async fn run(scenario: Scenario, args: RunArgs) -> Result<(Report, Written),
     let mut report = Report {
         scenario: scenario.name().into(),
         started_at_ms,
+        loadavg: [crate::report::loadavg(), None],
         config: serde_json::to_value(&args).unwrap_or_default(),
         ..Report::default()
     };
@@ -457,6 +458,7 @@ pub async fn run(scenario: Scenario, args: RunArgs) -> Result<(Report, Written),
     }
 
     report.seconds = wall.elapsed().as_secs_f64();
+    report.loadavg[1] = crate::report::loadavg();
     report.check_targets();
     let written = write(&args, scenario, &mut report)?;
     Ok((report, written))
