@@ -122,6 +122,11 @@ pub struct Report {
     pub baselines: Baselines,
     /// The targets of issue 7 this run speaks to.
     pub targets: Vec<TargetCheck>,
+    /// Cores used by each part of the system while the fleet was sent (CPU seconds ÷
+    /// sending seconds; the machine has `cores`): where the CPU went.
+    pub cpu_cores: BTreeMap<String, f64>,
+    /// Cores of the machine.
+    pub cores: usize,
     /// One sample per second.
     pub timeline: Vec<Sample>,
     /// Where the chart is, and the colours of its series.
@@ -288,6 +293,19 @@ impl Report {
                 out,
                 "fixes seen by trackers  received {}  gaps {}  duplicates {}  unseen at end {}  unmatched {}  resyncs {}",
                 l.received, l.gaps, l.duplicates, l.unseen_at_end, l.unmatched, l.resyncs
+            );
+        }
+        if !self.cpu_cores.is_empty() {
+            let parts: Vec<String> = self
+                .cpu_cores
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.2}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "cpu      cores used while sending (of {}): {}",
+                self.cores,
+                parts.join(", ")
             );
         }
         if self.graphql_per_s > 0.0 {

@@ -34,7 +34,7 @@ use crate::record::{Recorder, Sample, Series};
 use crate::report::{ChartInfo, EventFigures, Report, WebSocketFigures};
 use crate::sent::SentLog;
 use crate::stream::{FleetConfig, FleetStream};
-use crate::target::{Target, loopback_url, pid_listening_on, rss_kib};
+use crate::target::{Target, cpu_by_component, loopback_url, pid_listening_on, rss_kib};
 use crate::tracker::{LiveDeliveries, TrackerConfig, TrackerContext, WsMode, run_trackers};
 use crate::world::{BENCH_SEED, SpatialWorld};
 
@@ -606,6 +606,8 @@ async fn run_traffic(
 
     // Sample once a second until the fleet is done (or the duration passed), then drain.
     let sending = Instant::now();
+    let cpu_start = cpu_by_component(plan.server_pid);
+    let mut cpu_end = None;
     let bar = ProgressBar::new(duration.as_secs().max(1)).with_style(style("running"));
     let mut timeline: Vec<Sample> = Vec::new();
     let mut ingested_first: Option<f64> = None;
@@ -680,6 +682,7 @@ async fn run_traffic(
         let time_up = elapsed >= duration;
         if sending_seconds.is_none() && ((plan.couriers > 0 && fleet_done) || time_up) {
             sending_seconds = Some(elapsed.as_secs_f64());
+            cpu_end = Some(cpu_by_component(plan.server_pid));
             drained_at = Some(Instant::now() + drain);
             analyst_stop.cancel();
         }
@@ -802,6 +805,19 @@ async fn run_traffic(
             .to_owned()
         }),
     };
+    if let Some(end) = cpu_end {
+        report.cpu_cores = end
+            .iter()
+            .zip(&cpu_start)
+            .map(|((name, after), (_, before))| {
+                (
+                    (*name).to_owned(),
+                    (after - before).max(0.0) / sending_seconds,
+                )
+            })
+            .collect();
+    }
+    report.cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     report.timeline = timeline;
     Ok(())
 }

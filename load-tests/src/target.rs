@@ -276,6 +276,53 @@ pub fn pid_listening_on(port: u16) -> Option<u32> {
     None
 }
 
+/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`: 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU time (user + system) process `pid` has used, seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing paren.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the paren.
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some((user + system) as f64 / TICKS_PER_SECOND)
+}
+
+/// The pids whose command name is `name` (`beam.smp`, `postgres`, `redis-server`).
+pub fn pids_named(name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .collect()
+}
+
+/// CPU seconds used so far by each part of the system under test on this machine: the
+/// service, the harness itself, RabbitMQ, PostgreSQL (every backend), Redis. Two readings
+/// apart give where the cores went in between.
+pub fn cpu_by_component(server: Option<u32>) -> Vec<(&'static str, f64)> {
+    let sum = |pids: Vec<u32>| pids.into_iter().filter_map(cpu_seconds).sum::<f64>();
+    let mut parts = vec![
+        ("load-tests", cpu_seconds(std::process::id()).unwrap_or(0.0)),
+        ("rabbitmq", sum(pids_named("beam.smp"))),
+        ("postgresql", sum(pids_named("postgres"))),
+        ("redis", sum(pids_named("redis-server"))),
+    ];
+    if let Some(pid) = server {
+        parts.insert(0, ("delivertrack", cpu_seconds(pid).unwrap_or(0.0)));
+    }
+    parts
+}
+
 /// The loopback address, for listeners the harness opens itself.
 pub const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -321,6 +368,12 @@ mod tests {
         // The harness skips its own pid: nothing else listens on this port.
         assert_eq!(pid_listening_on(port), None);
         assert!(rss_kib(std::process::id()).unwrap() > 0);
+        assert!(cpu_seconds(std::process::id()).is_some());
+        assert!(
+            cpu_by_component(None)
+                .iter()
+                .any(|(name, _)| *name == "load-tests")
+        );
     }
 
     #[tokio::test]
