@@ -229,4 +229,10 @@ step "summary ($OUT/summary.md)"
              (if .websocket.trackers > 1 then "\(.websocket.held_connections) held, \(.websocket.kib_per_connection | r) KiB/conn" else empty end)
            ] | join("; ")) + " |"' "$f"
     done
+    printf '\n| run | load average (start → end) | cores used while sending |\n|---|---|---|\n'
+    for f in "$OUT"/*.json; do
+        jq -r --arg run "$(basename "$f" .json)" '
+          "| \($run) | \((.loadavg // [])[0] // "?") → \((.loadavg // [])[1] // "?") | " +
+          ([(.cpu_cores // {}) | to_entries[] | "\(.key) \(.value * 100 | round / 100)"] | join(", ")) + " |"' "$f"
+    done
 } | tee "$OUT/summary.md"
