@@ -1630,3 +1630,284 @@ async fn run_refuses_an_empty_or_sample_secret_unless_told_otherwise() {
     let status = timeout(PATIENCE, child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Live tracking and rate limits, end to end
+// ---------------------------------------------------------------------------------------
+
+/// The next JSON text message of a WebSocket (pings and pongs skipped), within the bound.
+async fn next_json<S>(socket: &mut S) -> Value
+where
+    S: futures::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let message = timeout(PATIENCE, socket.next())
+            .await
+            .expect("a message within the bound")
+            .expect("the socket is open")
+            .expect("a well-formed frame");
+        match message {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Close(frame) => panic!("closed: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracker_sees_the_courier_move_and_the_eta_change_after_post_locations() {
+    let rabbit = unique_config("api-track");
+    let _guard = TopologyGuard::new(&rabbit);
+    let running = Running::start(run_config(rabbit)).await;
+    let (customer, courier, admin) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (customer_token, courier_token) = (
+        token(Role::Customer, customer),
+        token(Role::Courier, courier),
+    );
+    let admin_token = token(Role::Admin, admin);
+
+    let created = running
+        .call(
+            Method::POST,
+            "/deliveries",
+            Some(&customer_token),
+            Some(new_delivery(None)),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{created:?}");
+    let delivery = id_of(&created);
+    let first_fix = running
+        .call(
+            Method::POST,
+            "/locations",
+            Some(&courier_token),
+            Some(json!({"lat": 52.530, "lon": 13.380})),
+        )
+        .await;
+    assert_eq!(first_fix.status, 201, "{first_fix:?}");
+    let assigned = running
+        .call(
+            Method::PUT,
+            &format!("/deliveries/{delivery}/status"),
+            Some(&admin_token),
+            Some(json!({"status": "assigned", "courier_id": courier})),
+        )
+        .await;
+    assert_eq!(assigned.status, 200, "{assigned:?}");
+
+    // The customer follows the delivery.
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{}/ws/track/{delivery}?access_token={customer_token}",
+        running.addr
+    ))
+    .await
+    .unwrap();
+    let snapshot = next_json(&mut socket).await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    let snapshot_epoch = snapshot["epoch"].as_u64().unwrap();
+
+    // The courier reports a position closer to the pickup (the rate limit allows one fix
+    // per second per courier).
+    sleep(Duration::from_millis(1_100)).await;
+    let moved = running
+        .call(
+            Method::POST,
+            "/locations",
+            Some(&courier_token),
+            Some(json!({"lat": 52.522, "lon": 13.395, "speed_mps": 6.0})),
+        )
+        .await;
+    assert_eq!(moved.status, 201, "{moved:?}");
+
+    let (mut seen_move, mut seen_eta) = (None, None);
+    while seen_move.is_none() || seen_eta.is_none() {
+        let message = next_json(&mut socket).await;
+        let epoch = message["epoch"].as_u64().unwrap_or(0);
+        match message["type"].as_str() {
+            Some("courier_moved") => {
+                assert!(epoch > snapshot_epoch, "{message}");
+                assert_eq!(message["courier_id"], json!(courier));
+                assert!((message["position"]["lat"].as_f64().unwrap() - 52.522).abs() < 1e-6);
+                seen_move = Some(epoch);
+            }
+            Some("eta") => {
+                assert!(epoch > snapshot_epoch, "{message}");
+                assert!(message["eta_ms"].as_i64().is_some(), "{message}");
+                seen_eta = Some(epoch);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        seen_move, seen_eta,
+        "the move and its ETA arrive in the same epoch"
+    );
+
+    // Someone else's delivery cannot be followed.
+    let stranger = token(Role::Customer, Uuid::new_v4());
+    let refused = tokio_tungstenite::connect_async(format!(
+        "ws://{}/ws/track/{delivery}?access_token={stranger}",
+        running.addr
+    ))
+    .await;
+    assert!(refused.is_err(), "a stranger's upgrade is refused");
+    drop(socket);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rate_limit_is_a_429_with_retry_after_shared_through_redis() {
+    use delivertrack_api::{Quota, RateLimitConfig};
+    let rabbit = unique_config("api-limits");
+    let _guard = TopologyGuard::new(&rabbit);
+    let prefix = format!("dt-test-{}:", Uuid::new_v4().simple());
+    let mut config = run_config(rabbit);
+    config.stores = StoresConfig {
+        redis: Some(RedisConfig {
+            key_prefix: prefix.clone(),
+            ..RedisConfig::new(
+                std::env::var("REDIS_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
+                std::env::var("REDIS_PORT")
+                    .ok()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(6379),
+            )
+        }),
+        ..StoresConfig::default()
+    };
+    config.rate_limits = RateLimitConfig {
+        delivery_creation: "2/h".parse::<Quota>().unwrap(),
+        api_keys: RateLimitConfig::parse_api_keys("fleet-key=3/min").unwrap(),
+        ..RateLimitConfig::default()
+    };
+    let running = Running::start(config).await;
+    let customer = token(Role::Customer, Uuid::new_v4());
+    let courier = token(Role::Courier, Uuid::new_v4());
+
+    // Delivery creation: 2 per hour per customer.
+    for _ in 0..2 {
+        let created = running
+            .call(
+                Method::POST,
+                "/deliveries",
+                Some(&customer),
+                Some(new_delivery(None)),
+            )
+            .await;
+        assert_eq!(created.status, 201, "{created:?}");
+    }
+    let third = running
+        .call(
+            Method::POST,
+            "/deliveries",
+            Some(&customer),
+            Some(new_delivery(None)),
+        )
+        .await;
+    third.assert_error(429, "rate_limited");
+    let retry: u64 = third.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((60..=1800).contains(&retry), "retry after {retry} s");
+    // Another customer is not limited by the first one's use.
+    let other = token(Role::Customer, Uuid::new_v4());
+    let created = running
+        .call(
+            Method::POST,
+            "/deliveries",
+            Some(&other),
+            Some(new_delivery(None)),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{created:?}");
+
+    // Location updates: one per second per courier.
+    let fix = json!({"lat": 52.51, "lon": 13.41});
+    let first = running
+        .call(
+            Method::POST,
+            "/locations",
+            Some(&courier),
+            Some(fix.clone()),
+        )
+        .await;
+    assert_eq!(first.status, 201, "{first:?}");
+    let second = running
+        .call(
+            Method::POST,
+            "/locations",
+            Some(&courier),
+            Some(fix.clone()),
+        )
+        .await;
+    second.assert_error(429, "rate_limited");
+    assert_eq!(second.headers["retry-after"], "1");
+
+    // API keys: the listed key has 3 a minute; an unlisted key is refused.
+    for _ in 0..3 {
+        let ok = running
+            .raw(
+                Method::GET,
+                "/healthz",
+                &[("x-api-key", "fleet-key")],
+                Vec::new(),
+            )
+            .await;
+        assert_eq!(ok.status, 200, "{ok:?}");
+    }
+    running
+        .raw(
+            Method::GET,
+            "/healthz",
+            &[("x-api-key", "fleet-key")],
+            Vec::new(),
+        )
+        .await
+        .assert_error(429, "rate_limited");
+    running
+        .raw(
+            Method::GET,
+            "/healthz",
+            &[("x-api-key", "made-up")],
+            Vec::new(),
+        )
+        .await
+        .assert_error(401, "unauthorized");
+
+    // The limits live in Redis, under the deployment's prefix; the refusals are counted.
+    let mut redis = redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}ratelimit:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(keys.len() >= 3, "{keys:?}");
+    let metrics = running
+        .http
+        .get(running.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for limit in ["delivery_creation", "location_update", "api_key"] {
+        assert!(
+            metrics.contains(&format!(
+                "delivertrack_rate_limited_total{{route=\"{limit}\"}} 1"
+            )),
+            "{limit}: {metrics}"
+        );
+    }
+    running.stop().await;
+    delete_keys(&prefix).await;
+}
