@@ -340,6 +340,12 @@ mod tests {
             (404, Some("route_not_found"))
         );
         assert!(body["error"]["message"].is_string());
+        // A plain GET of a WebSocket route is refused in the same shape.
+        let (status, body) = get(&model, "/ws/changes").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("websocket_required"))
+        );
     }
 
     #[tokio::test]

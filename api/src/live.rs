@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
 use axum::routing::get;
@@ -37,6 +38,7 @@ use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
+use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
 /// The routes of this module.
@@ -72,12 +74,18 @@ enum ServerMessage<'a> {
         (`epoch`, `changes`, `rejected`).",
     responses(
         (status = 101, description = "Switching to the WebSocket session."),
-        (status = 400, description = "Not a WebSocket upgrade request (a plain-text answer)."),
-        (status = 426, description = "The connection cannot be upgraded (a plain-text answer)."),
+        (status = 400, description = "`websocket_required`: not a WebSocket upgrade request.", body = ErrorBody),
     )
 )]
-async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| session(socket, state))
+async fn upgrade(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let ws = ws.map_err(|rejection| ApiError::BadRequest {
+        code: "websocket_required",
+        message: rejection.body_text(),
+    })?;
+    Ok(ws.on_upgrade(move |socket| session(socket, state)))
 }
 
 /// Runs one client's session until either side ends it.
