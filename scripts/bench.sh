@@ -5,7 +5,7 @@
 #   ./scripts/bench.sh              everything (about 10 minutes), release build
 #   ./scripts/bench.sh --quick      the same runs, small and short (a check of the script)
 #   ./scripts/bench.sh --dev        use the dev build instead of building release
-#   ./scripts/bench.sh --only NAME  one measurement: baselines, max, half, batched,
+#   ./scripts/bench.sh --only NAME  one measurement: baselines, max, max-prefetch, half, batched,
 #                                   http, trackers, track, analysts, analysts-courier
 #
 # What it does:
@@ -86,6 +86,7 @@ start_service() {
         --dead-letter-exchange "$NAME.dead" --dead-letter-queue "$NAME.dead" \
         --derived-exchange "$NAME.derived" --database-url "$DATABASE_URL_RUN" \
         --redis-prefix "$NAME:" --jwt-secret "$SECRET" --epoch-max-ms "${EPOCH_MS:-50}" \
+        --prefetch "${PREFETCH:-2000}" \
         >"$OUT/$1.service.out" 2>"$OUT/$1.service.log" &
     SERVICE_PID=$!
     for _ in $(seq 1 300); do
@@ -150,6 +151,15 @@ if wants max || wants half; then
         --baselines broker --broker-seconds "$BROKER" --seed 101
     stop_service
     MAX_RATE="$(jq -r '.events.processed_per_s // 0' "$OUT/max.json")"
+fi
+
+# What bounds the maximum: the same with five times the prefetch (more events in flight,
+# larger epochs). If the rate grows with it, the pipeline waits on its commit cycle.
+if wants max-prefetch; then
+    PREFETCH=10000 start_service max-prefetch
+    harness fleet max-prefetch --unpaced --couriers "$COURIERS" --duration "$D" --ramp-up 0 \
+        --seed 109
+    stop_service
 fi
 
 # Publish → WebSocket at half that rate (fixes at 1/s per courier: couriers = rate / 2).

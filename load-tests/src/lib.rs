@@ -26,6 +26,7 @@
 //! - [`record`] — counters and histograms; [`report`] — the report and table;
 //!   [`plot`] — the PNG.
 //! - [`baseline`] — broker ceiling, geofence against PostGIS, GraphQL against SQL.
+//! - [`server_metrics`] — what the service's `/metrics` say it did during the run.
 //! - [`target`] — loopback checks, "is it up", the server's pid and memory.
 //! - [`auth`] — JWTs signed with the service's secret.
 //! - [`fleet`] — [`fleet::location_events`], simple zigzag streams for tests.
@@ -43,6 +44,7 @@ pub mod record;
 pub mod report;
 pub mod scenario;
 pub mod sent;
+pub mod server_metrics;
 pub mod stream;
 pub mod target;
 pub mod tracker;

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::baseline::{AnalyticsBaseline, BrokerCeiling, GeofenceBaseline};
 use crate::record::{LatencySummary, LossCounts, Sample};
+use crate::server_metrics::ServerFigures;
 
 /// Events offered, achieved and processed.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -127,6 +128,8 @@ pub struct Report {
     pub cpu_cores: BTreeMap<String, f64>,
     /// Cores of the machine.
     pub cores: usize,
+    /// What the service's `/metrics` say it did while the fleet was sent.
+    pub server: Option<ServerFigures>,
     /// One sample per second.
     pub timeline: Vec<Sample>,
     /// Where the chart is, and the colours of its series.
@@ -306,6 +309,24 @@ impl Report {
                 "cpu      cores used while sending (of {}): {}",
                 self.cores,
                 parts.join(", ")
+            );
+        }
+        if let Some(server) = &self.server
+            && server.epochs > 0.0
+        {
+            let sinks: Vec<String> = server
+                .sink_commit_mean_ms
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "server   {:.0} epochs of {:.0} events; epoch commit {:.1} ms, epoch latency {:.1} ms (means); sink commits (ms): {}",
+                server.epochs,
+                server.events_per_epoch.unwrap_or(0.0),
+                server.epoch_commit_mean_ms.unwrap_or(0.0),
+                server.epoch_latency_mean_ms.unwrap_or(0.0),
+                sinks.join(", ")
             );
         }
         if self.graphql_per_s > 0.0 {

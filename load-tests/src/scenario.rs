@@ -33,6 +33,7 @@ use crate::driver::{DriverConfig, DriverContext, Via, drive};
 use crate::record::{Recorder, Sample, Series};
 use crate::report::{ChartInfo, EventFigures, Report, WebSocketFigures};
 use crate::sent::SentLog;
+use crate::server_metrics::{Reading, ServerFigures};
 use crate::stream::{FleetConfig, FleetStream};
 use crate::target::{Target, cpu_by_component, loopback_url, pid_listening_on, rss_kib};
 use crate::tracker::{LiveDeliveries, TrackerConfig, TrackerContext, WsMode, run_trackers};
@@ -618,12 +619,23 @@ async fn run_traffic(
     let mut analytics: Option<tokio::task::JoinHandle<Result<AnalyticsBaseline, String>>> = None;
     let mut sending_seconds = None;
     let mut drained_at = None;
+    let mut first_reading: Option<Reading> = Reading::read(http, target).await;
+    let mut last_sending_reading: Option<Reading> = None;
     loop {
         ticks.tick().await;
         let elapsed = sending.elapsed();
         let mut sample = recorder.sample();
         sample.t_s = elapsed.as_secs_f64();
-        let ingested = scrape_ingested(http, target).await;
+        let reading = Reading::read(http, target).await;
+        if let Some(reading) = &reading {
+            first_reading.get_or_insert_with(|| reading.clone());
+            if sending_seconds.is_none() {
+                last_sending_reading = Some(reading.clone());
+            }
+        }
+        let ingested = reading
+            .as_ref()
+            .and_then(|r| r.total("delivertrack_events_ingested_total"));
         if let Some(now) = ingested {
             ingested_first.get_or_insert(now);
             if let Some((before, at)) = ingested_last {
@@ -818,6 +830,9 @@ async fn run_traffic(
             .collect();
     }
     report.cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    if let (Some(before), Some(after)) = (&first_reading, &last_sending_reading) {
+        report.server = Some(ServerFigures::between(before, after));
+    }
     report.timeline = timeline;
     Ok(())
 }
@@ -907,29 +922,6 @@ fn sample_events(seed: u64, count: usize) -> Vec<delivertrack_dataflow::Event> {
         .take(count)
         .map(|p| p.event)
         .collect()
-}
-
-/// The sum of `delivertrack_events_ingested_total` on the target's `/metrics`.
-async fn scrape_ingested(http: &reqwest::Client, target: &Target) -> Option<f64> {
-    let text = http
-        .get(target.http("/metrics"))
-        .timeout(Duration::from_millis(800))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let mut total = None;
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("delivertrack_events_ingested_total")
-            && let Some(value) = rest.rsplit(' ').next()
-            && let Ok(value) = value.parse::<f64>()
-        {
-            *total.get_or_insert(0.0) += value;
-        }
-    }
-    total
 }
 
 fn style(prefix: &str) -> ProgressStyle {
