@@ -6,7 +6,7 @@
 #   ./scripts/bench.sh --quick      the same runs, small and short (a check of the script)
 #   ./scripts/bench.sh --dev        use the dev build instead of building release
 #   ./scripts/bench.sh --only NAME  one measurement: baselines, max, max-prefetch, half, batched,
-#                                   http, trackers, track, analysts, analysts-courier
+#                                   curve, http, trackers, track, analysts, analysts-courier
 #
 # What it does:
 #   1. brings the local services up (scripts/test.sh --services) and installs PostGIS
@@ -168,6 +168,17 @@ if wants half; then
     start_service half
     harness fleet half --couriers "$half_couriers" --duration "$D" --ramp-up 5 --seed 102
     stop_service
+fi
+
+# Publish → WebSocket at lower rates: where the latency target is met.
+if wants curve; then
+    for couriers in 250 500 1000; do
+        ((quick)) && couriers=$((couriers / 10))
+        start_service "curve-$couriers"
+        harness fleet "curve-$couriers" --couriers "$couriers" --duration "$D" --ramp-up 5 \
+            --seed "$((110 + couriers))"
+        stop_service
+    done
 fi
 
 # The same with arrays of 50 fixes per message (a gateway batching its couriers).

@@ -20,6 +20,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;
 
+use delivertrack_dataflow::contract::{ContractLimits, decode_event, encode_event};
 use delivertrack_dataflow::event::{
     DeliveryCreated, DeliveryRated, LocationUpdated, StatusChanged, ZoneUpserted,
 };
@@ -156,11 +157,20 @@ impl FleetStream {
     pub fn new(config: FleetConfig, start_ms: UnixMillis) -> Self {
         let city = City::berlin(config.city_side_m);
         let mut rng = SmallRng::seed_from_u64(config.seed);
-        let zones = city
-            .random_zones(&mut rng, config.zones, (150.0, 1_500.0))
-            .into_iter()
-            .enumerate()
-            .map(|(i, (zone_id, shape))| Event {
+        // Zones as the service will see them: through the contract (coordinates rounded to
+        // its 1e-7° grid and validated). A random polygon that rounding makes invalid (two
+        // vertices too close) is drawn again, so every zone is accepted.
+        let mut zones = Vec::with_capacity(config.zones);
+        while zones.len() < config.zones {
+            let Some((zone_id, shape)) = city
+                .random_zones(&mut rng, 1, (150.0, 1_500.0))
+                .into_iter()
+                .next()
+            else {
+                break;
+            };
+            let i = zones.len();
+            let event = Event {
                 event_id: EventId(random_uuid(&mut rng)),
                 occurred_at: start_ms,
                 body: EventBody::ZoneUpserted(ZoneUpserted {
@@ -170,9 +180,17 @@ impl FleetStream {
                     // A quarter of the zones count a courier as inside only after 10 s.
                     dwell_ms: if i % 4 == 0 { 10_000 } else { 0 },
                 }),
-            })
-            .rev()
-            .collect();
+            };
+            if let Ok(accepted) = decode_event(
+                Some(event.kind().as_str()),
+                &encode_event(&event),
+                start_ms,
+                &ContractLimits::default(),
+            ) {
+                zones.push(accepted);
+            }
+        }
+        zones.reverse();
         let rate = if config.fixes_per_second.is_finite() && config.fixes_per_second > 0.0 {
             config.fixes_per_second
         } else {
@@ -480,7 +498,6 @@ pub fn city_point(config: &FleetConfig, north_m: f64, east_m: f64) -> GeoPoint {
 mod tests {
     use super::*;
     use delivertrack_dataflow::EventKind;
-    use delivertrack_dataflow::contract::{ContractLimits, decode_event, encode_event};
     use std::collections::HashMap;
 
     fn config() -> FleetConfig {
@@ -586,6 +603,27 @@ mod tests {
             }
         }
         assert_eq!(zones, 10);
+        // Many zones: every one valid on the wire (checked above for all events).
+        let many = all(FleetConfig {
+            zones: 1_000,
+            couriers: 1,
+            duration: Duration::from_secs(1),
+            ..config()
+        });
+        let valid = many
+            .iter()
+            .filter(|p| p.event.kind() == EventKind::ZoneUpserted)
+            .filter(|p| {
+                decode_event(
+                    Some("zone.upserted"),
+                    &encode_event(&p.event),
+                    p.event.occurred_at,
+                    &ContractLimits::default(),
+                )
+                .is_ok_and(|decoded| decoded == p.event)
+            })
+            .count();
+        assert_eq!(valid, 1_000);
         let ended = statuses
             .values()
             .filter(|s| matches!(s.last(), Some(Status::Delivered | Status::Failed)))
