@@ -19,7 +19,8 @@
 #      prints a summary table (also written to target/bench/<time>/summary.md).
 #
 # Environment: RABBITMQ_URL (default the local broker), BENCH_PORT (18180),
-# BENCH_OUT (target/bench/<time>).
+# BENCH_OUT (target/bench/<time>), BENCH_PG=socket (the service reaches PostgreSQL over
+# its Unix socket instead of TCP).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -80,7 +81,12 @@ start_service() {
     NAME="bench-$STAMP-$1"
     local db="${NAME//-/_}"
     db="${db,,}"
-    DATABASE_URL_RUN="postgres://postgres@127.0.0.1:5432/$db"
+    if [[ "${BENCH_PG:-tcp}" == socket ]]; then
+        # PostgreSQL over its Unix socket (no Nagle delays on small writes).
+        DATABASE_URL_RUN="postgres://postgres@localhost/$db?host=/var/run/postgresql"
+    else
+        DATABASE_URL_RUN="postgres://postgres@127.0.0.1:5432/$db"
+    fi
     "$BIN/delivertrack" run --listen "127.0.0.1:$PORT" --no-mongo \
         --exchange "$NAME.events" --queue "$NAME.ingest" \
         --dead-letter-exchange "$NAME.dead" --dead-letter-queue "$NAME.dead" \
