@@ -14,6 +14,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
@@ -29,13 +31,14 @@ use delivertrack_sinks::{PostgresConfig, RedisConfig};
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
-use sqlx::Connection;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 use uuid::Uuid;
+
+use support::{Database, delete_keys, redis};
 
 /// How long any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -1234,74 +1237,6 @@ async fn a_broker_that_cannot_confirm_is_a_503_and_commands_resume_after_it() {
 // ---------------------------------------------------------------------------------------
 
 /// The server's maintenance database, where the test's database is dropped.
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// A database of this test's own: `run` creates it, [`Database::drop_now`] drops it.
-struct Database {
-    name: String,
-}
-
-impl Database {
-    fn new(test: &str) -> Self {
-        Self {
-            name: format!("dt_{test}_{}", Uuid::new_v4().simple()),
-        }
-    }
-
-    fn url(&self) -> String {
-        let admin = admin_url();
-        let base = admin
-            .rsplit_once('/')
-            .map_or(admin.as_str(), |(base, _)| base);
-        format!("{base}/{}", self.name)
-    }
-
-    async fn drop_now(self) {
-        let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    }
-}
-
-fn redis_url() -> String {
-    let host = std::env::var("REDIS_HOST").unwrap_or_else(|_| "127.0.0.1".to_owned());
-    let port = std::env::var("REDIS_PORT").unwrap_or_else(|_| "6379".to_owned());
-    format!("redis://{host}:{port}/")
-}
-
-async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
-/// Deletes every key under `prefix`.
-async fn delete_keys(prefix: &str) {
-    let mut redis = redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_reach_postgres_and_redis_through_the_pipeline() {
     let rabbit = unique_config("api-stores");

@@ -10,10 +10,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use delivertrack_ingest::rabbitmq::declare_topology;
 use delivertrack_ingest::testing::{delete_topology, unique_config};
@@ -25,6 +27,8 @@ use sqlx::postgres::PgConnection;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::{Instant, sleep, timeout};
 use uuid::Uuid;
+
+use support::{admin_url, delete_keys, now_ms};
 
 const PATIENCE: Duration = Duration::from_secs(120);
 
@@ -92,21 +96,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,27 +287,7 @@ async fn every_dashboard_expression_is_valid_and_returns_series() {
     .execute(&mut admin)
     .await
     .unwrap();
-    let mut redis = redis::Client::open(format!(
-        "redis://{}:{}/",
-        std::env::var("REDIS_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
-        std::env::var("REDIS_PORT").unwrap_or_else(|_| "6379".into())
-    ))
-    .unwrap()
-    .get_multiplexed_async_connection()
-    .await
-    .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-    }
+    delete_keys(&prefix).await;
 
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -16,11 +16,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use delivertrack::{DriveReport, PipelineConfig, RunConfig, RunHooks, StoresConfig};
 use delivertrack_dataflow::model::{Scope, Tally};
@@ -36,8 +38,8 @@ use delivertrack_sinks::read_model::ReadState;
 use delivertrack_sinks::redis::Keys;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use sqlx::postgres::{PgConnection, PgPool};
-use sqlx::{Connection, Row};
+use sqlx::postgres::PgPool;
+use sqlx::Row;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::Child;
@@ -45,124 +47,14 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout};
 use uuid::Uuid;
 
+use support::{Database, delete_keys, now_ms, postgres_addr, redis, url_of};
+
 /// How long any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------------------------------
 // Services
 // ---------------------------------------------------------------------------------------
-
-/// The server's maintenance database, where test databases are created and dropped.
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// `admin_url` with another database name (and optionally another host:port).
-fn url_of(database: &str, authority: Option<SocketAddr>) -> String {
-    let admin = admin_url();
-    let base = admin
-        .rsplit_once('/')
-        .map_or(admin.as_str(), |(base, _)| base)
-        .to_owned();
-    let base = match authority {
-        Some(addr) => {
-            let (scheme_user, _) = base.rsplit_once('@').map_or_else(
-                || {
-                    (
-                        base.split("://").next().unwrap_or("postgres").to_owned() + "://",
-                        "",
-                    )
-                },
-                |(user, host)| (format!("{user}@"), host),
-            );
-            format!("{scheme_user}{addr}")
-        }
-        None => base,
-    };
-    format!("{base}/{database}")
-}
-
-/// The PostgreSQL server's address, from `admin_url`.
-fn postgres_addr() -> SocketAddr {
-    let admin = admin_url();
-    let authority = admin
-        .split("://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-    let host_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5432")
-    };
-    let host_port = host_port.replace("localhost", "127.0.0.1");
-    host_port.parse().unwrap()
-}
-
-/// A database of this test's own; the binary creates it, [`Database::drop_now`] drops it.
-struct Database {
-    name: String,
-}
-
-impl Database {
-    fn new(test: &str) -> Self {
-        Self {
-            name: format!("dt_{test}_{}", Uuid::new_v4().simple()),
-        }
-    }
-
-    fn url(&self) -> String {
-        url_of(&self.name, None)
-    }
-
-    async fn pool(&self) -> PgPool {
-        PgPool::connect(&self.url()).await.unwrap()
-    }
-
-    async fn drop_now(self) {
-        let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    }
-}
-
-fn redis_url() -> String {
-    let host = std::env::var("REDIS_HOST").unwrap_or_else(|_| "127.0.0.1".to_owned());
-    let port = std::env::var("REDIS_PORT").unwrap_or_else(|_| "6379".to_owned());
-    format!("redis://{host}:{port}/")
-}
-
-async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
-/// Deletes every key under `prefix`.
-async fn delete_keys(prefix: &str) {
-    let mut redis = redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-    }
-}
 
 /// A publisher on the broker, with the topology declared so that nothing published before
 /// the pipeline's own declaration is dropped.
@@ -221,16 +113,6 @@ async fn logged_events(pool: &PgPool) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap_or(0)
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------

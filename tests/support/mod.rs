@@ -1,0 +1,137 @@
+//! What the root crate's integration tests share: their own PostgreSQL databases on the
+//! local server, Redis keys under a prefix of their own, the clock.
+//!
+//! Each test file includes it with `mod support;` and uses what it needs.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sqlx::Connection;
+use sqlx::postgres::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// The server's maintenance database, where test databases are created and dropped.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `admin_url` with another database name (and optionally another host:port).
+pub fn url_of(database: &str, authority: Option<SocketAddr>) -> String {
+    let admin = admin_url();
+    let base = admin
+        .rsplit_once('/')
+        .map_or(admin.as_str(), |(base, _)| base)
+        .to_owned();
+    let base = match authority {
+        Some(addr) => {
+            let (scheme_user, _) = base.rsplit_once('@').map_or_else(
+                || {
+                    (
+                        base.split("://").next().unwrap_or("postgres").to_owned() + "://",
+                        "",
+                    )
+                },
+                |(user, host)| (format!("{user}@"), host),
+            );
+            format!("{scheme_user}{addr}")
+        }
+        None => base,
+    };
+    format!("{base}/{database}")
+}
+
+/// The PostgreSQL server's address, from `admin_url`.
+pub fn postgres_addr() -> SocketAddr {
+    let admin = admin_url();
+    let authority = admin
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    let host_port = host_port.replace("localhost", "127.0.0.1");
+    host_port.parse().unwrap()
+}
+
+/// A database of this test's own; the binary creates it, [`Database::drop_now`] drops it.
+pub struct Database {
+    /// The database name.
+    pub name: String,
+}
+
+impl Database {
+    pub fn new(test: &str) -> Self {
+        Self {
+            name: format!("dt_{test}_{}", Uuid::new_v4().simple()),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        url_of(&self.name, None)
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        PgPool::connect(&self.url()).await.unwrap()
+    }
+
+    pub async fn drop_now(self) {
+        let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    }
+}
+
+pub fn redis_url() -> String {
+    let host = std::env::var("REDIS_HOST").unwrap_or_else(|_| "127.0.0.1".to_owned());
+    let port = std::env::var("REDIS_PORT").unwrap_or_else(|_| "6379".to_owned());
+    format!("redis://{host}:{port}/")
+}
+
+pub async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Deletes every key under `prefix`.
+pub async fn delete_keys(prefix: &str) {
+    let mut redis = redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+}
+
+/// Now, Unix milliseconds.
+pub fn now_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
