@@ -13,18 +13,19 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use delivertrack_api::{AppState, Role};
-use delivertrack_dataflow::pipeline::{self, DataflowConfig};
-use delivertrack_ingest::{FleetSimulator, SimulatorConfig};
-use delivertrack_sinks::ReadModel;
 use hdrhistogram::Histogram;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use support::{cpu_time, read_model};
 
 /// Requests in flight at most; beyond, a due request is counted as shed, not sent.
 const MAX_IN_FLIGHT: usize = 2_000;
@@ -39,42 +40,6 @@ fn arg(name: &str, default: u64) -> u64 {
                 .unwrap_or_else(|_| panic!("{name} takes a number"))
         })
         .unwrap_or(default)
-}
-
-/// CPU time this process has used (user + system), from `/proc/self/stat` on Linux
-/// (clock ticks of 10 ms); `None` elsewhere.
-fn cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
-}
-
-/// The read model after `epochs` simulated minutes of a 200-courier city.
-fn read_model(epochs: usize) -> ReadModel {
-    let mut simulator = FleetSimulator::new(
-        SimulatorConfig {
-            couriers: 200,
-            seed: 7,
-            ..SimulatorConfig::default()
-        },
-        1_796_025_600_000,
-    );
-    let (mut input, mut output) = pipeline::start(DataflowConfig::default()).unwrap();
-    let model = ReadModel::default();
-    for epoch in 0..epochs {
-        let mut events = if epoch == 0 {
-            simulator.initial_events()
-        } else {
-            Vec::new()
-        };
-        events.extend(simulator.step(60_000));
-        input.send(events).unwrap();
-        model.apply(&output.recv().unwrap());
-    }
-    input.close();
-    model
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
