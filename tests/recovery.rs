@@ -19,7 +19,6 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
@@ -28,7 +27,7 @@ use delivertrack::{DriveReport, PipelineConfig, RunConfig, RunHooks, StoresConfi
 use delivertrack_dataflow::model::{Scope, Tally};
 use delivertrack_dataflow::pipeline::{self, DataflowConfig};
 use delivertrack_dataflow::{EpochOutput, Event, RejectReason, Status};
-use delivertrack_ingest::rabbitmq::{RabbitConfig, declare_topology};
+use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_ingest::testing::{TcpProxy, delete_topology, unique_config};
 use delivertrack_ingest::{FleetSimulator, SimulatorConfig};
 use delivertrack_load_tests::Publisher;
@@ -36,18 +35,19 @@ use delivertrack_sinks::PostgresConfig;
 use delivertrack_sinks::postgres::ScopeKey;
 use delivertrack_sinks::read_model::ReadState;
 use delivertrack_sinks::redis::Keys;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
-use sqlx::postgres::PgPool;
 use sqlx::Row;
+use sqlx::postgres::PgPool;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::Child;
 use tokio::sync::oneshot;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{sleep, timeout};
 use uuid::Uuid;
 
-use support::{Database, delete_keys, now_ms, postgres_addr, redis, url_of};
+use support::{
+    Database, delete_keys, eventually, now_ms, postgres_addr, publisher, ready_messages, redis,
+    url_of,
+};
 
 /// How long any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -55,31 +55,6 @@ const PATIENCE: Duration = Duration::from_secs(120);
 // ---------------------------------------------------------------------------------------
 // Services
 // ---------------------------------------------------------------------------------------
-
-/// A publisher on the broker, with the topology declared so that nothing published before
-/// the pipeline's own declaration is dropped.
-async fn publisher(config: &RabbitConfig) -> Publisher {
-    let publisher = Publisher::connect(&config.url).await.unwrap();
-    declare_topology(publisher.channel(), config).await.unwrap();
-    publisher
-}
-
-/// Ready messages in `queue` (unacknowledged ones are not counted).
-async fn ready_messages(publisher: &Publisher, queue: &str) -> u32 {
-    publisher
-        .channel()
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count()
-}
 
 async fn delete_exchange(publisher: &Publisher, exchange: &str) {
     let _ = publisher
@@ -89,22 +64,6 @@ async fn delete_exchange(publisher: &Publisher, exchange: &str) {
             lapin::options::ExchangeDeleteOptions::default(),
         )
         .await;
-}
-
-/// Polls `probe` until it returns `Some`, failing after [`PATIENCE`] with `what`.
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn logged_events(pool: &PgPool) -> i64 {
@@ -491,7 +450,7 @@ async fn a_killed_process_restarts_from_postgres_and_loses_or_doubles_nothing() 
         .unwrap();
     let first = start_binary(&rabbit, &database, &prefix, &derived).await;
     let pool = database.pool().await;
-    let at_kill = eventually("the first process is mid-stream", || async {
+    let at_kill = eventually("the first process is mid-stream", PATIENCE, || async {
         let logged = logged_events(&pool).await;
         (logged >= expected_count / 3).then_some(logged)
     })
@@ -509,11 +468,11 @@ async fn a_killed_process_restarts_from_postgres_and_loses_or_doubles_nothing() 
         .publish_events(&rabbit.exchange, &events[split..], 5)
         .await
         .unwrap();
-    eventually("every event is logged", || async {
+    eventually("every event is logged", PATIENCE, || async {
         (logged_events(&pool).await >= expected_count).then_some(())
     })
     .await;
-    eventually("the queue is drained", || async {
+    eventually("the queue is drained", PATIENCE, || async {
         (ready_messages(&publisher, &rabbit.queue).await == 0).then_some(())
     })
     .await;
@@ -696,7 +655,7 @@ async fn a_postgres_outage_pauses_the_pipeline_and_it_resumes_alone() {
         .publish_events(&rabbit.exchange, before, 1)
         .await
         .unwrap();
-    let logged_before = eventually("the first third is committed", || async {
+    let logged_before = eventually("the first third is committed", PATIENCE, || async {
         let logged = logged_events(&pool).await;
         let ready = ready_messages(&publisher, &rabbit.queue).await;
         let in_flight = metric(&client, running.addr, "delivertrack_messages_in_flight").await;
@@ -710,7 +669,7 @@ async fn a_postgres_outage_pauses_the_pipeline_and_it_resumes_alone() {
         .publish_events(&rabbit.exchange, during, 1)
         .await
         .unwrap();
-    eventually("the sink reports its failures", || async {
+    eventually("the sink reports its failures", PATIENCE, || async {
         let errors = metric(
             &client,
             running.addr,
@@ -745,12 +704,16 @@ async fn a_postgres_outage_pauses_the_pipeline_and_it_resumes_alone() {
 
     // Back: the retries get through, and the rest of the stream with them.
     proxy.restore();
-    eventually("everything is committed and acknowledged", || async {
-        let logged = logged_events(&pool).await;
-        let ready = ready_messages(&publisher, &rabbit.queue).await;
-        let in_flight = metric(&client, running.addr, "delivertrack_messages_in_flight").await;
-        (logged == expected && ready == 0 && in_flight == 0.0).then_some(())
-    })
+    eventually(
+        "everything is committed and acknowledged",
+        PATIENCE,
+        || async {
+            let logged = logged_events(&pool).await;
+            let ready = ready_messages(&publisher, &rabbit.queue).await;
+            let in_flight = metric(&client, running.addr, "delivertrack_messages_in_flight").await;
+            (logged == expected && ready == 0 && in_flight == 0.0).then_some(())
+        },
+    )
     .await;
     let _ = running.stop.send(());
     let report = timeout(PATIENCE, running.task)

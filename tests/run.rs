@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -16,21 +18,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use delivertrack::{DriveReport, PipelineConfig, RunConfig, RunHooks, run_pipeline_on};
 use delivertrack_dataflow::{CourierId, EpochOutput, Event, EventBody};
 use delivertrack_ingest::rabbitmq::dead_letter::{HEADER_REASON, HEADER_ROUTING_KEY, HEADER_STAGE};
-use delivertrack_ingest::rabbitmq::{RabbitConfig, declare_topology};
+use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_ingest::testing::{
     TcpProxy, broker_addr, delete_topology, unique_config, url_via,
 };
-use delivertrack_load_tests::Publisher;
 use delivertrack_load_tests::fleet::location_events;
 use delivertrack_sinks::{Sink, SinkFuture};
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::AMQPValue;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
+
+use support::{eventually, publisher, ready_messages};
 
 /// How long any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -102,48 +105,6 @@ async fn start(config: RunConfig, extra_sinks: Vec<Box<dyn Sink>>) -> Running {
         addr,
         stop: Some(stop_tx),
         task,
-    }
-}
-
-/// A publisher on the broker itself (never through a test's proxy), with the topology
-/// declared so that nothing published before the pipeline's own declaration is dropped.
-async fn publisher(config: &RabbitConfig) -> Publisher {
-    let publisher = Publisher::connect(&config.url).await.unwrap();
-    let channel = publisher.channel().clone();
-    declare_topology(&channel, config).await.unwrap();
-    publisher
-}
-
-/// Ready messages in `queue` (a passive declare: unacknowledged ones are not counted).
-async fn ready_messages(publisher: &Publisher, queue: &str) -> u32 {
-    publisher
-        .channel()
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count()
-}
-
-/// Polls `probe` until it returns `Some`, failing after [`PATIENCE`] with `what`.
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -250,10 +211,14 @@ fn holds(snapshot: &Value, expected: &Expected) -> bool {
 
 async fn wait_for_state(client: &reqwest::Client, running: &Running, expected: &Expected) {
     let url = running.url("/api/snapshot");
-    eventually("the read model holds every published fix", || async {
-        let (status, body) = get_json(client, &url).await;
-        (status == 200 && holds(&body, expected)).then_some(())
-    })
+    eventually(
+        "the read model holds every published fix",
+        PATIENCE,
+        || async {
+            let (status, body) = get_json(client, &url).await;
+            (status == 200 && holds(&body, expected)).then_some(())
+        },
+    )
     .await;
 }
 
@@ -322,7 +287,7 @@ async fn every_valid_event_reaches_the_read_model_and_is_acknowledged() {
     let all: Vec<Event> = singles.iter().chain(&arrays).cloned().collect();
     wait_for_state(&client, &running, &expected(&all)).await;
 
-    eventually("every message is acknowledged", || async {
+    eventually("every message is acknowledged", PATIENCE, || async {
         let series = metrics(&client, &running).await;
         let in_flight = series.get("delivertrack_messages_in_flight").copied();
         let ready = ready_messages(&publisher, &config.queue).await;
@@ -412,7 +377,7 @@ async fn every_malformed_message_is_dead_lettered_with_its_reason() {
         .await
         .unwrap();
 
-    let dead = eventually("every refused event is dead-lettered", || async {
+    let dead = eventually("every refused event is dead-lettered", PATIENCE, || async {
         let ready = ready_messages(&publisher, &config.dead_letter_queue).await;
         (ready >= 6).then_some(ready)
     })
@@ -479,7 +444,7 @@ async fn every_malformed_message_is_dead_lettered_with_its_reason() {
 
     // The array's good element reached the read model; the pipeline never stopped.
     wait_for_state(&client, &running, &expected(&good[1..])).await;
-    eventually("the ingest queue is drained", || async {
+    eventually("the ingest queue is drained", PATIENCE, || async {
         (ready_messages(&publisher, &config.queue).await == 0).then_some(())
     })
     .await;
@@ -523,11 +488,15 @@ async fn a_stalled_sink_bounds_in_flight_deliveries_to_the_prefetch() {
     // The sink holds the first epoch: acks stop, the broker stops at the prefetch, and the
     // queue keeps the rest.
     let expected_ready = u32::try_from(MESSAGES).unwrap() - u32::from(PREFETCH);
-    eventually("the source holds exactly the prefetch", || async {
-        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
-        let ready = ready_messages(&publisher, &config.queue).await;
-        (in_flight == f64::from(PREFETCH) && ready == expected_ready).then_some(())
-    })
+    eventually(
+        "the source holds exactly the prefetch",
+        PATIENCE,
+        || async {
+            let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+            let ready = ready_messages(&publisher, &config.queue).await;
+            (in_flight == f64::from(PREFETCH) && ready == expected_ready).then_some(())
+        },
+    )
     .await;
     // ... and stays there while the sink is stalled.
     for _ in 0..10 {
@@ -542,7 +511,7 @@ async fn a_stalled_sink_bounds_in_flight_deliveries_to_the_prefetch() {
 
     gate.send_replace(true);
     wait_for_state(&client, &running, &expected(&events)).await;
-    eventually("everything is acknowledged", || async {
+    eventually("everything is acknowledged", PATIENCE, || async {
         let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
         let ready = ready_messages(&publisher, &config.queue).await;
         (in_flight == 0.0 && ready == 0).then_some(())
@@ -580,7 +549,7 @@ async fn cutting_the_connection_mid_stream_loses_nothing() {
     let client = reqwest::Client::new();
 
     // Mid-stream: some epochs committed, many messages still in the queue or in flight.
-    eventually("the stream is flowing", || async {
+    eventually("the stream is flowing", PATIENCE, || async {
         let committed = metrics(&client, &running).await["delivertrack_epochs_committed_total"];
         (committed >= 3.0).then_some(())
     })
@@ -591,7 +560,7 @@ async fn cutting_the_connection_mid_stream_loses_nothing() {
     );
 
     proxy.cut();
-    let (_, reason) = eventually("/readyz reports the lost connection", || async {
+    let (_, reason) = eventually("/readyz reports the lost connection", PATIENCE, || async {
         let (status, body) = get_json(&client, &running.url("/readyz")).await;
         (status == 503 && body["error"]["code"] == "source_unavailable").then_some((status, body))
     })
@@ -612,14 +581,14 @@ async fn cutting_the_connection_mid_stream_loses_nothing() {
     assert_eq!(status, 503, "still cut");
 
     proxy.restore();
-    eventually("/readyz recovers", || async {
+    eventually("/readyz recovers", PATIENCE, || async {
         let (status, _) = get_json(&client, &running.url("/readyz")).await;
         (status == 200).then_some(())
     })
     .await;
     let all: Vec<Event> = first.iter().chain(&second).cloned().collect();
     wait_for_state(&client, &running, &expected(&all)).await;
-    eventually("everything is acknowledged", || async {
+    eventually("everything is acknowledged", PATIENCE, || async {
         let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
         let ready = ready_messages(&publisher, &direct.queue).await;
         (in_flight == 0.0 && ready == 0).then_some(())
@@ -675,7 +644,7 @@ async fn the_binary_drains_and_exits_zero_on_sigterm() {
     let client = reqwest::Client::new();
 
     // Mid-stream: the pipeline has committed an epoch and is still reading.
-    eventually("the binary is consuming", || async {
+    eventually("the binary is consuming", PATIENCE, || async {
         let (status, body) = get_json(&client, &format!("http://{addr}/readyz")).await;
         (status == 200 && body["epoch"].is_u64()).then_some(())
     })
@@ -711,16 +680,20 @@ async fn the_binary_drains_and_exits_zero_on_sigterm() {
     // source has not taken yet is neither ready in the queue nor in flight, so the queue and
     // the in-flight gauge alone would end the wait too early) and acknowledged.
     let rest = (EVENTS - first) as f64;
-    eventually("the restarted pipeline drains the queue", || async {
-        let series = metrics(&client, &running).await;
-        let received = series
-            .get("delivertrack_events_ingested_total{kind=\"location.updated\"}")
-            .copied()
-            .unwrap_or(0.0);
-        let in_flight = series["delivertrack_messages_in_flight"];
-        let ready = ready_messages(&publisher, &config.queue).await;
-        (received >= rest && in_flight == 0.0 && ready == 0).then_some(())
-    })
+    eventually(
+        "the restarted pipeline drains the queue",
+        PATIENCE,
+        || async {
+            let series = metrics(&client, &running).await;
+            let received = series
+                .get("delivertrack_events_ingested_total{kind=\"location.updated\"}")
+                .copied()
+                .unwrap_or(0.0);
+            let in_flight = series["delivertrack_messages_in_flight"];
+            let ready = ready_messages(&publisher, &config.queue).await;
+            (received >= rest && in_flight == 0.0 && ready == 0).then_some(())
+        },
+    )
     .await;
     let second = running.stop().await;
     assert_eq!(

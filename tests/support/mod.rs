@@ -1,12 +1,20 @@
 //! What the root crate's integration tests share: their own PostgreSQL databases on the
-//! local server, Redis keys under a prefix of their own, the clock.
+//! local server, Redis keys under a prefix of their own, RabbitMQ publishing and queue
+//! depth, bounded polling, the clock.
 //!
 //! Each test file includes it with `mod support;` and uses what it needs.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use delivertrack_ingest::rabbitmq::{RabbitConfig, declare_topology};
+use delivertrack_load_tests::Publisher;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use tokio::time::{Instant, sleep};
 
 use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgPool};
@@ -134,4 +142,45 @@ pub fn now_ms() -> i64 {
             .as_millis(),
     )
     .unwrap()
+}
+
+/// A publisher on the broker itself (never through a test's proxy), with the topology
+/// declared so that nothing published before the pipeline's own declaration is dropped.
+pub async fn publisher(config: &RabbitConfig) -> Publisher {
+    let publisher = Publisher::connect(&config.url).await.unwrap();
+    declare_topology(publisher.channel(), config).await.unwrap();
+    publisher
+}
+
+/// Ready messages in `queue` (a passive declare: unacknowledged ones are not counted).
+pub async fn ready_messages(publisher: &Publisher, queue: &str) -> u32 {
+    publisher
+        .channel()
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, failing after `patience` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        sleep(Duration::from_millis(50)).await;
+    }
 }
