@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use delivertrack::{DriveReport, PipelineConfig, RunConfig, RunHooks, run_pipeline_on};
 use delivertrack_dataflow::{CourierId, EpochOutput, Event, EventBody};
-use delivertrack_ingest::rabbitmq::dead_letter::{HEADER_REASON, HEADER_ROUTING_KEY, HEADER_STAGE};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
+use delivertrack_ingest::rabbitmq::dead_letter::{HEADER_REASON, HEADER_ROUTING_KEY, HEADER_STAGE};
 use delivertrack_ingest::testing::{
     TcpProxy, broker_addr, delete_topology, unique_config, url_via,
 };
