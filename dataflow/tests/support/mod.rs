@@ -1,1 +1,2 @@
+pub mod eta;
 pub mod reference;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::{DateTime, Datelike, Timelike};
-use delivertrack_dataflow::eta::{EtaConfig, EtaInput, estimate, window_speed_mm_s};
+use delivertrack_dataflow::eta::EtaConfig;
 use delivertrack_dataflow::event::{Event, EventBody, UnixMillis};
 use delivertrack_dataflow::geometry::GeoPoint;
 use delivertrack_dataflow::model::{CourierState, DeliveryState, Rating, Scope, Tally, ZoneState};
@@ -162,7 +162,9 @@ impl Reference {
                 position: fix.position,
                 at: event.occurred_at,
                 event_id: event.event_id,
-                speed_mm_s: fix.speed_mm_s.or_else(|| window_speed_mm_s(recent)),
+                speed_mm_s: fix
+                    .speed_mm_s
+                    .or_else(|| super::eta::window_speed_mm_s(recent)),
                 heading_ddeg: fix.heading_ddeg,
                 odometer_mm: odometer,
                 active_hours: hours.len() as u32,
@@ -366,16 +368,8 @@ impl Reference {
                 .filter(|_| state.status.is_active())
                 .and_then(|courier_id| self.couriers.get(&courier_id).map(|c| (courier_id, c)));
             if let Some((courier_id, courier)) = courier {
-                let input = EtaInput {
-                    courier_id,
-                    status: state.status,
-                    pickup: state.pickup,
-                    dropoff: state.dropoff,
-                    position: courier.state.position,
-                    at: courier.state.at,
-                    speed_mm_s: courier.state.speed_mm_s,
-                };
-                records.insert(Change::Eta(*id, estimate(&input, &self.eta)));
+                let eta = super::eta::estimate(courier_id, &courier.state, state, &self.eta);
+                records.insert(Change::Eta(*id, eta));
             }
 
             let mut scopes = vec![Scope::Overall];
