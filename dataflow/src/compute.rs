@@ -107,9 +107,11 @@ pub fn delivery_tracking<'scope>(
                     EventBody::LocationUpdated(_) => 1,
                     _ => 2,
                 },
-                Input::Restore(Restore::Zone { .. }) => 0,
-                Input::Restore(Restore::Courier { .. }) => 1,
-                Input::Restore(Restore::Delivery { .. }) => 2,
+                Input::Restore(restore) => match **restore {
+                    Restore::Zone { .. } => 0,
+                    Restore::Courier { .. } => 1,
+                    Restore::Delivery { .. } => 2,
+                },
             };
             (part, input)
         })

@@ -10,6 +10,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::event::UnixMillis;
+use crate::ids::{CourierId, EventId};
+
 /// The status of a delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -86,6 +89,24 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// One accepted `status.changed` event, as a delivery's history keeps it.
+///
+/// A delivery's status is its history folded in event time (`occurred_at`, then event id):
+/// each step that is a legal transition from the status before it applies, a step that is
+/// not — because a step earlier in event time arrived after it and ended the delivery, say —
+/// is superseded and changes nothing. The derived order sorts steps exactly that way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StatusStep {
+    /// `occurred_at` of the event.
+    pub at: UnixMillis,
+    /// The event.
+    pub event_id: EventId,
+    /// The status it sets.
+    pub status: Status,
+    /// The courier it names (on `assigned`).
+    pub courier_id: Option<CourierId>,
 }
 
 /// A status name that is not one of [`Status::ALL`].

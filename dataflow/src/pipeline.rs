@@ -219,7 +219,13 @@ impl EpochSender {
     /// # Errors
     /// [`Closed`] when the workers have stopped.
     pub fn restore(&mut self, records: Vec<Restore>) -> Result<Epoch, Closed> {
-        self.submit(None, records.into_iter().map(Input::Restore).collect())
+        self.submit(
+            None,
+            records
+                .into_iter()
+                .map(|record| Input::Restore(Box::new(record)))
+                .collect(),
+        )
     }
 
     fn submit(

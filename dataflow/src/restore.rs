@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::event::{Event, EventBody, UnixMillis};
 use crate::geometry::GeoPoint;
 use crate::ids::{CourierId, DeliveryId, EventId, ZoneId};
-use crate::model::{Change, CourierState, DeliveryState, ZoneState};
+use crate::lifecycle::StatusStep;
+use crate::model::{Change, CourierState, DeliveryState, Rating, ZoneState};
 
 /// One entity's state, as an operator keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +39,7 @@ pub enum Restore {
         /// The last accepted fixes, oldest first (at most the speed window).
         window: Vec<(UnixMillis, GeoPoint)>,
     },
-    /// A delivery and what it remembers of its events.
+    /// A delivery and its history.
     Delivery {
         /// The delivery.
         delivery_id: DeliveryId,
@@ -46,10 +47,13 @@ pub enum Restore {
         state: DeliveryState,
         /// The `delivery.created` event.
         created_by: EventId,
-        /// The status and rating events applied to it.
+        /// The accepted status events, in event time (superseded ones included).
+        steps: Vec<StatusStep>,
+        /// The latest accepted rating with its `(occurred_at, event_id)`, whether or not the
+        /// delivery's current status shows it.
+        rating: Option<((UnixMillis, EventId), Rating)>,
+        /// The status and rating events accepted.
         applied: Vec<EventId>,
-        /// `(occurred_at, event_id)` of the current rating.
-        rating_version: Option<(UnixMillis, EventId)>,
     },
 }
 
@@ -58,8 +62,9 @@ pub enum Restore {
 pub enum Input {
     /// A validated event.
     Event(Event),
-    /// A restored entity (only in a pipeline's first epoch).
-    Restore(Restore),
+    /// A restored entity (only in a pipeline's first epoch; boxed, so that it does not
+    /// widen the events of every other epoch).
+    Restore(Box<Restore>),
 }
 
 /// An epoch's input split into its restored state and its events, the events in
@@ -70,7 +75,7 @@ pub(crate) fn split(inputs: Vec<Input>) -> (Vec<Restore>, Vec<Event>) {
     for input in inputs {
         match input {
             Input::Event(event) => events.push(event),
-            Input::Restore(restore) => restores.push(restore),
+            Input::Restore(restore) => restores.push(*restore),
         }
     }
     events.sort_by_key(Event::apply_order);
@@ -90,7 +95,8 @@ pub fn from_history(
     let mut fixes: HashMap<CourierId, Vec<(UnixMillis, EventId, GeoPoint)>> = HashMap::new();
     let mut created_by: HashMap<DeliveryId, EventId> = HashMap::new();
     let mut applied: HashMap<DeliveryId, Vec<EventId>> = HashMap::new();
-    let mut ratings: BTreeMap<DeliveryId, (UnixMillis, EventId)> = BTreeMap::new();
+    let mut steps: HashMap<DeliveryId, Vec<StatusStep>> = HashMap::new();
+    let mut ratings: BTreeMap<DeliveryId, ((UnixMillis, EventId), Rating)> = BTreeMap::new();
     for event in accepted {
         let version = (event.occurred_at, event.event_id);
         match &event.body {
@@ -111,13 +117,32 @@ pub fn from_history(
                     .entry(change.delivery_id)
                     .or_default()
                     .push(event.event_id);
+                steps
+                    .entry(change.delivery_id)
+                    .or_default()
+                    .push(StatusStep {
+                        at: event.occurred_at,
+                        event_id: event.event_id,
+                        status: change.status,
+                        courier_id: change.courier_id,
+                    });
             }
             EventBody::DeliveryRated(rated) => {
                 applied
                     .entry(rated.delivery_id)
                     .or_default()
                     .push(event.event_id);
-                keep_max(&mut ratings, rated.delivery_id, version);
+                let rating = Rating {
+                    score: rated.score,
+                    comment: rated.comment.clone(),
+                    at: event.occurred_at,
+                };
+                let latest = ratings
+                    .entry(rated.delivery_id)
+                    .or_insert_with(|| (version, rating.clone()));
+                if version > latest.0 {
+                    *latest = (version, rating);
+                }
             }
         }
     }
@@ -148,17 +173,18 @@ pub fn from_history(
                 let mut ids = applied.remove(&delivery_id).unwrap_or_default();
                 ids.sort();
                 ids.dedup();
+                let mut history = steps.remove(&delivery_id).unwrap_or_default();
+                history.sort();
+                history.dedup();
                 restores.push(Restore::Delivery {
                     delivery_id,
                     created_by: created_by
                         .get(&delivery_id)
                         .copied()
                         .unwrap_or(EventId(uuid::Uuid::nil())),
+                    steps: history,
+                    rating: ratings.remove(&delivery_id),
                     applied: ids,
-                    rating_version: state
-                        .rating
-                        .as_ref()
-                        .and(ratings.get(&delivery_id).copied()),
                     state,
                 });
             }

@@ -59,6 +59,15 @@ enum Op {
         status: u8,
         courier: u8,
     },
+    /// A status stamped well before the clock, arriving after steps that happened later:
+    /// a late correction (a `cancelled` or `failed` before a `delivered`), or a late step
+    /// that the history refuses.
+    Late {
+        delivery: u8,
+        status: u8,
+        /// How far back in time, in seconds.
+        back: u8,
+    },
     Rate {
         delivery: u8,
         score: u8,
@@ -91,6 +100,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(delivery, customer, pickup, dropoff, promise)| Op::Create { delivery, customer, pickup, dropoff, promise }),
         5 => (0..6u8, 0..4u8, 0..10u8).prop_map(|(delivery, courier, ending)| Op::Advance { delivery, courier, ending }),
         1 => (0..6u8, 0..7u8, 0..4u8).prop_map(|(delivery, status, courier)| Op::Status { delivery, status, courier }),
+        2 => (0..6u8, 0..5u8, 1..30u8).prop_map(|(delivery, status, back)| Op::Late { delivery, status, back }),
         2 => (0..6u8, 1..=5u8).prop_map(|(delivery, score)| Op::Rate { delivery, score }),
         1 => (0..40u8).prop_map(|back| Op::Repeat { back }),
         2 => Just(Op::Cut),
@@ -150,7 +160,7 @@ fn build(steps: &[Step]) -> Vec<Vec<Event>> {
     let mut believed: BTreeMap<u8, Status> = BTreeMap::new();
     for step in steps {
         clock += i64::from(step.advance) * 250;
-        let at = clock - i64::from(step.lag) * 250;
+        let mut at = clock - i64::from(step.lag) * 250;
         let body = match &step.op {
             Op::Cut => {
                 epochs.push(Vec::new());
@@ -234,6 +244,21 @@ fn build(steps: &[Step]) -> Vec<Vec<Event>> {
                 status,
                 courier,
             } => status_changed(*delivery, Status::ALL[usize::from(*status)], *courier),
+            Op::Late {
+                delivery,
+                status,
+                back,
+            } => {
+                at = clock - i64::from(*back) * 1_000;
+                let status = [
+                    Status::Cancelled,
+                    Status::Failed,
+                    Status::Cancelled,
+                    Status::Delivered,
+                    Status::InTransit,
+                ][usize::from(*status)];
+                status_changed(*delivery, status, 0)
+            }
             Op::Rate { delivery, score } => EventBody::DeliveryRated(DeliveryRated {
                 delivery_id: delivery_id(*delivery),
                 score: *score,
@@ -681,4 +706,167 @@ fn a_full_lifecycle_touches_every_collection() {
         check(&epochs, workers).unwrap();
     }
     check_every_restore_point(&epochs, 2);
+}
+
+#[test]
+fn a_late_cancellation_retracts_the_delivery_and_every_aggregate_it_touched() {
+    use Op::*;
+    use delivertrack_dataflow::model::Scope;
+    let s = |op| Step {
+        op,
+        advance: 8,
+        lag: 0,
+    };
+    let advance = || Advance {
+        delivery: 0,
+        courier: 0,
+        ending: 5,
+    };
+    // Created at 2 s, assigned 4 s, picked up 6 s, in transit 8 s, delivered 10 s, rated 12 s;
+    // then, in the next epoch (clock 16 s), a `cancelled` stamped 9 s arrives.
+    let steps = vec![
+        s(Create {
+            delivery: 0,
+            customer: 0,
+            pickup: (1, 1),
+            dropoff: (3, 3),
+            promise: Some(200),
+        }),
+        s(advance()),
+        s(advance()),
+        s(advance()),
+        s(advance()),
+        s(Rate {
+            delivery: 0,
+            score: 5,
+        }),
+        s(Cut),
+        s(Late {
+            delivery: 0,
+            status: 0,
+            back: 7,
+        }),
+    ];
+    let epochs = build(&steps);
+    let history = run(&epochs, 2, None);
+    let delivery = |states: &BTreeSet<Change>| {
+        states
+            .iter()
+            .find_map(|change| match change {
+                Change::Delivery(_, state) => Some(state.clone()),
+                _ => None,
+            })
+            .expect("the delivery is maintained")
+    };
+    let tally = |states: &BTreeSet<Change>, scope: &Scope| {
+        states
+            .iter()
+            .find_map(|change| match change {
+                Change::Metric(s, tally) if s == scope => Some(*tally),
+                _ => None,
+            })
+            .unwrap_or_default()
+    };
+    let scopes = [Scope::Overall, Scope::Courier(courier_id(0))];
+
+    let before = &history.states[0];
+    assert_eq!(
+        delivery(before).status,
+        delivertrack_dataflow::Status::Delivered
+    );
+    for scope in &scopes {
+        let tally = tally(before, scope);
+        assert_eq!(
+            (tally.delivered, tally.cancelled, tally.rated),
+            (1, 0, 1),
+            "{scope:?}"
+        );
+        assert_eq!(tally.on_time, 1, "{scope:?}");
+    }
+
+    let after = &history.states[1];
+    assert!(
+        history.rejections[1].is_empty(),
+        "the correction is accepted"
+    );
+    let corrected = delivery(after);
+    assert_eq!(corrected.status, delivertrack_dataflow::Status::Cancelled);
+    assert_eq!(corrected.ended_at, Some(START + 9_000));
+    assert_eq!(
+        corrected.rating, None,
+        "a cancelled delivery shows no rating"
+    );
+    for scope in &scopes {
+        let tally = tally(after, scope);
+        assert_eq!(
+            (
+                tally.delivered,
+                tally.cancelled,
+                tally.rated,
+                tally.score_sum
+            ),
+            (0, 1, 0, 0),
+            "{scope:?}"
+        );
+        assert_eq!(
+            (tally.on_time, tally.created_to_delivered_ms),
+            (0, 0),
+            "{scope:?}"
+        );
+    }
+
+    for workers in [1, 2, 4] {
+        check(&epochs, workers).unwrap();
+    }
+    check_every_restore_point(&epochs, 2);
+}
+
+#[test]
+fn a_late_step_that_does_not_follow_where_it_stands_is_refused() {
+    use Op::*;
+    let s = |op| Step {
+        op,
+        advance: 8,
+        lag: 0,
+    };
+    let advance = || Advance {
+        delivery: 0,
+        courier: 0,
+        ending: 5,
+    };
+    // Delivered at 10 s; in the next epoch (clock 14 s) an `in_transit` stamped 9 s arrives:
+    // after the one at 8 s it is no transition.
+    let steps = vec![
+        s(Create {
+            delivery: 0,
+            customer: 0,
+            pickup: (1, 1),
+            dropoff: (3, 3),
+            promise: None,
+        }),
+        s(advance()),
+        s(advance()),
+        s(advance()),
+        s(advance()),
+        s(Cut),
+        s(Late {
+            delivery: 0,
+            status: 4,
+            back: 5,
+        }),
+    ];
+    let epochs = build(&steps);
+    let history = run(&epochs, 1, None);
+    assert_eq!(history.rejections[1].len(), 1);
+    assert_eq!(
+        history.rejections[1][0].reason,
+        delivertrack_dataflow::RejectReason::IllegalTransition {
+            from: delivertrack_dataflow::Status::InTransit,
+            to: delivertrack_dataflow::Status::InTransit
+        }
+    );
+    assert_eq!(history.states[0], history.states[1], "nothing changes");
+    for workers in [1, 2, 4] {
+        check(&epochs, workers).unwrap();
+    }
 }

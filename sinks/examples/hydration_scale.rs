@@ -1063,12 +1063,10 @@ impl RestoreCounts {
                     counts.full_windows += usize::from(fixes.len() == window);
                 }
                 Restore::Delivery {
-                    applied,
-                    rating_version,
-                    ..
+                    applied, rating, ..
                 } => {
                     counts.deliveries += 1;
-                    counts.rated += usize::from(rating_version.is_some());
+                    counts.rated += usize::from(rating.is_some());
                     counts.applied += applied.len();
                 }
             }

@@ -38,6 +38,8 @@ const EPOCHS: usize = 15;
 /// The epoch that edits a zone, and the one that deletes the zone with the most couriers.
 const EDIT_EPOCH: usize = 8;
 const DELETE_EPOCH: usize = 10;
+/// The epoch with a late correction (a `cancelled` stamped before a `delivered`).
+const CORRECTION_EPOCH: usize = 12;
 
 // ---------------------------------------------------------------------------------------
 // The input: simulator → dataflow
@@ -177,6 +179,25 @@ fn run(seed: u64) -> Run {
                         name: format!("{} (enlarged)", zone.name),
                         shape,
                         ..zone
+                    }),
+                ));
+            }
+            // A late correction: a rated, delivered delivery turns out to have been cancelled
+            // a moment before it was delivered. It ends cancelled, its rating is hidden.
+            CORRECTION_EPOCH => {
+                let (delivery_id, delivered) = state
+                    .deliveries
+                    .iter()
+                    .find(|(_, d)| d.status == Status::Delivered && d.rating.is_some())
+                    .expect("a rated, delivered delivery by now");
+                let ended = delivered.ended_at.expect("a delivered delivery has ended");
+                events.push(event(
+                    22,
+                    ended - 1,
+                    EventBody::StatusChanged(StatusChanged {
+                        delivery_id: *delivery_id,
+                        status: Status::Cancelled,
+                        courier_id: None,
                     }),
                 ));
             }
@@ -781,6 +802,10 @@ async fn the_event_log_holds_each_accepted_event_exactly_once(pool: PgPool) {
         assert!(!unique.contains(&id(n)), "refused event {n} is in the log");
     }
     assert!(unique.contains(&id(12)) && unique.contains(&id(20)) && unique.contains(&id(21)));
+    assert!(
+        unique.contains(&id(22)) && !reasons.contains_key(&id(22)),
+        "the late correction is accepted and logged"
+    );
     let input_total: usize = run.outputs.iter().map(|o| o.events.len()).sum();
     assert!(input_total > unique.len() + 3, "the run redelivered events");
 
@@ -863,12 +888,19 @@ async fn aggregates_equal_a_recomputation_in_sql(pool: PgPool) {
         sink.commit(Arc::clone(output)).await.unwrap();
     }
 
-    // Overall delivered count and created → delivered time, from the event log alone.
+    // Overall delivered count and created → delivered time, from the event log alone: the
+    // `delivered` steps not superseded by a `cancelled` or `failed` stamped before them
+    // (the run's late correction).
     let (delivered, total_ms): (i64, i64) = sqlx::query_as(
         "SELECT count(*), coalesce(sum(extract(epoch FROM d.occurred_at - c.occurred_at) * 1000), 0)::int8
          FROM delivery_events d
          JOIN delivery_events c ON c.delivery_id = d.delivery_id AND c.kind = 'delivery.created'
-         WHERE d.kind = 'status.changed' AND d.payload ->> 'status' = 'delivered'",
+         WHERE d.kind = 'status.changed' AND d.payload ->> 'status' = 'delivered'
+           AND NOT EXISTS (
+               SELECT 1 FROM delivery_events x
+               WHERE x.delivery_id = d.delivery_id AND x.kind = 'status.changed'
+                 AND x.payload ->> 'status' IN ('cancelled', 'failed')
+                 AND (x.occurred_at, x.event_id) < (d.occurred_at, d.event_id))",
     )
     .fetch_one(&pool)
     .await
@@ -1151,9 +1183,18 @@ async fn hydration_reads_back_what_the_history_restores_after_every_epoch(pool: 
     assert!(last.iter().any(|r| matches!(
         r,
         Restore::Delivery {
-            rating_version: Some(_),
+            rating: Some(_),
             ..
         }
+    )));
+    // The corrected delivery: cancelled, its superseded `delivered` step and its hidden
+    // rating still in the history it restores.
+    assert!(last.iter().any(|r| matches!(
+        r,
+        Restore::Delivery { state, steps, rating: Some(_), .. }
+            if state.status == Status::Cancelled
+                && state.rating.is_none()
+                && steps.iter().any(|step| step.status == Status::Delivered)
     )));
     sink.close().await.unwrap();
 }

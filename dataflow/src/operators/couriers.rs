@@ -396,8 +396,11 @@ pub fn track_couriers<'scope>(
                 body: EventBody::LocationUpdated(fix),
                 ..
             }) => fix.courier_id.route(),
-            Input::Restore(Restore::Courier { courier_id, .. }) => courier_id.route(),
-            _ => 0,
+            Input::Restore(restore) => match **restore {
+                Restore::Courier { courier_id, .. } => courier_id.route(),
+                _ => 0,
+            },
+            Input::Event(_) => 0,
         },
         zones,
     );

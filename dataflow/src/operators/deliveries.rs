@@ -1,6 +1,13 @@
 //! Delivery upserts: creation, the lifecycle (one transition table, [`Status::can_become`]),
 //! and ratings, partitioned by delivery.
 //!
+//! A delivery's status is its history of accepted `status.changed` events folded in event
+//! time ([`StatusStep`]), so a status that arrives late still lands where it happened: a
+//! `cancelled` stamped before a `delivered` that arrived first ends the delivery as
+//! cancelled, the `delivered` step is superseded, and every aggregate derived from the
+//! delivery is retracted and re-derived. A late step is accepted when it is a legal
+//! transition from the status at its place in the history, and refused otherwise.
+//!
 //! A replayed event is recognised by its id and changes nothing; an event the state refuses
 //! is reported as a [`Rejection`] so the source can dead-letter it.
 
@@ -12,20 +19,76 @@ use timely::dataflow::StreamVec;
 use super::{EpochState, Freshness, Version, freshness, net_changes, rejection, upsert};
 use crate::event::{Event, EventBody};
 use crate::ids::{DeliveryId, EventId};
-use crate::lifecycle::Status;
+use crate::lifecycle::{Status, StatusStep};
 use crate::model::{DeliveryState, Rating, RejectReason, Rejection};
 use crate::restore::{Input, Restore, split};
 
-/// One delivery and the events already applied to it.
+/// One delivery, its history, and the record folded from it.
 #[derive(Debug, Clone)]
 struct Entry {
+    /// The record of `deliveries`: the creation's fields and [`Entry::refold`]'s result.
     state: DeliveryState,
     /// The `delivery.created` event, to recognise its replay.
     created_by: EventId,
-    /// Status and rating events applied, to recognise their replays (a handful per delivery).
+    /// The accepted status events, in event time.
+    steps: Vec<StatusStep>,
+    /// The latest accepted rating and its version. Kept while a correction makes the
+    /// delivery unrateable (cancelled), shown again if a further correction undoes that.
+    rating: Option<(Version, Rating)>,
+    /// Status and rating events accepted, to recognise their replays (a handful per delivery).
     applied: Vec<EventId>,
-    /// Version of the current rating.
-    rating_version: Option<Version>,
+}
+
+/// The lifecycle part of a delivery's record after the `steps`, from creation on.
+fn replay<'a>(state: &mut DeliveryState, steps: impl IntoIterator<Item = &'a StatusStep>) {
+    state.status = Status::Created;
+    state.courier_id = None;
+    state.assigned_at = None;
+    state.picked_up_at = None;
+    state.ended_at = None;
+    for step in steps {
+        if !state.status.can_become(step.status) {
+            continue;
+        }
+        state.status = step.status;
+        match step.status {
+            Status::Assigned => {
+                state.courier_id = step.courier_id;
+                state.assigned_at = Some(step.at);
+            }
+            Status::PickedUp => state.picked_up_at = Some(step.at),
+            status if status.is_terminal() => state.ended_at = Some(step.at),
+            _ => {}
+        }
+    }
+}
+
+/// Only a delivery that reached its customer or was given up can be rated.
+fn rateable(status: Status) -> bool {
+    matches!(status, Status::Delivered | Status::Failed)
+}
+
+impl Entry {
+    /// Recomputes the record from the history: the status fold, the rating if the
+    /// delivery is rateable, the version (one per accepted event, creation included).
+    fn refold(&mut self) {
+        replay(&mut self.state, &self.steps);
+        self.state.rating = self
+            .rating
+            .as_ref()
+            .filter(|_| rateable(self.state.status))
+            .map(|(_, rating)| rating.clone());
+        self.state.version =
+            u32::try_from(self.applied.len()).map_or(u32::MAX, |applied| applied.saturating_add(1));
+    }
+
+    /// The status the history has reached just before `step`.
+    fn status_before(&self, step: &StatusStep) -> Status {
+        let place = self.steps.partition_point(|earlier| earlier < step);
+        let mut state = self.state.clone();
+        replay(&mut state, &self.steps[..place]);
+        state.status
+    }
 }
 
 /// The deliveries of one worker's share.
@@ -51,15 +114,18 @@ impl EpochState for DeliveryRegisters {
                 delivery_id,
                 state,
                 created_by,
+                mut steps,
+                rating,
                 applied,
-                rating_version,
             } = restore
             {
+                steps.sort();
                 let entry = Entry {
                     state,
                     created_by,
+                    steps,
+                    rating,
                     applied,
-                    rating_version,
                 };
                 let previous = self.deliveries.insert(delivery_id, entry);
                 before
@@ -98,7 +164,8 @@ impl EpochState for DeliveryRegisters {
 }
 
 impl DeliveryRegisters {
-    /// Applies one event: `Ok(true)` if it changed the delivery, `Ok(false)` for a replay.
+    /// Applies one event: `Ok(true)` if it changed the delivery's history, `Ok(false)` for
+    /// a replay.
     fn apply(&mut self, delivery_id: DeliveryId, event: Event) -> Result<bool, RejectReason> {
         let at = event.occurred_at;
         let event_id = event.event_id;
@@ -122,8 +189,9 @@ impl DeliveryRegisters {
                 let entry = Entry {
                     state,
                     created_by: event_id,
+                    steps: Vec::new(),
+                    rating: None,
                     applied: Vec::new(),
-                    rating_version: None,
                 };
                 self.deliveries.insert(delivery_id, entry);
                 Ok(true)
@@ -135,47 +203,44 @@ impl DeliveryRegisters {
             (_, None) => Err(RejectReason::UnknownDelivery),
             (_, Some(entry)) if entry.applied.contains(&event_id) => Ok(false),
             (EventBody::StatusChanged(change), Some(entry)) => {
-                let state = &mut entry.state;
-                if !state.status.can_become(change.status) {
+                let step = StatusStep {
+                    at,
+                    event_id,
+                    status: change.status,
+                    courier_id: change.courier_id,
+                };
+                let from = entry.status_before(&step);
+                if !from.can_become(step.status) {
                     return Err(RejectReason::IllegalTransition {
-                        from: state.status,
-                        to: change.status,
+                        from,
+                        to: step.status,
                     });
                 }
-                state.status = change.status;
-                match change.status {
-                    Status::Assigned => {
-                        state.courier_id = change.courier_id;
-                        state.assigned_at = Some(at);
-                    }
-                    Status::PickedUp => state.picked_up_at = Some(at),
-                    status if status.is_terminal() => state.ended_at = Some(at),
-                    _ => {}
-                }
-                state.version += 1;
+                let place = entry.steps.partition_point(|earlier| *earlier < step);
+                entry.steps.insert(place, step);
                 entry.applied.push(event_id);
+                entry.refold();
                 Ok(true)
             }
             (EventBody::DeliveryRated(rated), Some(entry)) => {
-                let state = &mut entry.state;
-                if !matches!(state.status, Status::Delivered | Status::Failed) {
+                if !rateable(entry.state.status) {
                     return Err(RejectReason::NotRateable {
-                        status: state.status,
+                        status: entry.state.status,
                     });
                 }
-                match freshness((at, event_id), entry.rating_version) {
+                match freshness((at, event_id), entry.rating.as_ref().map(|(v, _)| *v)) {
                     Freshness::Newer => {}
                     Freshness::Replay => return Ok(false),
                     Freshness::Stale => return Err(RejectReason::Stale),
                 }
-                state.rating = Some(Rating {
+                let rating = Rating {
                     score: rated.score,
                     comment: rated.comment,
                     at,
-                });
-                state.version += 1;
-                entry.rating_version = Some((at, event_id));
+                };
+                entry.rating = Some(((at, event_id), rating));
                 entry.applied.push(event_id);
+                entry.refold();
                 Ok(true)
             }
             (_, Some(_)) => Ok(false),
@@ -198,7 +263,9 @@ pub fn upsert_deliveries<'scope>(
             EventBody::DeliveryRated(rated) => rated.delivery_id.route(),
             _ => 0,
         },
-        Input::Restore(Restore::Delivery { delivery_id, .. }) => delivery_id.route(),
-        Input::Restore(_) => 0,
+        Input::Restore(restore) => match **restore {
+            Restore::Delivery { delivery_id, .. } => delivery_id.route(),
+            _ => 0,
+        },
     })
 }

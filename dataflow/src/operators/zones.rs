@@ -103,7 +103,9 @@ pub fn upsert_zones<'scope>(
             EventBody::ZoneDeleted(delete) => delete.zone_id.route(),
             _ => 0,
         },
-        Input::Restore(Restore::Zone { zone_id, .. }) => zone_id.route(),
-        Input::Restore(_) => 0,
+        Input::Restore(restore) => match **restore {
+            Restore::Zone { zone_id, .. } => zone_id.route(),
+            _ => 0,
+        },
     })
 }

@@ -24,10 +24,71 @@ struct Courier {
 }
 
 struct Delivery {
-    state: DeliveryState,
+    /// The delivery as `delivery.created` made it.
+    created: DeliveryState,
     created_by: EventId,
+    /// Every accepted status event, keyed by its version (event time, then id).
+    history: BTreeMap<Version, (Status, Option<CourierId>)>,
+    /// The latest accepted rating.
+    rating: Option<(Version, Rating)>,
     applied: HashSet<EventId>,
-    rating_version: Option<Version>,
+}
+
+/// The lifecycle, spelled out once more.
+fn legal(from: Status, to: Status) -> bool {
+    matches!(
+        (from, to),
+        (Status::Created, Status::Assigned)
+            | (Status::Assigned, Status::PickedUp)
+            | (Status::PickedUp, Status::InTransit)
+            | (Status::InTransit, Status::Delivered)
+            | (Status::InTransit, Status::Failed)
+            | (Status::Created, Status::Cancelled)
+            | (Status::Assigned, Status::Cancelled)
+            | (Status::PickedUp, Status::Cancelled)
+            | (Status::InTransit, Status::Cancelled)
+    )
+}
+
+impl Delivery {
+    /// The record: the history replayed in event time from creation, skipping every step
+    /// that is not a legal transition where it stands.
+    fn state(&self) -> DeliveryState {
+        let mut state = self.created.clone();
+        for ((at, _), (status, courier_id)) in &self.history {
+            if !legal(state.status, *status) {
+                continue;
+            }
+            state.status = *status;
+            match status {
+                Status::Assigned => {
+                    state.courier_id = *courier_id;
+                    state.assigned_at = Some(*at);
+                }
+                Status::PickedUp => state.picked_up_at = Some(*at),
+                Status::Delivered | Status::Failed | Status::Cancelled => {
+                    state.ended_at = Some(*at)
+                }
+                _ => {}
+            }
+        }
+        if matches!(state.status, Status::Delivered | Status::Failed) {
+            state.rating = self.rating.as_ref().map(|(_, rating)| rating.clone());
+        }
+        state.version = 1 + self.applied.len() as u32;
+        state
+    }
+
+    /// The status after the steps whose version satisfies `include`.
+    fn status_after(&self, include: impl Fn(&Version) -> bool) -> Status {
+        let mut status = Status::Created;
+        for (version, (next, _)) in &self.history {
+            if include(version) && legal(status, *next) {
+                status = *next;
+            }
+        }
+        status
+    }
 }
 
 pub struct Reference {
@@ -150,7 +211,7 @@ impl Reference {
             let odometer: u64 = courier
                 .fixes
                 .windows(2)
-                .map(|w| (w[0].1.distance_m(&w[1].1) * 1000.0).round() as u64)
+                .map(|w| (super::eta::great_circle_m(w[0].1, w[1].1) * 1000.0).round() as u64)
                 .sum();
             let hours: BTreeSet<i64> = courier
                 .fixes
@@ -217,13 +278,14 @@ impl Reference {
 
     fn apply_delivery_event(&mut self, event: &Event) -> Result<(), RejectReason> {
         let at = event.occurred_at;
+        let version = (at, event.event_id);
         match &event.body {
             EventBody::DeliveryCreated(created) => {
                 match self.deliveries.get(&created.delivery_id) {
                     Some(existing) if existing.created_by == event.event_id => Ok(()),
                     Some(_) => Err(RejectReason::DeliveryExists),
                     None => {
-                        let state = DeliveryState {
+                        let created_state = DeliveryState {
                             customer_id: created.customer_id,
                             courier_id: None,
                             pickup: created.pickup,
@@ -238,10 +300,11 @@ impl Reference {
                             version: 1,
                         };
                         let delivery = Delivery {
-                            state,
+                            created: created_state,
                             created_by: event.event_id,
+                            history: BTreeMap::new(),
+                            rating: None,
                             applied: HashSet::new(),
-                            rating_version: None,
                         };
                         self.deliveries.insert(created.delivery_id, delivery);
                         Ok(())
@@ -256,39 +319,17 @@ impl Reference {
                 if delivery.applied.contains(&event.event_id) {
                     return Ok(());
                 }
-                let from = delivery.state.status;
-                let legal = matches!(
-                    (from, change.status),
-                    (Status::Created, Status::Assigned)
-                        | (Status::Assigned, Status::PickedUp)
-                        | (Status::PickedUp, Status::InTransit)
-                        | (Status::InTransit, Status::Delivered)
-                        | (Status::InTransit, Status::Failed)
-                        | (Status::Created, Status::Cancelled)
-                        | (Status::Assigned, Status::Cancelled)
-                        | (Status::PickedUp, Status::Cancelled)
-                        | (Status::InTransit, Status::Cancelled)
-                );
-                if !legal {
+                // The status this event follows in event time, whatever arrived before it.
+                let from = delivery.status_after(|key| *key < version);
+                if !legal(from, change.status) {
                     return Err(RejectReason::IllegalTransition {
                         from,
                         to: change.status,
                     });
                 }
-                let state = &mut delivery.state;
-                state.status = change.status;
-                match change.status {
-                    Status::Assigned => {
-                        state.courier_id = change.courier_id;
-                        state.assigned_at = Some(at);
-                    }
-                    Status::PickedUp => state.picked_up_at = Some(at),
-                    Status::Delivered | Status::Failed | Status::Cancelled => {
-                        state.ended_at = Some(at)
-                    }
-                    _ => {}
-                }
-                state.version += 1;
+                delivery
+                    .history
+                    .insert(version, (change.status, change.courier_id));
                 delivery.applied.insert(event.event_id);
                 Ok(())
             }
@@ -300,24 +341,23 @@ impl Reference {
                 if delivery.applied.contains(&event.event_id) {
                     return Ok(());
                 }
-                let status = delivery.state.status;
+                let status = delivery.state().status;
                 if status != Status::Delivered && status != Status::Failed {
                     return Err(RejectReason::NotRateable { status });
                 }
-                let version = (at, event.event_id);
                 if delivery
-                    .rating_version
-                    .is_some_and(|current| current > version)
+                    .rating
+                    .as_ref()
+                    .is_some_and(|(current, _)| *current > version)
                 {
                     return Err(RejectReason::Stale);
                 }
-                delivery.state.rating = Some(Rating {
+                let rating = Rating {
                     score: rated.score,
                     comment: rated.comment.clone(),
                     at,
-                });
-                delivery.state.version += 1;
-                delivery.rating_version = Some(version);
+                };
+                delivery.rating = Some((version, rating));
                 delivery.applied.insert(event.event_id);
                 Ok(())
             }
@@ -353,7 +393,7 @@ impl Reference {
             tally.active_hours += i64::from(courier.state.active_hours);
         }
         for (id, delivery) in &self.deliveries {
-            let state = &delivery.state;
+            let state = &delivery.state();
             records.insert(Change::Delivery(*id, state.clone()));
             let dropoff_zones: Vec<ZoneId> = zones
                 .iter()

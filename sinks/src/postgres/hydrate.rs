@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use delivertrack_dataflow::contract::{ContractLimits, decode_event};
 use delivertrack_dataflow::geometry::{GeoPoint, ZoneShape};
+use delivertrack_dataflow::lifecycle::StatusStep;
 use delivertrack_dataflow::model::{CourierState, DeliveryState, Rating, ZoneState};
 use delivertrack_dataflow::restore::Restore;
 use delivertrack_dataflow::{
@@ -230,18 +231,25 @@ struct DeliveryRow {
     rated_at: Option<DateTime<Utc>>,
     created_by: Option<Uuid>,
     applied: Option<Vec<Uuid>>,
+    step_ids: Option<Vec<Uuid>>,
+    step_at: Option<Vec<DateTime<Utc>>>,
+    step_status: Option<Vec<String>>,
+    step_courier: Option<Vec<Option<Uuid>>>,
     rating_at: Option<DateTime<Utc>>,
     rating_event: Option<Uuid>,
+    rating_score: Option<i16>,
+    rating_comment: Option<String>,
 }
 
-/// Deliveries with their ratings, creating events, applied events and rating versions: one
-/// query, the log grouped once per delivery.
+/// Deliveries with their ratings, creating events, status histories, applied events and
+/// latest accepted ratings: one query, the log grouped once per delivery.
 async fn load_deliveries(pool: &PgPool) -> Result<Vec<Restore>, PostgresError> {
     let rows: Vec<DeliveryRow> = sqlx::query_as(
         "SELECT d.id, d.customer_id, d.courier_id, d.status, d.pickup_lat, d.pickup_lon,
                 d.dropoff_lat, d.dropoff_lon, d.promised_by, d.created_at, d.assigned_at,
                 d.picked_up_at, d.ended_at, d.version, r.score, r.comment, r.rated_at,
-                l.created_by, l.applied, l.rating_at, l.rating_event
+                l.created_by, l.applied, l.step_ids, l.step_at, l.step_status, l.step_courier,
+                l.rating_at, l.rating_event, l.rating_score, l.rating_comment
          FROM deliveries d
          LEFT JOIN ratings r ON r.delivery_id = d.id
          LEFT JOIN (
@@ -251,10 +259,24 @@ async fn load_deliveries(pool: &PgPool) -> Result<Vec<Restore>, PostgresError> {
                     array_agg(e.event_id ORDER BY e.event_id)
                         FILTER (WHERE e.kind IN ('status.changed', 'delivery.rated'))
                         AS applied,
+                    array_agg(e.event_id ORDER BY e.occurred_at, e.event_id)
+                        FILTER (WHERE e.kind = 'status.changed') AS step_ids,
+                    array_agg(e.occurred_at ORDER BY e.occurred_at, e.event_id)
+                        FILTER (WHERE e.kind = 'status.changed') AS step_at,
+                    array_agg(e.payload ->> 'status' ORDER BY e.occurred_at, e.event_id)
+                        FILTER (WHERE e.kind = 'status.changed') AS step_status,
+                    array_agg((e.payload ->> 'courier_id')::uuid
+                              ORDER BY e.occurred_at, e.event_id)
+                        FILTER (WHERE e.kind = 'status.changed') AS step_courier,
                     (array_agg(e.occurred_at ORDER BY e.occurred_at DESC, e.event_id DESC)
                         FILTER (WHERE e.kind = 'delivery.rated'))[1] AS rating_at,
                     (array_agg(e.event_id ORDER BY e.occurred_at DESC, e.event_id DESC)
-                        FILTER (WHERE e.kind = 'delivery.rated'))[1] AS rating_event
+                        FILTER (WHERE e.kind = 'delivery.rated'))[1] AS rating_event,
+                    (array_agg((e.payload ->> 'score')::smallint
+                               ORDER BY e.occurred_at DESC, e.event_id DESC)
+                        FILTER (WHERE e.kind = 'delivery.rated'))[1] AS rating_score,
+                    (array_agg(e.payload ->> 'comment' ORDER BY e.occurred_at DESC, e.event_id DESC)
+                        FILTER (WHERE e.kind = 'delivery.rated'))[1] AS rating_comment
              FROM delivery_events e
              WHERE e.delivery_id IS NOT NULL AND NOT e.stale
              GROUP BY e.delivery_id
@@ -276,6 +298,7 @@ fn delivery(row: DeliveryRow) -> Result<Restore, PostgresError> {
         ))
     })?;
     let millis = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
+    let steps = status_steps(&row)?;
     let rating = match (row.score, row.rated_at) {
         (Some(score), Some(at)) => Some(Rating {
             score: u8::try_from(score)
@@ -285,8 +308,17 @@ fn delivery(row: DeliveryRow) -> Result<Restore, PostgresError> {
         }),
         _ => None,
     };
-    let rating_version = match (&rating, row.rating_at, row.rating_event) {
-        (Some(_), Some(at), Some(event)) => Some((at.timestamp_millis(), EventId(event))),
+    let latest_rating = match (row.rating_at, row.rating_event, row.rating_score) {
+        (Some(at), Some(event), Some(score)) => {
+            let at = at.timestamp_millis();
+            let rating = Rating {
+                score: u8::try_from(score)
+                    .map_err(|_| corrupt(format!("delivery {}: logged score {score}", row.id)))?,
+                comment: row.rating_comment,
+                at,
+            };
+            Some(((at, EventId(event)), rating))
+        }
         _ => None,
     };
     let created_by = row
@@ -317,9 +349,40 @@ fn delivery(row: DeliveryRow) -> Result<Restore, PostgresError> {
             version: int("version", row.version)?,
         },
         created_by: EventId(created_by),
+        steps,
+        rating: latest_rating,
         applied,
-        rating_version,
     })
+}
+
+/// A delivery's logged `status.changed` events, in event time.
+fn status_steps(row: &DeliveryRow) -> Result<Vec<StatusStep>, PostgresError> {
+    let ids = row.step_ids.as_deref().unwrap_or_default();
+    let at = row.step_at.as_deref().unwrap_or_default();
+    let statuses = row.step_status.as_deref().unwrap_or_default();
+    let couriers = row.step_courier.as_deref().unwrap_or_default();
+    if at.len() != ids.len() || statuses.len() != ids.len() || couriers.len() != ids.len() {
+        return Err(corrupt(format!(
+            "delivery {}: status history columns disagree in length",
+            row.id
+        )));
+    }
+    ids.iter()
+        .zip(at)
+        .zip(statuses)
+        .zip(couriers)
+        .map(|(((id, at), status), courier)| {
+            let status: Status = status
+                .parse()
+                .map_err(|_| corrupt(format!("delivery {}: logged status {status}", row.id)))?;
+            Ok(StatusStep {
+                at: at.timestamp_millis(),
+                event_id: EventId(*id),
+                status,
+                courier_id: courier.map(CourierId),
+            })
+        })
+        .collect()
 }
 
 /// Decodes a logged event's wire JSON (checked against its own time, so the future-skew
