@@ -1,13 +1,16 @@
-//! The demo end to end, in-process, over real HTTP and WebSocket connections.
+//! The demo end to end: in-process over real HTTP and WebSocket connections, and as the
+//! real `delivertrack demo` process stopped by SIGINT.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::time::Duration;
 
 use delivertrack::{DemoConfig, PipelineConfig, run_demo_on};
 use futures::StreamExt;
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
@@ -208,4 +211,136 @@ async fn the_demo_serves_snapshots_and_live_changes_and_stops_cleanly() {
     .await
     .expect("the socket closes after shutdown");
     assert_eq!(closed, Some(1001));
+}
+
+/// How long the binary may take to print its banner, to answer `/healthz` after being
+/// started, and to exit after SIGINT. Generous: the machine may be busy building.
+const PROCESS_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The messages of the binary's JSON log lines (`--log-format json`), in order.
+fn log_messages(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter_map(|line| line["fields"]["message"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_binary_prints_where_to_look_and_exits_0_on_sigint() {
+    let spawned = Instant::now();
+    // Port 0: the system picks a free port, and the banner has to say which.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_delivertrack"))
+        .args(["--log-format", "json", "demo", "--listen", "127.0.0.1:0"])
+        .args(["--workers", "1", "--couriers", "20", "--zones", "4"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Read stderr all along, so that the log never fills the pipe and blocks the demo.
+    let mut stderr = child.stderr.take().unwrap();
+    let log = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+
+    let mut banner = Vec::new();
+    while !banner
+        .last()
+        .is_some_and(|line: &String| line.contains("Ctrl-C"))
+    {
+        match timeout(PROCESS_PATIENCE, stdout.next_line()).await {
+            Ok(Ok(Some(line))) => banner.push(line),
+            other => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                panic!(
+                    "the banner did not finish ({other:?}) after {banner:?}; stderr:\n{}",
+                    log.await.unwrap()
+                );
+            }
+        }
+    }
+    let banner = banner.join("\n");
+    let addr: SocketAddr = banner
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in the banner:\n{banner}"));
+    assert_ne!(addr.port(), 0, "the banner names the port actually bound");
+    for place in [
+        format!("http://{addr}/"),
+        format!("http://{addr}/api/snapshot"),
+        format!("ws://{addr}/ws/changes"),
+        format!("http://{addr}/healthz"),
+    ] {
+        assert!(banner.contains(&place), "{place} missing from:\n{banner}");
+    }
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let healthy = loop {
+        let status = client
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .map(|response| response.status().as_u16());
+        if let Ok(200) = status {
+            break spawned.elapsed();
+        }
+        assert!(
+            spawned.elapsed() < PROCESS_PATIENCE,
+            "/healthz never answered 200 (last: {status:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("spawn to /healthz 200: {healthy:?}");
+
+    // SIGINT is what Ctrl-C in a terminal sends.
+    let pid = child.id().expect("the demo is still running").to_string();
+    let sent = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -INT {pid}")])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let signalled = Instant::now();
+    let status = timeout(PROCESS_PATIENCE, child.wait())
+        .await
+        .expect("the demo exits within the bound after SIGINT")
+        .unwrap();
+    eprintln!("SIGINT to exit: {:?}", signalled.elapsed());
+    let rest_of_stdout = timeout(PROCESS_PATIENCE, async {
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = stdout.next_line().await {
+            rest.push(line);
+        }
+        rest
+    })
+    .await
+    .expect("stdout closes with the process");
+    let log = timeout(PROCESS_PATIENCE, log)
+        .await
+        .expect("stderr closes with the process")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "exit {status:?}; stderr:\n{log}");
+    assert!(
+        rest_of_stdout.is_empty(),
+        "stdout holds the banner only: {rest_of_stdout:?}"
+    );
+    // It stopped because of the signal, through the clean path.
+    let messages = log_messages(&log);
+    for expected in ["Ctrl-C received.", "DeliverTrack stopped cleanly."] {
+        assert!(
+            messages.iter().any(|message| message == expected),
+            "no {expected:?} in the log:\n{log}"
+        );
+    }
 }
