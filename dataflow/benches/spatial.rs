@@ -1,4 +1,5 @@
-//! Spatial-join throughput: the R-tree indexes of `spatial.rs` against a brute-force scan.
+//! Spatial-join throughput: the R-tree indexes of `spatial.rs`, and the geofence join
+//! state built on them ([`CourierTracker`]), each against a brute-force scan.
 //!
 //! The world: 100k couriers spread uniformly over a 40 km × 40 km city around Berlin
 //! (52.52 N, 13.405 E) and 20k irregular polygon zones (6–12 vertices, 100 m – 1.5 km
@@ -15,19 +16,44 @@
 //!   [`PointIndex::candidates_for`] the old and the new shape (union) and the exact test on
 //!   those. Brute force: replace the shape and test all 100k couriers.
 //!
+//! The same two questions asked of the real join state, the one the dataflow's
+//! `TrackCouriers` operator holds (here one tracker holds every courier, as with one timely
+//! worker), loaded with the whole world before measuring:
+//!
+//! - `join_position_update`: epochs of [`EPOCH_FIXES`] `location.updated` events through
+//!   [`ZoneJoin::apply_epoch`]: each fix updates its courier's record (odometer, speed
+//!   window) and re-tests its zones; out come the epoch's net `couriers` and
+//!   `inside(courier, zone)` changes. Brute force: the same `inside` changes from a join
+//!   without index, which tests every zone for each moved courier.
+//! - `join_zone_edit`: one `zone.upserted` event that moves an existing zone's polygon,
+//!   through the zone registers (which turn it into the `zones` change the tracker
+//!   receives) and the tracker, which re-tests the couriers near the old and new shapes.
+//!   Brute force: replace the shape and test every courier.
+//!
+//! Every zone has no dwell time, so `inside` is exactly "the latest fix is in the polygon",
+//! which is what the brute-force join computes. Before measuring, both joins take the same
+//! epoch of fixes and the same zone edits, and their `inside` changes must be equal.
+//!
 //! Run with `cargo bench -p delivertrack-dataflow --bench spatial`. Before measuring, it
-//! prints the shape of the data: how many zones a point hits and how many candidates a
-//! zone edit re-tests.
+//! prints the shape of the data: how many zones a point hits, how many candidates a zone
+//! edit re-tests, and how many `inside` changes the joins produce.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::f64::consts::TAU;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput};
+use delivertrack_dataflow::event::{Event, EventBody, LocationUpdated, UnixMillis, ZoneUpserted};
 use delivertrack_dataflow::geometry::{GeoPoint, ZoneShape};
+use delivertrack_dataflow::operators::couriers::{CourierTracker, TrackerRecord};
+use delivertrack_dataflow::operators::zones::ZoneRegisters;
+use delivertrack_dataflow::operators::{EpochState, ZoneJoin};
+use delivertrack_dataflow::pipeline::DataflowConfig;
+use delivertrack_dataflow::restore::Input;
 use delivertrack_dataflow::spatial::{PointIndex, ZoneIndex};
-use delivertrack_dataflow::{CourierId, ZoneId};
+use delivertrack_dataflow::{CourierId, EventId, ZoneId};
 use geo::{LineString, MultiPolygon, Polygon};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -51,6 +77,13 @@ const UPDATES_BRUTE: usize = 50;
 const EDITED_ZONES: usize = 1_000;
 /// How far an edit moves a zone's vertices, at most, in metres.
 const EDIT_SHIFT_M: f64 = 150.0;
+/// `location.updated` events per epoch through the tracker.
+const EPOCH_FIXES: usize = 10_000;
+/// Fixes per measured iteration of the brute-force join.
+const BRUTE_JOIN_FIXES: usize = 50;
+/// Fixes and zone edits both joins take before measuring, whose outputs must agree.
+const CHECK_FIXES: usize = 500;
+const CHECK_EDITS: usize = 20;
 
 const METRES_PER_DEG_LAT: f64 = 111_320.0;
 
@@ -402,11 +435,393 @@ fn zone_edits(c: &mut Criterion, world: &World) {
     group.finish();
 }
 
+/// One join's input: events with their own ids and ever later event times, and where the
+/// join is in the world's lists of moves and of edits.
+struct Inputs {
+    clock: UnixMillis,
+    next_id: u128,
+    moves: usize,
+    edits: usize,
+}
+
+impl Inputs {
+    fn new() -> Self {
+        Self {
+            clock: 1_764_500_000_000,
+            next_id: 0,
+            moves: 0,
+            edits: 0,
+        }
+    }
+
+    fn event(&mut self, body: EventBody) -> Event {
+        self.clock += 1;
+        self.next_id += 1;
+        Event {
+            event_id: EventId(Uuid::from_u128(self.next_id)),
+            occurred_at: self.clock,
+            body,
+        }
+    }
+
+    fn fix(&mut self, courier_id: CourierId, position: GeoPoint) -> Input {
+        Input::Event(self.event(EventBody::LocationUpdated(LocationUpdated {
+            courier_id,
+            position,
+            speed_mm_s: Some(4_000),
+            heading_ddeg: None,
+            accuracy_cm: None,
+        })))
+    }
+
+    fn zone(&mut self, zone_id: ZoneId, shape: ZoneShape) -> Input {
+        Input::Event(self.event(EventBody::ZoneUpserted(ZoneUpserted {
+            zone_id,
+            name: String::from("zone"),
+            shape,
+            dwell_ms: 0,
+        })))
+    }
+
+    /// The next `count` fixes, alternating forward and back over the move list as
+    /// [`run_moves`] does, so that every fix really moves its courier.
+    fn fixes(&mut self, world: &World, count: usize) -> Vec<(Input, isize)> {
+        let total = world.moves.len();
+        (0..count)
+            .map(|_| {
+                let pass = self.moves / total;
+                let (i, from, to) = world.moves[self.moves % total];
+                self.moves += 1;
+                let target = if pass.is_multiple_of(2) { to } else { from };
+                (self.fix(world.couriers[i].0, target), 1)
+            })
+            .collect()
+    }
+
+    /// The next zone edit: a `zone.upserted` flipping a zone to the shape it does not have.
+    fn edit(&mut self, world: &World) -> Input {
+        let (z, a, b) = &world.edits[self.edits % world.edits.len()];
+        let shape = if (self.edits / world.edits.len()).is_multiple_of(2) {
+            b
+        } else {
+            a
+        };
+        self.edits += 1;
+        self.zone(world.zones[*z].0, shape.clone())
+    }
+}
+
+/// The real join: the zone registers (`zone.upserted` → the `zones` change) and the
+/// courier tracker, loaded with every zone and every courier's first fix.
+struct TrackerJoin {
+    registers: ZoneRegisters,
+    tracker: CourierTracker,
+}
+
+impl TrackerJoin {
+    /// Loads the world with events from `inputs`.
+    fn load(world: &World, inputs: &mut Inputs) -> Self {
+        let mut registers = ZoneRegisters::default();
+        let upserts = world
+            .zones
+            .iter()
+            .map(|(id, shape)| inputs.zone(*id, shape.clone()))
+            .collect();
+        let (zones, refused) = registers.apply_epoch(upserts);
+        assert!(refused.is_empty(), "{refused:?}");
+        let mut tracker = CourierTracker::new(DataflowConfig::default().speed_window);
+        tracker.apply_epoch(zones, Vec::new());
+        for chunk in world.couriers.chunks(EPOCH_FIXES) {
+            let fixes = chunk
+                .iter()
+                .map(|&(id, p)| (inputs.fix(id, p), 1))
+                .collect();
+            let (_, refused) = tracker.apply_epoch(Vec::new(), fixes);
+            assert!(refused.is_empty(), "{refused:?}");
+        }
+        Self { registers, tracker }
+    }
+}
+
+/// Applies one zone edit the way the dataflow does: the registers turn the event into the
+/// zone's `-old +new` change, which the tracker applies as its epoch's zone changes.
+fn tracker_edit(
+    registers: &mut ZoneRegisters,
+    tracker: &mut CourierTracker,
+    edit: Input,
+) -> Vec<(TrackerRecord, isize)> {
+    let (zones, refused) = registers.apply_epoch(vec![edit]);
+    assert!(refused.is_empty(), "{refused:?}");
+    tracker.apply_epoch(zones, Vec::new()).0
+}
+
+/// The `inside` changes among a tracker's output.
+fn inside_changes(records: &[(TrackerRecord, isize)]) -> Vec<(TrackerRecord, isize)> {
+    records
+        .iter()
+        .filter(|(record, _)| matches!(record, TrackerRecord::Inside(..)))
+        .cloned()
+        .collect()
+}
+
+/// The geofence join without an index: a fix tests every zone, a zone edit tests every
+/// courier. Its output is the tracker's `inside` changes, consolidated and sorted.
+struct BruteJoin {
+    zones: Vec<(ZoneId, ZoneShape)>,
+    zone_slots: HashMap<ZoneId, usize>,
+    couriers: Vec<(CourierId, GeoPoint)>,
+    courier_slots: HashMap<CourierId, usize>,
+    /// The zones each courier is inside, by courier slot.
+    inside: Vec<Vec<ZoneId>>,
+}
+
+impl BruteJoin {
+    /// Loaded through the zone index (scanning 100k × 20k pairs would take minutes).
+    fn load(world: &World) -> Self {
+        let index = world.zone_index();
+        let inside = world
+            .couriers
+            .iter()
+            .map(|&(_, p)| index.containing(p).collect())
+            .collect();
+        Self {
+            zones: world.zones.clone(),
+            zone_slots: (world.zones.iter().enumerate())
+                .map(|(slot, (id, _))| (*id, slot))
+                .collect(),
+            couriers: world.couriers.clone(),
+            courier_slots: (world.couriers.iter().enumerate())
+                .map(|(slot, (id, _))| (*id, slot))
+                .collect(),
+            inside,
+        }
+    }
+
+    fn apply_fixes(&mut self, fixes: &[(Input, isize)]) -> Vec<(TrackerRecord, isize)> {
+        let mut changes = HashMap::new();
+        for (input, _) in fixes {
+            let Input::Event(Event {
+                body: EventBody::LocationUpdated(fix),
+                ..
+            }) = input
+            else {
+                continue;
+            };
+            let slot = self.courier_slots[&fix.courier_id];
+            self.couriers[slot].1 = fix.position;
+            let now: Vec<ZoneId> = (self.zones.iter())
+                .filter(|(_, shape)| shape.contains(fix.position))
+                .map(|(id, _)| *id)
+                .collect();
+            let before = std::mem::replace(&mut self.inside[slot], now);
+            for zone_id in &before {
+                if !self.inside[slot].contains(zone_id) {
+                    *changes.entry((fix.courier_id, *zone_id)).or_default() -= 1;
+                }
+            }
+            for zone_id in &self.inside[slot] {
+                if !before.contains(zone_id) {
+                    *changes.entry((fix.courier_id, *zone_id)).or_default() += 1;
+                }
+            }
+        }
+        consolidated(changes)
+    }
+
+    fn apply_edit(&mut self, edit: &Input) -> Vec<(TrackerRecord, isize)> {
+        let Input::Event(Event {
+            body: EventBody::ZoneUpserted(upsert),
+            ..
+        }) = edit
+        else {
+            return Vec::new();
+        };
+        let zone_id = upsert.zone_id;
+        let slot = self.zone_slots[&zone_id];
+        self.zones[slot].1 = upsert.shape.clone();
+        let shape = &self.zones[slot].1;
+        let mut changes = HashMap::new();
+        for (&(courier_id, position), inside) in self.couriers.iter().zip(&mut self.inside) {
+            let now = shape.contains(position);
+            let was = inside.iter().position(|z| *z == zone_id);
+            match (was, now) {
+                (None, true) => {
+                    inside.push(zone_id);
+                    changes.insert((courier_id, zone_id), 1);
+                }
+                (Some(i), false) => {
+                    inside.swap_remove(i);
+                    changes.insert((courier_id, zone_id), -1);
+                }
+                _ => {}
+            }
+        }
+        consolidated(changes)
+    }
+}
+
+fn consolidated(changes: HashMap<(CourierId, ZoneId), isize>) -> Vec<(TrackerRecord, isize)> {
+    let mut records: Vec<_> = changes
+        .into_iter()
+        .filter(|(_, diff)| *diff != 0)
+        .map(|((courier_id, zone_id), diff)| (TrackerRecord::Inside(courier_id, zone_id), diff))
+        .collect();
+    records.sort();
+    records
+}
+
+/// A join and its input.
+struct Joined<J> {
+    join: J,
+    inputs: Inputs,
+}
+
+/// Both joins take the same fixes and the same zone edits; their `inside` changes must be
+/// equal. Prints how many there were.
+fn check_joins_agree(
+    world: &World,
+    tracker: &mut Joined<TrackerJoin>,
+    brute: &mut Joined<BruteJoin>,
+) {
+    let fixes = tracker.inputs.fixes(world, CHECK_FIXES);
+    let (records, refused) = tracker.join.tracker.apply_epoch(Vec::new(), fixes);
+    assert!(refused.is_empty(), "{refused:?}");
+    let fixes = brute.inputs.fixes(world, CHECK_FIXES);
+    let expected = brute.join.apply_fixes(&fixes);
+    assert_eq!(
+        inside_changes(&records),
+        expected,
+        "the tracker and the brute-force join disagree on an epoch of fixes"
+    );
+    let mut edit_changes = 0;
+    for _ in 0..CHECK_EDITS {
+        let edit = tracker.inputs.edit(world);
+        let records = tracker_edit(&mut tracker.join.registers, &mut tracker.join.tracker, edit);
+        let edit = brute.inputs.edit(world);
+        let expected = brute.join.apply_edit(&edit);
+        assert_eq!(
+            inside_changes(&records),
+            expected,
+            "the tracker and the brute-force join disagree on a zone edit"
+        );
+        edit_changes += expected.len();
+    }
+    println!(
+        "  the joins agree: {} inside changes from an epoch of {CHECK_FIXES} fixes, {} from \
+         {CHECK_EDITS} zone edits",
+        expected.len(),
+        edit_changes,
+    );
+}
+
+fn join_position_updates(
+    c: &mut Criterion,
+    world: &World,
+    tracker: &mut Joined<TrackerJoin>,
+    brute: &mut Joined<BruteJoin>,
+) {
+    let mut group = c.benchmark_group("join_position_update");
+    // One iteration is a whole epoch: the same count in every sample.
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_secs(2));
+    group.measurement_time(Duration::from_secs(8));
+    group.throughput(Throughput::Elements(EPOCH_FIXES as u64));
+    let mut changes = (0usize, 0usize);
+    group.bench_function("courier_tracker", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                // Making the events is not part of the figure; applying them is.
+                let fixes = tracker.inputs.fixes(world, EPOCH_FIXES);
+                let start = Instant::now();
+                let (records, refused) = tracker.join.tracker.apply_epoch(Vec::new(), fixes);
+                spent += start.elapsed();
+                assert!(refused.is_empty(), "{refused:?}");
+                changes.0 += 1;
+                changes.1 += records
+                    .iter()
+                    .filter(|(record, _)| matches!(record, TrackerRecord::Inside(..)))
+                    .count();
+                black_box(records);
+            }
+            spent
+        });
+    });
+    if changes.0 > 0 {
+        println!(
+            "  an epoch of {EPOCH_FIXES} fixes made {:.0} inside changes on average ({} epochs)",
+            changes.1 as f64 / changes.0 as f64,
+            changes.0,
+        );
+    }
+
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements(BRUTE_JOIN_FIXES as u64));
+    group.bench_function("brute_force", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let fixes = brute.inputs.fixes(world, BRUTE_JOIN_FIXES);
+                let start = Instant::now();
+                let records = brute.join.apply_fixes(&fixes);
+                spent += start.elapsed();
+                black_box(records);
+            }
+            spent
+        });
+    });
+    group.finish();
+}
+
+fn join_zone_edits(
+    c: &mut Criterion,
+    world: &World,
+    tracker: &mut Joined<TrackerJoin>,
+    brute: &mut Joined<BruteJoin>,
+) {
+    let mut group = c.benchmark_group("join_zone_edit");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("courier_tracker", |b| {
+        b.iter_batched(
+            || tracker.inputs.edit(world),
+            |edit| tracker_edit(&mut tracker.join.registers, &mut tracker.join.tracker, edit),
+            BatchSize::SmallInput,
+        );
+    });
+
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(5));
+    group.bench_function("brute_force", |b| {
+        b.iter_batched(
+            || brute.inputs.edit(world),
+            |edit| brute.join.apply_edit(&edit),
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
 fn main() {
     let world = World::generate(SEED);
     world.describe(&world.zone_index(), &mut world.point_index());
+    let mut inputs = Inputs::new();
+    let mut tracker = Joined {
+        join: TrackerJoin::load(&world, &mut inputs),
+        inputs,
+    };
+    let mut brute = Joined {
+        join: BruteJoin::load(&world),
+        inputs: Inputs::new(),
+    };
+    check_joins_agree(&world, &mut tracker, &mut brute);
     let mut c = Criterion::default().configure_from_args();
     position_updates(&mut c, &world);
     zone_edits(&mut c, &world);
+    join_position_updates(&mut c, &world, &mut tracker, &mut brute);
+    join_zone_edits(&mut c, &world, &mut tracker, &mut brute);
     c.final_summary();
 }
