@@ -36,6 +36,9 @@ enum Op {
         y1: u8,
         dwell: u8,
         triangle: bool,
+        /// A rectangle gets a hole in its middle; a triangle gets a detached square beside it
+        /// (a multipolygon).
+        hole: bool,
     },
     DeleteZone {
         zone: u8,
@@ -93,8 +96,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (0..4u8, 0..12u8, 0..12u8, proptest::option::of(0..15_000u16))
             .prop_map(|(courier, x, y, speed)| Op::Move { courier, x, y, speed }),
-        2 => (0..3u8, 0..12u8, 0..12u8, 0..12u8, 0..12u8, 0..3u8, any::<bool>())
-            .prop_map(|(zone, x0, y0, x1, y1, dwell, triangle)| Op::Zone { zone, x0, y0, x1, y1, dwell, triangle }),
+        2 => (0..3u8, 0..12u8, 0..12u8, 0..12u8, 0..12u8, 0..3u8, any::<bool>(), any::<bool>())
+            .prop_map(|(zone, x0, y0, x1, y1, dwell, triangle, hole)| Op::Zone { zone, x0, y0, x1, y1, dwell, triangle, hole }),
         1 => (0..3u8).prop_map(|zone| Op::DeleteZone { zone }),
         2 => (0..6u8, 0..2u8, (0..12u8, 0..12u8), (0..12u8, 0..12u8), proptest::option::of(0..80u8))
             .prop_map(|(delivery, customer, pickup, dropoff, promise)| Op::Create { delivery, customer, pickup, dropoff, promise }),
@@ -121,33 +124,57 @@ fn point(x: u8, y: u8) -> GeoPoint {
     GeoPoint::from_degrees(52.50 + f64::from(y) * 0.001, 13.40 + f64::from(x) * 0.001)
 }
 
-fn shape(x0: u8, y0: u8, x1: u8, y1: u8, triangle: bool) -> ZoneShape {
+fn shape(x0: u8, y0: u8, x1: u8, y1: u8, triangle: bool, hole: bool) -> ZoneShape {
     let (lo_x, hi_x) = (x0.min(x1), x0.max(x1) + 1);
     let (lo_y, hi_y) = (y0.min(y1), y0.max(y1) + 1);
-    let corner = |x: u8, y: u8| {
-        let p = point(x, y);
-        (p.lon(), p.lat())
+    let corner = |x: f64, y: f64| {
+        (
+            13.40 + x * 0.001, // the lon of `point`
+            52.50 + y * 0.001, // the lat of `point`
+        )
     };
-    let ring = if triangle {
-        vec![
-            corner(lo_x, lo_y),
-            corner(hi_x, lo_y),
-            corner(lo_x, hi_y),
-            corner(lo_x, lo_y),
-        ]
+    let square = |x0: f64, y0: f64, x1: f64, y1: f64| {
+        LineString::from(vec![
+            corner(x0, y0),
+            corner(x1, y0),
+            corner(x1, y1),
+            corner(x0, y1),
+            corner(x0, y0),
+        ])
+    };
+    let (lx, hx, ly, hy) = (
+        f64::from(lo_x),
+        f64::from(hi_x),
+        f64::from(lo_y),
+        f64::from(hi_y),
+    );
+    let polygons = if triangle {
+        let ring = LineString::from(vec![
+            corner(lx, ly),
+            corner(hx, ly),
+            corner(lx, hy),
+            corner(lx, ly),
+        ]);
+        let mut polygons = vec![Polygon::new(ring, vec![])];
+        if hole {
+            // A detached unit square beyond the triangle's right corner.
+            polygons.push(Polygon::new(
+                square(hx + 1.0, ly, hx + 2.0, ly + 1.0),
+                vec![],
+            ));
+        }
+        polygons
+    } else if hole && hi_x - lo_x >= 3 && hi_y - lo_y >= 3 {
+        // A hole 1.5 steps wide around the centre: the grid points nearest it fall inside.
+        let (cx, cy) = ((lx + hx) / 2.0, (ly + hy) / 2.0);
+        vec![Polygon::new(
+            square(lx, ly, hx, hy),
+            vec![square(cx - 0.75, cy - 0.75, cx + 0.75, cy + 0.75)],
+        )]
     } else {
-        vec![
-            corner(lo_x, lo_y),
-            corner(hi_x, lo_y),
-            corner(hi_x, hi_y),
-            corner(lo_x, hi_y),
-            corner(lo_x, lo_y),
-        ]
+        vec![Polygon::new(square(lx, ly, hx, hy), vec![])]
     };
-    ZoneShape(MultiPolygon(vec![Polygon::new(
-        LineString::from(ring),
-        vec![],
-    )]))
+    ZoneShape(MultiPolygon(polygons))
 }
 
 /// Turns steps into epochs of events.
@@ -196,10 +223,11 @@ fn build(steps: &[Step]) -> Vec<Vec<Event>> {
                 y1,
                 dwell,
                 triangle,
+                hole,
             } => EventBody::ZoneUpserted(ZoneUpserted {
                 zone_id: zone_id(*zone),
                 name: format!("zone {zone}"),
-                shape: shape(*x0, *y0, *x1, *y1, *triangle),
+                shape: shape(*x0, *y0, *x1, *y1, *triangle, *hole),
                 dwell_ms: [0, 1_500, 4_000][usize::from(*dwell)],
             }),
             Op::DeleteZone { zone } => EventBody::ZoneDeleted(ZoneDeleted {
@@ -375,7 +403,7 @@ fn check(epochs: &[Vec<Event>], workers: usize) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
     fn dataflow_equals_the_sequential_reference(steps in proptest::collection::vec(step(), 1..160)) {
@@ -518,6 +546,7 @@ fn restoring_mid_dwell_keeps_the_dwell_clock() {
                 y1: 5,
                 dwell: 1,
                 triangle: false,
+                hole: false,
             },
             0,
         ),
@@ -625,6 +654,7 @@ fn a_full_lifecycle_touches_every_collection() {
             y1: 5,
             dwell: 1,
             triangle: false,
+            hole: false,
         }),
         s(Create {
             delivery: 0,
