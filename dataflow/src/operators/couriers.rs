@@ -71,10 +71,32 @@ pub enum TrackerRecord {
 #[derive(Debug)]
 pub struct CourierTracker {
     zones: ZoneIndex,
-    dwell_ms: HashMap<ZoneId, i64>,
+    /// Every live zone's dwell time and the `occurred_at` of its current version.
+    timing: HashMap<ZoneId, ZoneTiming>,
     couriers: HashMap<CourierId, Track>,
     positions: PointIndex<CourierId>,
     speed_window: usize,
+}
+
+/// What presence in a zone depends on besides its shape.
+#[derive(Clone, Copy, Debug)]
+struct ZoneTiming {
+    dwell_ms: i64,
+    /// `occurred_at` of the zone's current version: nobody is present before it.
+    since: UnixMillis,
+}
+
+impl ZoneTiming {
+    /// A zone that is gone (or unknown) holds nobody back.
+    const NONE: ZoneTiming = ZoneTiming {
+        dwell_ms: 0,
+        since: UnixMillis::MIN,
+    };
+
+    /// Does presence since `since` make a member at `now`?
+    fn confirmed(self, now: UnixMillis, since: UnixMillis) -> bool {
+        self.dwell_ms <= 0 || now - since >= self.dwell_ms
+    }
 }
 
 /// Net changes of one epoch.
@@ -89,7 +111,7 @@ impl CourierTracker {
     pub fn new(speed_window: usize) -> Self {
         Self {
             zones: ZoneIndex::new(),
-            dwell_ms: HashMap::new(),
+            timing: HashMap::new(),
             couriers: HashMap::new(),
             positions: PointIndex::new(),
             speed_window: speed_window.max(2),
@@ -105,11 +127,15 @@ impl CourierTracker {
         match new {
             Some(state) => {
                 candidates.extend(self.positions.candidates_for(&state.shape));
-                self.dwell_ms.insert(zone_id, state.dwell_ms);
+                let timing = ZoneTiming {
+                    dwell_ms: state.dwell_ms,
+                    since: state.updated_at,
+                };
+                self.timing.insert(zone_id, timing);
                 self.zones.upsert(zone_id, state.shape);
             }
             None => {
-                self.dwell_ms.remove(&zone_id);
+                self.timing.remove(&zone_id);
                 self.zones.remove(zone_id);
             }
         }
@@ -146,7 +172,11 @@ impl CourierTracker {
             return;
         };
         let now = track.state.at;
-        let dwell = self.dwell_ms.get(&zone_id).copied().unwrap_or(0);
+        let timing = self
+            .timing
+            .get(&zone_id)
+            .copied()
+            .unwrap_or(ZoneTiming::NONE);
         let index = track.presence.iter().position(|p| p.zone_id == zone_id);
         if index.is_some() != inside {
             // The set of zones the courier is in changes, and with it the courier's record.
@@ -158,7 +188,7 @@ impl CourierTracker {
         match (index, inside) {
             (Some(i), true) => {
                 let presence = &mut track.presence[i];
-                let confirmed = now - presence.since >= dwell;
+                let confirmed = timing.confirmed(now, presence.since);
                 if confirmed != presence.confirmed {
                     presence.confirmed = confirmed;
                     *changes.inside.entry((courier_id, zone_id)).or_default() +=
@@ -166,10 +196,13 @@ impl CourierTracker {
                 }
             }
             (None, true) => {
-                let confirmed = dwell <= 0;
+                // Present from this fix, or from the zone version that put the courier
+                // inside, whichever is later.
+                let since = now.max(timing.since);
+                let confirmed = timing.confirmed(now, since);
                 track.presence.push(Presence {
                     zone_id,
-                    since: now,
+                    since,
                     confirmed,
                 });
                 if confirmed {
@@ -217,11 +250,15 @@ impl CourierTracker {
             .presence
             .iter()
             .map(|&(zone_id, since)| {
-                let dwell = self.dwell_ms.get(&zone_id).copied().unwrap_or(0);
+                let timing = self
+                    .timing
+                    .get(&zone_id)
+                    .copied()
+                    .unwrap_or(ZoneTiming::NONE);
                 Presence {
                     zone_id,
                     since,
-                    confirmed: state.at - since >= dwell,
+                    confirmed: timing.confirmed(state.at, since),
                 }
             })
             .collect();

@@ -265,13 +265,13 @@ impl Reference {
                 courier.presence.remove(&zone_id);
             }
             Some(zone) => {
+                // Nobody is present in a zone before its current version existed.
                 let since = courier
                     .presence
                     .get(&zone_id)
-                    .map_or(now, |(since, _)| *since);
-                courier
-                    .presence
-                    .insert(zone_id, (since, now - since >= zone.dwell_ms));
+                    .map_or(now.max(zone.updated_at), |(since, _)| *since);
+                let member = zone.dwell_ms == 0 || now - since >= zone.dwell_ms;
+                courier.presence.insert(zone_id, (since, member));
             }
         }
     }
