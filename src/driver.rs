@@ -12,9 +12,12 @@
 //! runtime. Every channel is bounded, and the dataflow itself bounds the epochs in flight,
 //! so a slow sink slows the reading of the source (ARCHITECTURE rule 6). An epoch's ack
 //! token goes back to the source only after every sink has committed that epoch
-//! (rule 3). Shutdown (rule 7) is the input closing: the source task stops reading, the
-//! input thread closes the dataflow's input, the workers output every epoch already sent,
-//! the sinks commit them, their tokens are acknowledged, and [`drive`] returns.
+//! (rule 3), and the tokens go back in the order their batches were read — a batch with no
+//! events (all of it refused at decoding) waits behind the batches before it. Shutdown
+//! (rule 7) is the input closing: the source task stops reading and closes the epoch the
+//! source was gathering, the input thread closes the dataflow's input, the workers output
+//! every epoch sent, the sinks commit them, their tokens are acknowledged, and [`drive`]
+//! returns.
 //!
 //! The loop is generic over the [`Source`] and takes the sinks as trait objects, so
 //! `delivertrack run` reuses it with RabbitMQ and the stores.
@@ -83,9 +86,18 @@ pub struct DriveReport {
     pub acked: u64,
 }
 
-/// A batch's ack token, tagged with the epoch its events went into.
+/// A batch's ack token, tagged with the epoch that must be committed before it goes back.
+///
+/// Tokens go back in the order the source returned their batches (the [`Source`] contract:
+/// a RabbitMQ token multiple-acks every lower delivery tag), so a batch with no events
+/// (every delivery in it refused at decoding) queues behind the batches before it instead
+/// of being acknowledged at once.
 struct Pending<A> {
-    epoch: Epoch,
+    /// The batch's own epoch, or, for a batch with no events, the last epoch submitted
+    /// before it (`None`: none was, so nothing needs committing first).
+    after: Option<Epoch>,
+    /// Whether the batch's events are epoch `after` (so that epoch's refusals are its own).
+    has_events: bool,
     ack: A,
     /// When the batch's first event reached the source.
     first_received: Instant,
@@ -172,7 +184,9 @@ where
 }
 
 /// The source task: reads batches while not stopped, hands them to the input thread and
-/// acknowledges committed ones. Returns the number of acks once every token came back.
+/// acknowledges committed ones. At a stop it closes the batch the source was gathering
+/// ([`Source::take_gathered`]) and hands that on too, so the open epoch is committed and
+/// acknowledged like the others. Returns the number of acks once every token came back.
 async fn read_source<S: Source>(
     mut source: S,
     policy: EpochPolicy,
@@ -183,9 +197,16 @@ async fn read_source<S: Source>(
     let mut batch_tx = Some(batch_tx);
     let mut next: Option<SourceBatch<S::Ack>> = None;
     let mut reading = true;
+    // Stopped, and the source may still hold a batch being gathered: take it, one bounded
+    // batch at a time, behind the one waiting to be handed on.
+    let mut closing = false;
     let mut failure = None;
     let mut acked = 0;
     loop {
+        if closing && next.is_none() {
+            next = source.take_gathered(&policy);
+            closing = next.is_some();
+        }
         if !reading && next.is_none() {
             // Nothing more goes in: closing the batch channel closes the dataflow's input.
             batch_tx = None;
@@ -198,6 +219,7 @@ async fn read_source<S: Source>(
                         tracing::error!(%error, "The source could not acknowledge a committed epoch.");
                         failure.get_or_insert(anyhow!(error).context("acknowledging the source failed"));
                         reading = false;
+                        closing = false;
                         stop.cancel();
                     } else {
                         acked += 1;
@@ -207,20 +229,21 @@ async fn read_source<S: Source>(
                 None => break,
             },
             () = stop.cancelled(), if reading => {
-                tracing::info!("The driver stops reading its source and drains the epochs in flight.");
+                tracing::info!("The driver stops reading its source, closes its open epoch and drains the epochs in flight.");
                 reading = false;
+                closing = true;
             }
             permit = reserve(batch_tx.as_ref()), if next.is_some() => match (permit, next.take()) {
                 (Some(permit), Some(batch)) => permit.send(batch),
-                _ => reading = false,
+                // The input thread has ended: nothing more can go in.
+                _ => {
+                    reading = false;
+                    closing = false;
+                }
             },
             batch = source.next_batch(&policy), if reading && next.is_none() => match batch {
-                Ok(Some(batch)) if batch.events.is_empty() => {
-                    // Nothing to compute: acknowledge at once.
-                    if let Err(error) = source.ack(batch.ack, Vec::new()).await {
-                        tracing::warn!(%error, "The source could not acknowledge an empty batch.");
-                    }
-                }
+                // Also a batch with no events: its token goes back in order, after those of
+                // the batches before it (see `Pending`).
                 Ok(Some(batch)) => next = Some(batch),
                 Ok(None) => {
                     tracing::info!("The source has ended; the driver drains the epochs in flight.");
@@ -259,12 +282,16 @@ fn feed_dataflow<A>(
     mut batch_rx: mpsc::Receiver<SourceBatch<A>>,
     pending_tx: mpsc::Sender<Pending<A>>,
 ) -> anyhow::Result<u64> {
+    // The last epoch submitted: a batch with no events is acknowledged after it.
+    let mut last: Option<Epoch> = None;
     if !restore.is_empty() {
         // No ack token: nothing was read for it. Its epoch is committed like any other,
         // before the first batch's.
-        input
-            .restore(restore)
-            .context("the dataflow stopped taking input")?;
+        last = Some(
+            input
+                .restore(restore)
+                .context("the dataflow stopped taking input")?,
+        );
     }
     let mut events = 0;
     while let Some(SourceBatch {
@@ -273,10 +300,14 @@ fn feed_dataflow<A>(
         first_received,
     }) = batch_rx.blocking_recv()
     {
-        events += batch.len() as u64;
-        let epoch = submit(&mut input, batch)?;
+        let has_events = !batch.is_empty();
+        if has_events {
+            events += batch.len() as u64;
+            last = Some(submit(&mut input, batch)?);
+        }
         let pending = Pending {
-            epoch,
+            after: last,
+            has_events,
             ack,
             first_received,
             submitted: Instant::now(),
@@ -385,16 +416,24 @@ async fn commit_epochs<A>(
         }
         if failure.is_none() {
             while let Some(front) = waiting.front() {
-                if report.last_epoch.is_none_or(|last| front.epoch > last) {
+                let committed = front
+                    .after
+                    .is_none_or(|after| report.last_epoch.is_some_and(|last| after <= last));
+                if !committed {
                     break;
                 }
                 if let Some(pending) = waiting.pop_front() {
-                    if let Some(metrics) = &config.metrics {
-                        metrics
-                            .epoch_latency
-                            .observe(pending.first_received.elapsed().as_secs_f64());
-                    }
-                    let rejected = refused.remove(&pending.epoch).unwrap_or_default();
+                    let rejected = match pending.after {
+                        Some(epoch) if pending.has_events => {
+                            if let Some(metrics) = &config.metrics {
+                                metrics
+                                    .epoch_latency
+                                    .observe(pending.first_received.elapsed().as_secs_f64());
+                            }
+                            refused.remove(&epoch).unwrap_or_default()
+                        }
+                        _ => Vec::new(),
+                    };
                     // The source task keeps receiving acks until this task ends.
                     if ack_tx.send((pending.ack, rejected)).await.is_err() {
                         bail!("the source task ended before every epoch was acknowledged");
@@ -494,8 +533,79 @@ fn join_thread<T>(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use delivertrack_ingest::{FleetSimulator, SimulatorConfig, in_process};
+    use delivertrack_ingest::{FleetSimulator, SimulatorConfig, SourceError, in_process};
     use delivertrack_sinks::{ReadModel, ReadModelSink, SinkFuture};
+    use tokio::sync::watch;
+    use tokio::time::timeout;
+
+    /// Hands out its batches in order (each acknowledged with its number), then waits,
+    /// holding `gathered` until a stop takes it. Publishes the tokens it is acknowledged
+    /// with, in order, and how often it was asked for a batch.
+    struct Scripted {
+        batches: VecDeque<Vec<Event>>,
+        gathered: Vec<Event>,
+        tokens: u32,
+        acked: watch::Sender<Vec<u32>>,
+        asked: watch::Sender<u32>,
+    }
+
+    impl Scripted {
+        fn batch(&mut self, events: Vec<Event>) -> SourceBatch<u32> {
+            self.tokens += 1;
+            SourceBatch {
+                events,
+                ack: self.tokens - 1,
+                first_received: Instant::now(),
+            }
+        }
+    }
+
+    impl Source for Scripted {
+        type Ack = u32;
+
+        async fn next_batch(
+            &mut self,
+            _policy: &EpochPolicy,
+        ) -> Result<Option<SourceBatch<u32>>, SourceError> {
+            self.asked.send_modify(|asked| *asked += 1);
+            match self.batches.pop_front() {
+                Some(events) => Ok(Some(self.batch(events))),
+                None => std::future::pending().await,
+            }
+        }
+
+        async fn ack(&mut self, ack: u32, _rejected: Vec<Rejection>) -> Result<(), SourceError> {
+            self.acked.send_modify(|acked| acked.push(ack));
+            Ok(())
+        }
+
+        fn take_gathered(&mut self, policy: &EpochPolicy) -> Option<SourceBatch<u32>> {
+            if self.gathered.is_empty() {
+                return None;
+            }
+            let rest = self
+                .gathered
+                .split_off(self.gathered.len().min(policy.batch_limit()));
+            let events = std::mem::replace(&mut self.gathered, rest);
+            Some(self.batch(events))
+        }
+    }
+
+    /// Holds every commit until the gate opens.
+    struct Gate(watch::Receiver<bool>);
+
+    impl Sink for Gate {
+        fn name(&self) -> &'static str {
+            "gate"
+        }
+
+        fn commit(&mut self, _output: Arc<EpochOutput>) -> SinkFuture<'_> {
+            Box::pin(async move {
+                let _ = self.0.wait_for(|open| *open).await;
+                Ok(())
+            })
+        }
+    }
 
     /// Fails every commit, without retry.
     struct Refusing;
@@ -553,7 +663,7 @@ mod tests {
         });
         let model = ReadModel::default();
         let sinks: Vec<Box<dyn Sink>> = vec![Box::new(ReadModelSink::new(model.clone()))];
-        let report = tokio::time::timeout(
+        let report = timeout(
             Duration::from_secs(60),
             drive(
                 source,
@@ -575,6 +685,69 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokens_go_back_in_read_order_and_a_stop_commits_the_open_batch() {
+        const PATIENCE: Duration = Duration::from_secs(60);
+        let events = events();
+        let (first, gathered) = events.split_at(40);
+        let (acked_tx, mut acked) = watch::channel(Vec::new());
+        let (asked_tx, mut asked) = watch::channel(0);
+        // An empty batch before any epoch, one with events, an empty one after it (every
+        // delivery of a RabbitMQ batch refused at decoding), then the source gathers.
+        let source = Scripted {
+            batches: VecDeque::from([Vec::new(), first.to_vec(), Vec::new()]),
+            gathered: gathered.to_vec(),
+            tokens: 0,
+            acked: acked_tx,
+            asked: asked_tx,
+        };
+        let (gate, open) = watch::channel(false);
+        let model = ReadModel::default();
+        let sinks: Vec<Box<dyn Sink>> = vec![
+            Box::new(ReadModelSink::new(model.clone())),
+            Box::new(Gate(open)),
+        ];
+        let stop = CancellationToken::new();
+        let driving = tokio::spawn(drive(source, sinks, config(), Vec::new(), stop.clone()));
+
+        // Nothing was read before the first empty batch: it goes back at once.
+        timeout(PATIENCE, acked.wait_for(|acked| acked.contains(&0)))
+            .await
+            .expect("the first empty batch is acknowledged")
+            .unwrap();
+        // Every scripted batch has been handed on: the source is asked for a fourth ...
+        timeout(PATIENCE, asked.wait_for(|asked| *asked >= 4))
+            .await
+            .unwrap()
+            .unwrap();
+        // ... yet the empty batch read after the held epoch waits behind it.
+        assert_eq!(
+            *acked.borrow(),
+            [0],
+            "no token passes a batch not yet committed"
+        );
+
+        gate.send_replace(true);
+        timeout(PATIENCE, acked.wait_for(|acked| *acked == [0, 1, 2]))
+            .await
+            .expect("the held epoch and the empty batch behind it are acknowledged, in order")
+            .unwrap();
+
+        // Stopped while gathering: the open batch is committed and acknowledged too.
+        stop.cancel();
+        let report = timeout(PATIENCE, driving)
+            .await
+            .expect("the driver drains")
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.events, events.len() as u64);
+        assert_eq!(report.acked, 3 + (gathered.len() as u64).div_ceil(50));
+        let tokens: Vec<u32> = (0..u32::try_from(report.acked).unwrap()).collect();
+        assert_eq!(*acked.borrow(), tokens);
+        assert_eq!(model.epoch(), report.last_epoch);
+        assert_eq!(model.snapshot().counts.couriers, 5);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_sink_stops_the_driver_without_acknowledging() {
         let (sender, source) = in_process(64);
         let feeder = tokio::spawn(async move {
@@ -585,7 +758,7 @@ mod tests {
         let model = ReadModel::default();
         let sinks: Vec<Box<dyn Sink>> =
             vec![Box::new(ReadModelSink::new(model)), Box::new(Refusing)];
-        let result = tokio::time::timeout(
+        let result = timeout(
             Duration::from_secs(60),
             drive(
                 source,

@@ -2,8 +2,10 @@
 //!
 //! Every test declares its own exchange and queues (`unique_config`), publishes with a real
 //! client (lapin, through the load-tests publisher), runs the pipeline in-process on
-//! `127.0.0.1:0` through [`start`] (or the real binary), and deletes its topology at the
-//! end. Waits are bounded polls on conditions, never fixed sleeps.
+//! `127.0.0.1:0` through [`start`] (or the real binary, through [`spawn_binary`]), and
+//! deletes its topology when it ends, also when it fails ([`TopologyGuard`]). Waits are
+//! bounded polls on conditions, never fixed sleeps; where a test shows that something does
+//! *not* happen, it samples the state for a while.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +13,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,9 +21,7 @@ use delivertrack::{DriveReport, PipelineConfig, RunConfig, RunHooks, run_pipelin
 use delivertrack_dataflow::{CourierId, EpochOutput, Event, EventBody};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_ingest::rabbitmq::dead_letter::{HEADER_REASON, HEADER_ROUTING_KEY, HEADER_STAGE};
-use delivertrack_ingest::testing::{
-    TcpProxy, broker_addr, delete_topology, unique_config, url_via,
-};
+use delivertrack_ingest::testing::{TcpProxy, TopologyGuard, broker_addr, unique_config, url_via};
 use delivertrack_load_tests::fleet::location_events;
 use delivertrack_sinks::{Sink, SinkFuture};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -33,7 +33,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
-use support::{eventually, publisher, ready_messages};
+use support::{Database, eventually, publisher, ready_messages};
 
 /// How long any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -116,14 +116,12 @@ async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
 
 /// One sample of `/metrics`, by series (`name{labels}` → value).
 async fn metrics(client: &reqwest::Client, running: &Running) -> BTreeMap<String, f64> {
-    let text = client
-        .get(running.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    scrape(client, &running.url("/metrics")).await
+}
+
+/// One sample of the metrics at `url`, by series.
+async fn scrape(client: &reqwest::Client, url: &str) -> BTreeMap<String, f64> {
+    let text = client.get(url).send().await.unwrap().text().await.unwrap();
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
@@ -131,6 +129,15 @@ async fn metrics(client: &reqwest::Client, running: &Running) -> BTreeMap<String
             Some((series.to_owned(), value.parse().ok()?))
         })
         .collect()
+}
+
+/// `delivertrack_events_rejected_total`, every reason together.
+fn rejected(series: &BTreeMap<String, f64>) -> f64 {
+    series
+        .iter()
+        .filter(|(name, _)| name.starts_with("delivertrack_events_rejected_total"))
+        .map(|(_, value)| value)
+        .sum()
 }
 
 fn now_ms() -> i64 {
@@ -229,6 +236,16 @@ async fn wait_for_state(client: &reqwest::Client, running: &Running, expected: &
 /// Blocks every commit until the gate opens.
 struct GateSink {
     open: watch::Receiver<bool>,
+    /// Counts the commits that reached the gate.
+    entered: watch::Sender<u32>,
+}
+
+/// A closed gate: the sender that opens it, the count of commits it holds or let through,
+/// and the sink.
+fn gate() -> (watch::Sender<bool>, watch::Receiver<u32>, GateSink) {
+    let (gate, open) = watch::channel(false);
+    let (entered, entries) = watch::channel(0);
+    (gate, entries, GateSink { open, entered })
 }
 
 impl Sink for GateSink {
@@ -238,6 +255,7 @@ impl Sink for GateSink {
 
     fn commit(&mut self, _output: Arc<EpochOutput>) -> SinkFuture<'_> {
         Box::pin(async move {
+            self.entered.send_modify(|entered| *entered += 1);
             // A dropped sender opens the gate too: the test is over.
             let _ = self.open.wait_for(|open| *open).await;
             Ok(())
@@ -269,6 +287,7 @@ impl Sink for SlowSink {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_valid_event_reaches_the_read_model_and_is_acknowledged() {
     let config = unique_config("valid");
+    let _cleanup = TopologyGuard::new(&config);
     let publisher = publisher(&config).await;
     let running = start(run_config(config.clone()), Vec::new()).await;
     let client = reqwest::Client::new();
@@ -316,12 +335,12 @@ async fn every_valid_event_reaches_the_read_model_and_is_acknowledged() {
         ready_messages(&publisher, &config.dead_letter_queue).await,
         0
     );
-    delete_topology(&config).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_malformed_message_is_dead_lettered_with_its_reason() {
     let config = unique_config("malformed");
+    let _cleanup = TopologyGuard::new(&config);
     let publisher = publisher(&config).await;
     let running = start(run_config(config.clone()), Vec::new()).await;
     let client = reqwest::Client::new();
@@ -449,17 +468,12 @@ async fn every_malformed_message_is_dead_lettered_with_its_reason() {
     })
     .await;
     let series = metrics(&client, &running).await;
-    let rejected: f64 = series
-        .iter()
-        .filter(|(name, _)| name.starts_with("delivertrack_events_rejected_total"))
-        .map(|(_, value)| value)
-        .sum();
     assert_eq!(
-        rejected, 6.0,
+        rejected(&series),
+        6.0,
         "four bad messages, one bad element, one refused by the dataflow: {series:?}"
     );
     running.stop().await;
-    delete_topology(&config).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,13 +484,10 @@ async fn a_stalled_sink_bounds_in_flight_deliveries_to_the_prefetch() {
         prefetch: PREFETCH,
         ..unique_config("stall")
     };
+    let _cleanup = TopologyGuard::new(&config);
     let publisher = publisher(&config).await;
-    let (gate, open) = watch::channel(false);
-    let running = start(
-        run_config(config.clone()),
-        vec![Box::new(GateSink { open })],
-    )
-    .await;
+    let (gate, _entered, sink) = gate();
+    let running = start(run_config(config.clone()), vec![Box::new(sink)]).await;
     let client = reqwest::Client::new();
 
     let events = location_events(10, MESSAGES, now_ms());
@@ -519,12 +530,100 @@ async fn a_stalled_sink_bounds_in_flight_deliveries_to_the_prefetch() {
     .await;
     let report = running.stop().await;
     assert_eq!(report.events, MESSAGES as u64);
-    delete_topology(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_refused_messages_is_acknowledged_only_after_the_epochs_before_it() {
+    let config = unique_config("refused-order");
+    let _cleanup = TopologyGuard::new(&config);
+    let publisher = publisher(&config).await;
+    let (gate, mut entered, sink) = gate();
+    let running = start(run_config(config.clone()), vec![Box::new(sink)]).await;
+    let client = reqwest::Client::new();
+
+    // A good message: its epoch reaches the sinks, and the gate holds it there.
+    let good = location_events(1, 1, now_ms());
+    publisher
+        .publish_events(&config.exchange, &good, 1)
+        .await
+        .unwrap();
+    timeout(PATIENCE, entered.wait_for(|entered| *entered >= 1))
+        .await
+        .expect("the good message's epoch reaches the gate")
+        .unwrap();
+    // Then a lone malformed message: a batch of its own, with no event in it. Its
+    // acknowledgement is a multiple-ack of a higher delivery tag, which would take the
+    // good message with it.
+    publisher
+        .publish_raw(&config.exchange, "location.updated", b"{not json")
+        .await
+        .unwrap();
+    eventually("the malformed message is received", PATIENCE, || async {
+        let series = metrics(&client, &running).await;
+        (series.get("delivertrack_messages_received_total") == Some(&2.0)).then_some(())
+    })
+    .await;
+    // While the good epoch is held, neither delivery is acknowledged, and the malformed one
+    // is dead-lettered only in its turn.
+    for _ in 0..10 {
+        sleep(Duration::from_millis(100)).await;
+        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+        assert_eq!(in_flight, 2.0, "both deliveries stay unacknowledged");
+        assert_eq!(ready_messages(&publisher, &config.queue).await, 0);
+        assert_eq!(
+            ready_messages(&publisher, &config.dead_letter_queue).await,
+            0,
+            "nothing is dead-lettered before the epochs read before it are committed"
+        );
+    }
+
+    gate.send_replace(true);
+    wait_for_state(&client, &running, &expected(&good)).await;
+    eventually(
+        "both are committed or dead-lettered, and acknowledged",
+        PATIENCE,
+        || async {
+            let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+            let ready = ready_messages(&publisher, &config.queue).await;
+            let dead = ready_messages(&publisher, &config.dead_letter_queue).await;
+            (in_flight == 0.0 && ready == 0 && dead == 1).then_some(())
+        },
+    )
+    .await;
+    // No acknowledgement was refused (acking a tag twice closes the channel, and the
+    // reconnection would redeliver what it held): no reconnection, one dead letter.
+    for _ in 0..10 {
+        sleep(Duration::from_millis(100)).await;
+        let series = metrics(&client, &running).await;
+        assert_eq!(series["delivertrack_source_reconnects_total"], 0.0);
+        assert_eq!(series["delivertrack_messages_in_flight"], 0.0);
+        assert_eq!(
+            series.get("delivertrack_messages_received_total"),
+            Some(&2.0),
+            "nothing is redelivered"
+        );
+        assert_eq!(
+            ready_messages(&publisher, &config.dead_letter_queue).await,
+            1
+        );
+    }
+    let series = metrics(&client, &running).await;
+    assert_eq!(
+        series.get("delivertrack_events_rejected_total{reason=\"bad_json\"}"),
+        Some(&1.0),
+        "{series:?}"
+    );
+    assert_eq!(rejected(&series), 1.0, "{series:?}");
+    let report = running.stop().await;
+    assert_eq!(report.events, 1);
+    assert_eq!(ready_messages(&publisher, &config.queue).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutting_the_connection_mid_stream_loses_nothing() {
     let mut config = unique_config("cut");
+    // The topology is deleted on the broker itself, not through the proxy.
+    let _cleanup = TopologyGuard::new(&config);
     let publisher = publisher(&config).await;
     let proxy = TcpProxy::start(broker_addr(&config.url).await.unwrap())
         .await
@@ -597,13 +696,13 @@ async fn cutting_the_connection_mid_stream_loses_nothing() {
     let series = metrics(&client, &running).await;
     assert!(series["delivertrack_source_reconnects_total"] >= 1.0);
     running.stop().await;
-    delete_topology(&direct).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_drains_and_exits_zero_on_sigterm() {
     const EVENTS: u64 = 6_000;
     let config = unique_config("sigterm");
+    let _cleanup = TopologyGuard::new(&config);
     let publisher = publisher(&config).await;
     // The stream waits in the queue, so that the binary is mid-stream when it is stopped.
     let events = location_events(50, EVENTS as usize, now_ms());
@@ -611,36 +710,25 @@ async fn the_binary_drains_and_exits_zero_on_sigterm() {
         .publish_events(&config.exchange, &events, 1)
         .await
         .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_delivertrack"))
-        .args(["run", "--listen", "127.0.0.1:0"])
-        .args(["--exchange", &config.exchange, "--queue", &config.queue])
-        .args(["--dead-letter-exchange", &config.dead_letter_exchange])
-        .args(["--dead-letter-queue", &config.dead_letter_queue])
-        .args(["--prefetch", "200", "--epoch-max-events", "100"])
-        .args(["--epoch-max-ms", "20", "--shutdown-timeout-secs", "10"])
-        // The stores have their own end-to-end tests (tests/recovery.rs).
-        .args(["--no-postgres", "--no-redis", "--no-mongo", "--no-derived"])
-        .env("RABBITMQ_URL", &config.url)
-        .env("JWT_SECRET", "run-test-jwt-key-7c1d")
-        .args(["--log-format", "json"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let banner = timeout(PATIENCE, stdout.next_line())
-        .await
-        .expect("the banner within the bound")
-        .unwrap()
-        .expect("a banner line");
-    let addr: SocketAddr = banner
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {banner:?}"));
+    let (child, addr) = spawn_binary(
+        &config,
+        &[
+            "--prefetch",
+            "200",
+            "--epoch-max-events",
+            "100",
+            "--epoch-max-ms",
+            "20",
+            "--shutdown-timeout-secs",
+            "10",
+            // The stores have their own end-to-end tests (tests/recovery.rs).
+            "--no-postgres",
+            "--no-redis",
+            "--no-mongo",
+            "--no-derived",
+        ],
+    )
+    .await;
     let client = reqwest::Client::new();
 
     // Mid-stream: the pipeline has committed an epoch and is still reading.
@@ -649,24 +737,9 @@ async fn the_binary_drains_and_exits_zero_on_sigterm() {
         (status == 200 && body["epoch"].is_u64()).then_some(())
     })
     .await;
-    let pid = child.id().expect("the child is running").to_string();
-    // The shell's own `kill`: present wherever `sh` is, unlike a procps binary.
-    let killed = std::process::Command::new("sh")
-        .args(["-c", &format!("kill -TERM {pid}")])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let started = Instant::now();
-    let status = timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("the binary exits within the shutdown bound")
-        .unwrap();
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
-        .await
-        .unwrap();
+    let (status, stderr, took) = terminate(child).await;
     assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(12));
+    assert!(took < Duration::from_secs(12), "{took:?}");
     assert!(log_line(&stderr, "SIGTERM received.").is_some(), "{stderr}");
 
     // The first process processed and acknowledged some events; everything else is still
@@ -701,7 +774,163 @@ async fn the_binary_drains_and_exits_zero_on_sigterm() {
         EVENTS,
         "every event processed exactly once (first process: {first})"
     );
-    delete_topology(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_commits_and_acknowledges_its_open_epoch_on_sigterm() {
+    const MESSAGES: usize = 300;
+    let config = unique_config("open-epoch");
+    let _cleanup = TopologyGuard::new(&config);
+    let publisher = publisher(&config).await;
+    let database = Database::new("open_epoch");
+    let url = database.url();
+    // An epoch that would stay open for a minute and hold 100 000 events: everything
+    // published sits in it when the binary is stopped.
+    let (child, addr) = spawn_binary(
+        &config,
+        &[
+            "--prefetch",
+            "1000",
+            "--epoch-max-events",
+            "100000",
+            "--epoch-max-ms",
+            "60000",
+            "--shutdown-timeout-secs",
+            "10",
+            "--database-url",
+            &url,
+            "--no-redis",
+            "--no-mongo",
+            "--no-derived",
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let events = location_events(10, MESSAGES, now_ms());
+    publisher
+        .publish_events(&config.exchange, &events, 1)
+        .await
+        .unwrap();
+    eventually(
+        "every message is received into the open epoch",
+        PATIENCE,
+        || async {
+            let series = scrape(&client, &format!("http://{addr}/metrics")).await;
+            (series.get("delivertrack_messages_received_total") == Some(&(MESSAGES as f64)))
+                .then_some(())
+        },
+    )
+    .await;
+    let series = scrape(&client, &format!("http://{addr}/metrics")).await;
+    assert_eq!(
+        series["delivertrack_messages_in_flight"], MESSAGES as f64,
+        "none acknowledged yet"
+    );
+    let pool = database.pool().await;
+    let logged = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM delivery_events")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(logged(pool.clone()).await, 0, "the epoch is still open");
+
+    let (status, stderr, took) = terminate(child).await;
+    assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
+    assert!(
+        took < Duration::from_secs(12),
+        "the drain does not wait for the epoch's time bound: {took:?}"
+    );
+    // The open epoch went through every sink: PostgreSQL logged every event ...
+    assert_eq!(drained_events(&stderr), MESSAGES as u64, "{stderr}");
+    assert_eq!(logged(pool.clone()).await, MESSAGES as i64);
+    pool.close().await;
+    // ... and it was acknowledged: nothing came back to the queue when the binary's
+    // connection closed.
+    assert_eq!(ready_messages(&publisher, &config.queue).await, 0);
+
+    // A second start gets nothing again: a marker published after it is the only message
+    // it receives (anything left unacknowledged would be delivered before it).
+    let running = start(run_config(config.clone()), Vec::new()).await;
+    let marker = location_events(1, 1, now_ms());
+    publisher
+        .publish_events(&config.exchange, &marker, 1)
+        .await
+        .unwrap();
+    wait_for_state(&client, &running, &expected(&marker)).await;
+    eventually("the marker is acknowledged", PATIENCE, || async {
+        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+        let ready = ready_messages(&publisher, &config.queue).await;
+        (in_flight == 0.0 && ready == 0).then_some(())
+    })
+    .await;
+    let series = metrics(&client, &running).await;
+    assert_eq!(
+        series.get("delivertrack_messages_received_total"),
+        Some(&1.0),
+        "nothing was redelivered"
+    );
+    let report = running.stop().await;
+    assert_eq!(report.events, 1);
+    database.drop_now().await;
+}
+
+/// Starts the real binary on this test's topology with `args` added, and returns it once
+/// its banner says where it listens.
+async fn spawn_binary(config: &RabbitConfig, args: &[&str]) -> (tokio::process::Child, SocketAddr) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_delivertrack"))
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .args(["--exchange", &config.exchange, "--queue", &config.queue])
+        .args(["--dead-letter-exchange", &config.dead_letter_exchange])
+        .args(["--dead-letter-queue", &config.dead_letter_queue])
+        .args(args)
+        .args(["--log-format", "json"])
+        .env("RABBITMQ_URL", &config.url)
+        .env("JWT_SECRET", "run-test-jwt-key-7c1d")
+        .env("RUST_LOG", "info")
+        .env_remove("DATABASE_URL")
+        .env_remove("MONGO_URI")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let banner = timeout(PATIENCE, stdout.next_line())
+        .await
+        .expect("the banner within the bound")
+        .unwrap()
+        .expect("a banner line");
+    let addr: SocketAddr = banner
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {banner:?}"));
+    (child, addr)
+}
+
+/// Sends SIGTERM to the binary and waits (15 s at most) for it to exit; returns its status,
+/// its log and how long the exit took.
+async fn terminate(mut child: tokio::process::Child) -> (ExitStatus, String, Duration) {
+    let pid = child.id().expect("the child is running").to_string();
+    // The shell's own `kill`: present wherever `sh` is, unlike a procps binary.
+    let killed = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let started = Instant::now();
+    let status = timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the binary exits within the shutdown bound")
+        .unwrap();
+    let took = started.elapsed();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    (status, stderr, took)
 }
 
 /// The fields of the binary's JSON log line with this message.

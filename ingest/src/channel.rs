@@ -140,6 +140,34 @@ impl Source for InProcessSource {
     async fn ack(&mut self, _ack: (), _rejected: Vec<Rejection>) -> Result<(), SourceError> {
         Ok(())
     }
+
+    /// The events of the batch being gathered (kept by a cancelled `next_batch`), at most
+    /// `policy.max_events` at a time. What is still in the channel stays there: the
+    /// producers are stopping too.
+    fn take_gathered(&mut self, policy: &EpochPolicy) -> Option<SourceBatch<()>> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let limit = policy.batch_limit();
+        let events = if self.pending.len() > limit {
+            let rest = self.pending.split_off(limit);
+            std::mem::replace(&mut self.pending, rest)
+        } else {
+            std::mem::take(&mut self.pending)
+        };
+        let first_received = self
+            .deadline
+            .and_then(|deadline| deadline.into_std().checked_sub(policy.max_wait))
+            .unwrap_or_else(std::time::Instant::now);
+        if self.pending.is_empty() {
+            self.deadline = None;
+        }
+        Some(SourceBatch {
+            events,
+            ack: (),
+            first_received,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -261,6 +289,25 @@ mod tests {
         let batch = source.next_batch(&policy).await.unwrap().unwrap();
         assert_eq!(ids(&batch), vec![1, 2]);
         assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_takes_the_batch_being_gathered_without_waiting() {
+        let (tx, mut source) = in_process(8);
+        let policy = policy(2, 10_000);
+        assert!(source.take_gathered(&policy).is_none(), "nothing gathered");
+        tx.send_batch((0..3).map(event)).await.unwrap();
+        let full = source.next_batch(&policy).await.unwrap().unwrap();
+        assert_eq!(ids(&full), vec![0, 1]);
+        // The third is being gathered when the driver stops reading.
+        let open =
+            tokio::time::timeout(Duration::from_millis(40), source.next_batch(&policy)).await;
+        assert!(open.is_err(), "the batch is not due for 10 s");
+        let start = Instant::now();
+        let last = source.take_gathered(&policy).expect("the open batch");
+        assert_eq!(ids(&last), vec![2]);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert!(source.take_gathered(&policy).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -61,9 +61,11 @@ impl EpochPolicy {
 /// Where batches of events come from.
 ///
 /// `next_batch` is called again only after the previous batch was handed on, and `ack` is
-/// called for batches in the order they were returned. Implementations should make
+/// called for batches in the order they were returned (batches with no events included),
+/// each only after every batch before it was committed. Implementations should make
 /// `next_batch` cancel safe (a batch being gathered survives the future being dropped), so
-/// that a driver can `select!` it against a shutdown signal.
+/// that a driver can `select!` it against a shutdown signal, and then close what was being
+/// gathered with [`take_gathered`](Source::take_gathered).
 pub trait Source: Send {
     /// The token that acknowledges one batch.
     type Ack: Send + 'static;
@@ -75,6 +77,16 @@ pub trait Source: Send {
         &mut self,
         policy: &EpochPolicy,
     ) -> impl Future<Output = Result<Option<SourceBatch<Self::Ack>>, SourceError>> + Send;
+
+    /// The batch being gathered, closed now instead of at the policy's bounds, without
+    /// waiting: for a driver that stops reading, so that what the source already holds is
+    /// committed and acknowledged rather than abandoned. Called after the last
+    /// `next_batch`, again and again until it returns `None`; each batch keeps to
+    /// `policy.max_events`. `None` by default (nothing is held between calls).
+    fn take_gathered(&mut self, policy: &EpochPolicy) -> Option<SourceBatch<Self::Ack>> {
+        let _ = policy;
+        None
+    }
 
     /// Acknowledges a batch after every sink committed its epoch. `rejected` are the batch's
     /// events the dataflow refused in context (an illegal transition, a stale fix, ...): a

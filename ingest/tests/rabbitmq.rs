@@ -659,6 +659,70 @@ async fn closing_returns_unacknowledged_deliveries_to_the_queue() {
     publisher.wait_ready(&config.queue, 5).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_takes_the_open_batch_and_what_was_handed_over() {
+    let config = unique_config("stop");
+    let _cleanup = TopologyGuard::new(&config);
+    let (mut source, metrics) = connect(&config).await;
+    let publisher = Publisher::new(&config).await;
+    // A batch that would close only after a minute or 100 events.
+    let open = policy(100, 60_000);
+    let gathered: Vec<Value> = (0..3).map(|_| zone_deleted()).collect();
+    for event in &gathered {
+        publisher.publish_json("zone.deleted", event).await;
+    }
+    // Being gathered: each call is cut short (as a driver's stop does), the batch stays.
+    while metrics.messages_received() < 3 {
+        let call = timeout(Duration::from_millis(100), source.next_batch(&open)).await;
+        assert!(call.is_err(), "the batch is not due for a minute");
+    }
+    // Two more reach the source but are not read yet, and a malformed one.
+    let handed_over: Vec<Value> = (0..2).map(|_| zone_deleted()).collect();
+    for event in &handed_over {
+        publisher.publish_json("zone.deleted", event).await;
+    }
+    publisher.publish("zone.deleted", b"[").await;
+    let deadline = Instant::now() + PATIENCE;
+    while source.in_flight() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "{} in flight",
+            source.in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metrics.messages_received(), 3);
+
+    // The stop: everything held comes out at once, in batches within the size bound.
+    let stop = policy(4, 60_000);
+    let started = Instant::now();
+    let mut taken = Vec::new();
+    let mut sizes = Vec::new();
+    while let Some(batch) = source.take_gathered(&stop) {
+        sizes.push((batch.events.len(), batch.ack.deliveries()));
+        taken.extend(batch.events.iter().map(|e| e.event_id));
+        source.ack(batch.ack, Vec::new()).await.unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(sizes, vec![(4, 4), (1, 2)]);
+    let expected: Vec<EventId> = gathered.iter().chain(&handed_over).map(id_of).collect();
+    assert_eq!(taken, expected);
+    assert_eq!(source.in_flight(), 0);
+    assert!(source.take_gathered(&stop).is_none());
+    assert_eq!(
+        dead_letters(&config, 1).await[0]
+            .text(HEADER_REASON)
+            .as_deref(),
+        Some("bad_json")
+    );
+
+    // All of it was acknowledged: closing requeues nothing.
+    timeout(PATIENCE, source.close())
+        .await
+        .expect("close is bounded");
+    assert_eq!(publisher.ready(&config.queue).await, 0);
+}
+
 #[tokio::test]
 async fn an_unreachable_broker_at_start_is_an_error_naming_it() {
     // A port that nothing listens on.

@@ -13,6 +13,10 @@
 //! publishes the batch's dead letters — decode refusals, and the dataflow's refusals except
 //! `stale` — and waits for the broker's confirms, then multiple-acks the tag. So nothing is
 //! acknowledged before it is either committed by every sink or safely dead-lettered.
+//!
+//! At a stop, [`Source::take_gathered`] hands out what the source already holds (the batch
+//! being gathered and what the link task had passed on), so that the driver commits and
+//! acknowledges the open epoch instead of leaving it to be redelivered.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -90,6 +94,9 @@ pub struct RabbitSource {
     /// previous batch when that left part of a message behind. Its deadline is this plus
     /// the policy's `max_wait` of the call that is running.
     started: Option<Instant>,
+    /// Whether a stop has already taken what the link task had handed over
+    /// ([`Source::take_gathered`]); it is taken once, so that a stop ends.
+    stop_taken: bool,
     task: JoinHandle<()>,
 }
 
@@ -147,6 +154,7 @@ impl RabbitSource {
             health,
             gathering: Gathering::default(),
             started: None,
+            stop_taken: false,
             task,
         })
     }
@@ -358,6 +366,23 @@ impl Source for RabbitSource {
         policy: &EpochPolicy,
     ) -> Result<Option<SourceBatch<RabbitAck>>, SourceError> {
         self.gather(policy).await.map(Some)
+    }
+
+    /// At a stop: first takes in what the link task has already handed over (once, at most
+    /// the prefetch), then hands out the batch being gathered, split by the size bound,
+    /// until nothing is left. Deliveries the broker sends after that are not read; they
+    /// are requeued when the connection closes.
+    fn take_gathered(&mut self, policy: &EpochPolicy) -> Option<SourceBatch<RabbitAck>> {
+        if !self.stop_taken {
+            self.stop_taken = true;
+            for _ in 0..usize::from(self.config.prefetch) {
+                match self.incoming.try_recv() {
+                    Ok(incoming) => self.receive(incoming),
+                    Err(_) => break,
+                }
+            }
+        }
+        (!self.gathering.is_empty()).then(|| self.take(policy))
     }
 
     /// Dead-letters the batch's refusals (decode refusals, and `rejected` except `stale`),
