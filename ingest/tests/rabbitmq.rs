@@ -401,14 +401,16 @@ async fn events_refused_by_the_dataflow_are_dead_lettered_at_ack_except_stale_on
         .publish_json("location.updated", &json!([late.clone(), fine.clone()]))
         .await;
 
+    // Each batch's token with the events it carries.
     let mut batches = Vec::new();
     let mut events = 0;
     while events < 3 {
         let batch = next(&mut source, &policy(100, 200)).await;
         events += batch.events.len();
-        batches.push(batch.ack);
+        let ids: BTreeSet<EventId> = batch.events.iter().map(|e| e.event_id).collect();
+        batches.push((batch.ack, ids));
     }
-    let rejected = vec![
+    let mut rejected = vec![
         Rejection {
             event_id: id_of(&illegal),
             kind: EventKind::StatusChanged,
@@ -423,13 +425,19 @@ async fn events_refused_by_the_dataflow_are_dead_lettered_at_ack_except_stale_on
             reason: RejectReason::Stale,
         },
     ];
-    let last = batches.pop().unwrap();
-    for ack in batches {
-        source.ack(ack, Vec::new()).await.unwrap();
+    // As the driver does: each batch's token goes back, in order, with the refusals of its
+    // own events, whichever batch each event landed in.
+    for (ack, ids) in batches {
+        let (own, rest) = rejected
+            .into_iter()
+            .partition(|rejection| ids.contains(&rejection.event_id));
+        rejected = rest;
+        source.ack(ack, own).await.unwrap();
     }
-    // The driver hands each batch's refusals back with its token; with one batch (the usual
-    // case here) they all belong to it.
-    source.ack(last, rejected).await.unwrap();
+    assert!(
+        rejected.is_empty(),
+        "every refused event was read: {rejected:?}"
+    );
 
     let letters = dead_letters(&config, 1).await;
     let letter = &letters[0];
