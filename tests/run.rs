@@ -467,6 +467,13 @@ async fn every_malformed_message_is_dead_lettered_with_its_reason() {
         (ready_messages(&publisher, &config.queue).await == 0).then_some(())
     })
     .await;
+    // Refusals are counted as their deliveries are acknowledged, just after the dead
+    // letters are confirmed.
+    eventually("every refusal is counted", PATIENCE, || async {
+        let series = metrics(&client, &running).await;
+        (rejected(&series) >= 6.0).then_some(())
+    })
+    .await;
     let series = metrics(&client, &running).await;
     assert_eq!(
         rejected(&series),

@@ -731,6 +731,53 @@ async fn a_stop_takes_the_open_batch_and_what_was_handed_over() {
     assert_eq!(publisher.ready(&config.queue).await, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_is_counted_once_however_often_it_is_delivered() {
+    let config = unique_config("count-once");
+    let _cleanup = TopologyGuard::new(&config);
+    // One process's counters, over two connections.
+    let metrics = IngestMetrics::unregistered();
+    let publisher = Publisher::new(&config).await;
+    let mut first = RabbitSource::connect(config.clone(), metrics.clone())
+        .await
+        .unwrap();
+    publisher.publish("location.updated", b"{not json").await;
+    publisher
+        .publish_json("location.updated", &json!([location(52.0), location(91.0)]))
+        .await;
+    // Received, then dropped unacknowledged (the pipeline stopped before its epoch was
+    // committed): both come back.
+    let mut deliveries = 0;
+    while deliveries < 2 {
+        deliveries += next(&mut first, &policy(100, 50)).await.ack.deliveries();
+    }
+    assert_eq!(metrics.messages_received(), 2);
+    assert_eq!(metrics.events_rejected("bad_json"), 0, "not settled yet");
+    first.close().await;
+    publisher.wait_ready(&config.queue, 2).await;
+
+    let mut second = RabbitSource::connect(config.clone(), metrics.clone())
+        .await
+        .unwrap();
+    let mut deliveries = 0;
+    while deliveries < 2 {
+        let batch = next(&mut second, &policy(100, 50)).await;
+        deliveries += batch.ack.deliveries();
+        second.ack(batch.ack, Vec::new()).await.unwrap();
+    }
+    assert_eq!(
+        metrics.messages_received(),
+        4,
+        "redeliveries are received again"
+    );
+    assert_eq!(metrics.events_rejected("bad_json"), 1);
+    assert_eq!(metrics.events_rejected("coordinate_out_of_range"), 1);
+    assert_eq!(metrics.events_dead_lettered("bad_json"), 1);
+    assert_eq!(dead_letters(&config, 2).await.len(), 2);
+    publisher.wait_ready(&config.queue, 0).await;
+    second.close().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_broker_at_start_is_an_error_naming_it() {
     // A port that nothing listens on.

@@ -23,7 +23,8 @@ struct Metrics {
     /// Events that passed decoding, by `kind`.
     events_ingested: IntCounterVec,
     /// Events (or whole messages) refused by decoding or by the dataflow, by `reason`;
-    /// `stale` included although it is not dead-lettered.
+    /// `stale` included although it is not dead-lettered. Each is counted once, when the
+    /// delivery that carried it is acknowledged, so a redelivery does not count it again.
     events_rejected: IntCounterVec,
     /// Dead letters whose publication the broker confirmed, by `reason`.
     events_dead_lettered: IntCounterVec,

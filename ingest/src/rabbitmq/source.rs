@@ -202,6 +202,8 @@ impl RabbitSource {
             self.started = None;
         }
         self.metrics.message_received();
+        // Refusals are counted once, when their delivery is acknowledged (`ack`), so that
+        // a delivery that comes back is not counted twice.
         let routing_key = delivery.routing_key.to_string();
         let payload = delivery.data;
         let decoded = decode_message(
@@ -214,7 +216,6 @@ impl RabbitSource {
             self.metrics.event_ingested(event.kind().as_str());
         }
         for error in &decoded.errors {
-            self.metrics.event_rejected(error.code());
             tracing::debug!(%error, routing_key, "An event was refused at decoding and will be dead-lettered.");
         }
         let dead_letters = if decoded.errors.is_empty() {
@@ -346,6 +347,13 @@ impl RabbitSource {
         }
     }
 
+    /// Counts the refusals of a settled batch, each once.
+    fn count_refusals(&self, reasons: &[&'static str]) {
+        for reason in reasons {
+            self.metrics.event_rejected(reason);
+        }
+    }
+
     /// The link of `generation`, if it is still the current one.
     fn current_link(&self, generation: u64) -> Option<Arc<link::Link>> {
         link::lock(&self.shared)
@@ -386,9 +394,10 @@ impl Source for RabbitSource {
     }
 
     /// Dead-letters the batch's refusals (decode refusals, and `rejected` except `stale`),
-    /// waits for the broker's confirms, then multiple-acks the batch's last delivery tag.
-    /// A token of a replaced channel is dropped: its deliveries come back. Failures of the
-    /// connection are logged and healed by reconnecting, never returned.
+    /// waits for the broker's confirms, then multiple-acks the batch's last delivery tag and
+    /// counts the refusals. A token of a replaced channel is dropped: its deliveries come
+    /// back (and are counted then). Failures of the connection are logged and healed by
+    /// reconnecting, never returned.
     async fn ack(&mut self, ack: RabbitAck, rejected: Vec<Rejection>) -> Result<(), SourceError> {
         let RabbitAck {
             generation,
@@ -405,11 +414,16 @@ impl Source for RabbitSource {
             );
             return Ok(());
         };
+        // Every refusal of the batch, by reason code: counted once the batch is settled.
+        let refusals: Vec<&'static str> = dead_letters
+            .iter()
+            .map(|letter| letter.reason)
+            .chain(rejected.iter().map(|rejection| rejection.reason.code()))
+            .collect();
         if !rejected.is_empty() {
             let origins: HashMap<EventId, &Origin> =
                 origins.iter().map(|(id, origin)| (*id, origin)).collect();
             for rejection in &rejected {
-                self.metrics.event_rejected(rejection.reason.code());
                 if dead_letter::is_dead_lettered(&rejection.reason) {
                     let origin = origins.get(&rejection.event_id).copied();
                     dead_letters.push(DeadLetter::refused(rejection, origin));
@@ -449,6 +463,9 @@ impl Source for RabbitSource {
             );
         }
         let Some(tag) = last_tag else {
+            // Only part of a message: nothing to acknowledge yet, and its refusals (a stale
+            // fix) are settled all the same.
+            self.count_refusals(&refusals);
             return Ok(());
         };
         let acked = tokio::time::timeout(
@@ -471,6 +488,7 @@ impl Source for RabbitSource {
                     shared.in_flight
                 };
                 self.metrics.set_in_flight(in_flight);
+                self.count_refusals(&refusals);
             }
             Ok(Err(error)) => {
                 tracing::warn!(%error, generation, "An acknowledgement failed; the channel is being replaced and its deliveries come back.");
