@@ -21,6 +21,7 @@ use delivertrack::{DriveReport, PipelineConfig, RunConfig, RunHooks, run_pipelin
 use delivertrack_dataflow::{CourierId, EpochOutput, Event, EventBody};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_ingest::rabbitmq::dead_letter::{HEADER_REASON, HEADER_ROUTING_KEY, HEADER_STAGE};
+use delivertrack_ingest::rabbitmq::rabbitmqctl::Rabbitmqctl;
 use delivertrack_ingest::testing::{TcpProxy, TopologyGuard, broker_addr, unique_config, url_via};
 use delivertrack_load_tests::fleet::location_events;
 use delivertrack_sinks::{Sink, SinkFuture};
@@ -703,6 +704,127 @@ async fn cutting_the_connection_mid_stream_loses_nothing() {
     let series = metrics(&client, &running).await;
     assert!(series["delivertrack_source_reconnects_total"] >= 1.0);
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_closing_the_connection_mid_stream_loses_nothing_and_doubles_nothing() {
+    let Some(ctl) = Rabbitmqctl::find() else {
+        eprintln!(
+            "SKIPPED the_broker_closing_the_connection_mid_stream_loses_nothing_and_doubles_nothing: \
+             rabbitmqctl was not found (on the PATH, in /usr/sbin, or named by RABBITMQCTL), so \
+             the broker cannot be made to close a connection"
+        );
+        return;
+    };
+    let config = unique_config("broker-close");
+    let prefetch = f64::from(config.prefetch);
+    let _cleanup = TopologyGuard::new(&config);
+    let publisher = publisher(&config).await;
+    let first = location_events(25, 2_500, now_ms() - 60_000);
+    publisher
+        .publish_events(&config.exchange, &first, 1)
+        .await
+        .unwrap();
+    // A sink that holds every commit until the test opens it: the pipeline is surely
+    // mid-stream, with the prefetch delivered and not acknowledged, when the broker closes
+    // its connection (rabbitmqctl takes seconds; an unheld stream would be over by then).
+    let (gate, _entered, sink) = gate();
+    let running = start(run_config(config.clone()), vec![Box::new(sink)]).await;
+    let client = reqwest::Client::new();
+    eventually(
+        "the prefetch is in flight and the queue keeps the rest",
+        PATIENCE,
+        || async {
+            let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+            let ready = ready_messages(&publisher, &config.queue).await;
+            (in_flight == prefetch && f64::from(ready) == 2_500.0 - prefetch).then_some(())
+        },
+    )
+    .await;
+
+    // The broker closes the source's connection — found by its name, so no other test's
+    // (and not the pipeline's command publisher, `<name>-commands`).
+    let closed = eventually(
+        "the broker lists the source's connection",
+        PATIENCE,
+        || async {
+            match ctl
+                .connections_named(&config.connection_name)
+                .await
+                .expect("rabbitmqctl lists the connections")
+                .as_slice()
+            {
+                [pid] => Some(pid.clone()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    let closed_at = Instant::now();
+    ctl.close_connection(&closed, "closed by the test")
+        .await
+        .expect("rabbitmqctl closes the connection");
+    eventually("the source notices and reconnects", PATIENCE, || async {
+        let reconnects = metrics(&client, &running).await["delivertrack_source_reconnects_total"];
+        (reconnects >= 1.0).then_some(())
+    })
+    .await;
+    assert!(
+        closed_at.elapsed() < Duration::from_secs(15),
+        "the close was noticed and healed promptly, not after {:?}",
+        closed_at.elapsed()
+    );
+    eventually("/readyz is ready again", PATIENCE, || async {
+        let (status, _) = get_json(&client, &running.url("/readyz")).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    // The sinks commit again; the epochs read on the closed connection cannot be
+    // acknowledged on it, and their deliveries come back. More input after the reconnection.
+    gate.send_replace(true);
+    let second = location_events(5, 500, now_ms());
+    publisher
+        .publish_events(&config.exchange, &second, 10)
+        .await
+        .unwrap();
+
+    // Nothing lost, nothing counted twice: every courier at its last fix with the odometer of
+    // every fix applied once, although the deliveries in flight at the close came back.
+    let all: Vec<Event> = first.iter().chain(&second).cloned().collect();
+    wait_for_state(&client, &running, &expected(&all)).await;
+    eventually("everything is acknowledged", PATIENCE, || async {
+        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
+        let ready = ready_messages(&publisher, &config.queue).await;
+        (in_flight == 0.0 && ready == 0).then_some(())
+    })
+    .await;
+    let series = metrics(&client, &running).await;
+    let source_series: BTreeMap<&String, &f64> = series
+        .iter()
+        .filter(|(name, _)| {
+            name.starts_with("delivertrack_messages") || name.starts_with("delivertrack_events")
+        })
+        .collect();
+    assert_eq!(series["delivertrack_source_reconnects_total"], 1.0);
+    // 2 550 messages were published; more were received: the redeliveries.
+    assert!(
+        series["delivertrack_messages_received_total"] > 2_550.0,
+        "{source_series:?}"
+    );
+    // A redelivered fix is recognised: the very fix a courier holds is a replay, an older
+    // one is `stale` (counted, acknowledged, never dead-lettered). No other refusal.
+    let stale = series
+        .get("delivertrack_events_rejected_total{reason=\"stale\"}")
+        .copied()
+        .unwrap_or(0.0);
+    assert_eq!(rejected(&series), stale, "{source_series:?}");
+    assert_eq!(
+        ready_messages(&publisher, &config.dead_letter_queue).await,
+        0
+    );
+    let report = running.stop().await;
+    assert!(report.events >= 3_000, "{report:?}");
+    assert_eq!(ready_messages(&publisher, &config.queue).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

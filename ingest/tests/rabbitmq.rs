@@ -4,6 +4,12 @@
 //! end ([`TopologyGuard`], also on a panic), so the tests run in parallel and leave nothing
 //! behind. Messages are published with
 //! lapin, as any producer would; waits are bounded timeouts on conditions, not sleeps.
+//!
+//! Losses come two ways: a [`TcpProxy`] cut (the network gone, nothing said), and the broker
+//! itself closing the source's connection or one of its channels, with a reply code — the
+//! former through `rabbitmqctl close_connection` on the connection found by its name
+//! ([`Rabbitmqctl`]; a test that needs it and cannot find it says on stderr that it was
+//! skipped), the latter over a protocol error the broker answers by closing the channel.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,6 +23,7 @@ use delivertrack_ingest::rabbitmq::dead_letter::{
     HEADER_DETAIL, HEADER_EVENT_ID, HEADER_INDEX, HEADER_REASON, HEADER_REJECTED_AT,
     HEADER_ROUTING_KEY, HEADER_STAGE,
 };
+use delivertrack_ingest::rabbitmq::rabbitmqctl::Rabbitmqctl;
 use delivertrack_ingest::testing::{TcpProxy, TopologyGuard, broker_addr, unique_config, url_via};
 use delivertrack_ingest::{
     EpochPolicy, IngestMetrics, RabbitAck, RabbitConfig, RabbitSource, Source, SourceBatch,
@@ -24,7 +31,8 @@ use delivertrack_ingest::{
 };
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -34,6 +42,11 @@ use uuid::Uuid;
 
 /// The longest any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(30);
+
+/// How soon a loss the broker announces (a closed connection or channel) must have been
+/// noticed and healed: far below the patience, so that a source that only finds out by
+/// chance (at its next acknowledgement, or a heartbeat later) fails.
+const PROMPTLY: Duration = Duration::from_secs(15);
 
 /// A producer: its own connection and a channel in confirm mode.
 struct Publisher {
@@ -179,6 +192,104 @@ async fn drain(source: &mut RabbitSource, count: usize) -> BTreeSet<EventId> {
         source.ack(batch.ack, Vec::new()).await.unwrap();
     }
     seen
+}
+
+/// Reads batches, acknowledging each, until `deliveries` deliveries of channel generation
+/// `generation` — the current one — were acknowledged; returns the events seen. Once the
+/// source is connected on that channel, it hands out nothing of an older one (it would
+/// come back anyway): every batch must be of `generation`.
+async fn drain_generation(
+    source: &mut RabbitSource,
+    generation: u64,
+    deliveries: usize,
+) -> BTreeSet<EventId> {
+    let policy = policy(1_000, 50);
+    let mut seen = BTreeSet::new();
+    let mut acknowledged = 0;
+    while acknowledged < deliveries {
+        let batch = next(source, &policy).await;
+        assert_eq!(
+            batch.ack.generation(),
+            generation,
+            "nothing of a closed channel is handed out once the source is connected again"
+        );
+        seen.extend(batch.events.iter().map(|e| e.event_id));
+        acknowledged += batch.ack.deliveries();
+        source.ack(batch.ack, Vec::new()).await.unwrap();
+    }
+    seen
+}
+
+/// Checks for a while that the source hands out nothing more.
+async fn nothing_more(source: &mut RabbitSource) {
+    let extra = timeout(
+        Duration::from_millis(500),
+        source.next_batch(&policy(1_000, 50)),
+    )
+    .await;
+    assert!(extra.is_err(), "nothing else is delivered: {extra:?}");
+}
+
+/// Closes the source and checks that nothing was left unacknowledged: closing would
+/// requeue it.
+async fn close_with_nothing_unacknowledged(
+    source: RabbitSource,
+    publisher: &Publisher,
+    queue: &str,
+) {
+    timeout(PATIENCE, source.close())
+        .await
+        .expect("close is bounded");
+    for _ in 0..5 {
+        assert_eq!(publisher.ready(queue).await, 0, "nothing was requeued");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `rabbitmqctl`, or `None` after saying plainly on stderr that `test` is skipped.
+fn rabbitmqctl(test: &str) -> Option<Rabbitmqctl> {
+    let found = Rabbitmqctl::find();
+    if found.is_none() {
+        eprintln!(
+            "SKIPPED {test}: rabbitmqctl was not found (on the PATH, in /usr/sbin, or named by \
+             RABBITMQCTL), so the broker cannot be made to close a connection"
+        );
+    }
+    found
+}
+
+/// The one open connection named `name`, as the broker lists it (its Erlang pid); waits
+/// until there is exactly one, so a connection being replaced is not taken for it.
+async fn connection_named(ctl: &Rabbitmqctl, name: &str) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let pids = ctl
+            .connections_named(name)
+            .await
+            .expect("rabbitmqctl can list the broker's connections");
+        if let [pid] = pids.as_slice() {
+            return pid.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected one connection named {name}, the broker lists {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the source has reconnected `count` times in all, within [`PROMPTLY`] of
+/// `since`.
+async fn reconnected(metrics: &IngestMetrics, count: u64, since: Instant, what: &str) {
+    let deadline = since + PROMPTLY;
+    while metrics.reconnects() < count {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not noticed and healed within {PROMPTLY:?} ({} reconnections)",
+            metrics.reconnects()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// One dead letter: its headers (as strings or integers) and body.
@@ -643,6 +754,265 @@ async fn a_cut_connection_is_healed_and_unacknowledged_deliveries_come_back() {
     publisher.wait_ready(&config.queue, 0).await;
     assert_eq!(source.in_flight(), 0);
     source.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_broker_closes_mid_stream_is_healed_and_nothing_is_lost() {
+    let Some(ctl) = rabbitmqctl("a_connection_the_broker_closes_mid_stream_is_healed") else {
+        return;
+    };
+    let config = unique_config("broker-close");
+    let _cleanup = TopologyGuard::new(&config);
+    let (mut source, metrics) = connect(&config).await;
+    let mut health = source.health();
+    let publisher = Publisher::new(&config).await;
+
+    let first: Vec<Value> = (0..20).map(|_| location(52.6)).collect();
+    for event in &first {
+        publisher.publish_json("location.updated", event).await;
+    }
+    // One batch settled before the close: acknowledged, it must not come back.
+    let settled = next(&mut source, &policy(5, 50)).await;
+    let settled_ids: BTreeSet<EventId> = settled.events.iter().map(|e| e.event_id).collect();
+    assert_eq!(settled_ids.len(), 5);
+    source.ack(settled.ack, Vec::new()).await.unwrap();
+    // One batch held, as a pipeline holds an epoch its sinks have not committed yet.
+    let held = next(&mut source, &policy(5, 50)).await;
+    let held_ids: BTreeSet<EventId> = held.events.iter().map(|e| e.event_id).collect();
+    assert_eq!(held_ids.len(), 5);
+    let stale_token = held.ack;
+    assert_eq!(stale_token.generation(), 1);
+
+    // The broker knows the connection by the name the source gave it, and closes it.
+    let closed = connection_named(&ctl, &config.connection_name).await;
+    let closed_at = Instant::now();
+    ctl.close_connection(&closed, "closed by the test")
+        .await
+        .expect("rabbitmqctl closes the connection");
+    reconnected(&metrics, 1, closed_at, "the broker closed the connection").await;
+    timeout(PATIENCE, health.wait_for(|h| *h == SourceHealth::Connected))
+        .await
+        .expect("the source is connected again")
+        .unwrap();
+    // Seen from the broker: a new connection under the same name.
+    let replacement = connection_named(&ctl, &config.connection_name).await;
+    assert_ne!(
+        replacement, closed,
+        "a new connection replaced the closed one"
+    );
+    // The closed channel's token is dropped without error.
+    source.ack(stale_token, Vec::new()).await.unwrap();
+
+    // New input reaches the consumer on the redeclared topology.
+    let second: Vec<Value> = (0..10).map(|_| location(52.7)).collect();
+    for event in &second {
+        publisher.publish_json("location.updated", event).await;
+    }
+    // Everything not settled arrives, the held batch included (redelivered); the settled
+    // batch does not come back.
+    let expected: BTreeSet<EventId> = first
+        .iter()
+        .chain(&second)
+        .map(id_of)
+        .filter(|id| !settled_ids.contains(id))
+        .collect();
+    let seen = drain_generation(&mut source, 2, expected.len()).await;
+    assert_eq!(seen, expected);
+    assert!(held_ids.is_subset(&seen));
+    nothing_more(&mut source).await;
+    assert_eq!(source.in_flight(), 0);
+    // The 15 unsettled deliveries of the first 20 came twice: received again, as such.
+    assert!(
+        metrics.messages_received() >= 10 + 15 + 10,
+        "{} received",
+        metrics.messages_received()
+    );
+    assert_eq!(metrics.reconnects(), 1, "one close, one reconnection");
+    assert_eq!(*source.health().borrow(), SourceHealth::Connected);
+    close_with_nothing_unacknowledged(source, &publisher, &config.queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consuming_channel_the_broker_closes_is_noticed_and_healed() {
+    let config = unique_config("channel-close");
+    let _cleanup = TopologyGuard::new(&config);
+    let (mut source, metrics) = connect(&config).await;
+    let mut health = source.health();
+    let publisher = Publisher::new(&config).await;
+    let events: Vec<Value> = (0..30).map(|_| zone_deleted()).collect();
+    for event in &events {
+        publisher.publish_json("zone.deleted", event).await;
+    }
+    let mut batches = Vec::new();
+    for _ in 0..3 {
+        let batch = next(&mut source, &policy(10, 50)).await;
+        assert_eq!(batch.ack.deliveries(), 10);
+        let ids: BTreeSet<EventId> = batch.events.iter().map(|e| e.event_id).collect();
+        batches.push((batch.ack, ids));
+    }
+    let (c, c_ids) = batches.pop().unwrap();
+    let (b, _) = batches.pop().unwrap();
+    let (a, _) = batches.pop().unwrap();
+
+    // Out of order: b's multiple-ack settles a's deliveries too, so a's own ack names a
+    // delivery tag the channel no longer has. The broker answers by closing the consuming
+    // channel (406 PRECONDITION_FAILED, unknown delivery tag); the connection stays open.
+    source.ack(b, Vec::new()).await.unwrap();
+    let closed_at = Instant::now();
+    source.ack(a, Vec::new()).await.unwrap();
+    reconnected(
+        &metrics,
+        1,
+        closed_at,
+        "the broker closed the consuming channel",
+    )
+    .await;
+    timeout(PATIENCE, health.wait_for(|h| *h == SourceHealth::Connected))
+        .await
+        .expect("the source is connected again")
+        .unwrap();
+
+    // c was held when the channel closed: its token is dropped, its deliveries come back,
+    // and nothing of a and b does.
+    source.ack(c, Vec::new()).await.unwrap();
+    let seen = drain_generation(&mut source, 2, 10).await;
+    assert_eq!(seen, c_ids);
+    nothing_more(&mut source).await;
+    assert_eq!(source.in_flight(), 0);
+    assert_eq!(metrics.reconnects(), 1);
+    close_with_nothing_unacknowledged(source, &publisher, &config.queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_channel_the_broker_closes_is_replaced_on_a_redeclared_topology() {
+    let config = unique_config("dead-channel");
+    let _cleanup = TopologyGuard::new(&config);
+    let (mut source, metrics) = connect(&config).await;
+    let publisher = Publisher::new(&config).await;
+    // The dead-letter exchange disappears under the running source.
+    publisher
+        .channel
+        .exchange_delete(
+            config.dead_letter_exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let good = location(52.8);
+    let bad = location(91.0);
+    publisher
+        .publish_json("location.updated", &json!([good.clone(), bad.clone()]))
+        .await;
+
+    // Settling the delivery publishes the refused element to an exchange that is gone: the
+    // broker closes the dead-letter channel (404 NOT_FOUND), the source replaces the
+    // connection, and nothing is acknowledged.
+    let batch = next(&mut source, &policy(100, 50)).await;
+    assert_eq!(batch.ack.generation(), 1);
+    assert_eq!(batch.ack.deliveries(), 1);
+    assert_eq!(
+        batch.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        vec![id_of(&good)]
+    );
+    let settled_at = Instant::now();
+    source.ack(batch.ack, Vec::new()).await.unwrap();
+    reconnected(
+        &metrics,
+        1,
+        settled_at,
+        "the broker closed the dead-letter channel",
+    )
+    .await;
+    assert_eq!(metrics.events_dead_lettered("coordinate_out_of_range"), 0);
+    assert_eq!(
+        metrics.events_rejected("coordinate_out_of_range"),
+        0,
+        "not settled"
+    );
+
+    // It comes back; the reconnection declared the exchange and its binding again, so the
+    // dead letter now lands in the dead-letter queue, once.
+    let seen = drain_generation(&mut source, 2, 1).await;
+    assert_eq!(seen, BTreeSet::from([id_of(&good)]));
+    let letters = dead_letters(&config, 1).await;
+    assert_eq!(
+        letters[0].text(HEADER_REASON).as_deref(),
+        Some("coordinate_out_of_range")
+    );
+    assert_eq!(letters[0].int(HEADER_INDEX), Some(1));
+    assert_eq!(letters[0].json(), bad);
+    assert_eq!(metrics.events_dead_lettered("coordinate_out_of_range"), 1);
+    assert_eq!(metrics.events_rejected("coordinate_out_of_range"), 1);
+    assert_eq!(metrics.reconnects(), 1);
+    nothing_more(&mut source).await;
+    close_with_nothing_unacknowledged(source, &publisher, &config.queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_is_noticed_while_the_pipeline_is_not_reading() {
+    let Some(ctl) = rabbitmqctl("a_loss_is_noticed_while_the_pipeline_is_not_reading") else {
+        return;
+    };
+    let config = RabbitConfig {
+        prefetch: 10,
+        ..unique_config("not-reading")
+    };
+    let _cleanup = TopologyGuard::new(&config);
+    let (mut source, metrics) = connect(&config).await;
+    let mut health = source.health();
+    let publisher = Publisher::new(&config).await;
+    let events: Vec<Value> = (0..10).map(|_| zone_deleted()).collect();
+    for event in &events {
+        publisher.publish_json("zone.deleted", event).await;
+    }
+    // The pipeline is stalled (its sinks hold it back) and does not read: the connection
+    // task hands the prefetch over to the source and waits.
+    let deadline = Instant::now() + PATIENCE;
+    while source.in_flight() < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "{} in flight",
+            source.in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A first close: the ten come back on a new channel while the ten of the closed one
+    // still wait to be read, so the connection task has no room to hand them over.
+    let first = connection_named(&ctl, &config.connection_name).await;
+    let closed_at = Instant::now();
+    ctl.close_connection(&first, "closed by the test")
+        .await
+        .unwrap();
+    reconnected(&metrics, 1, closed_at, "the first close").await;
+    publisher.wait_ready(&config.queue, 0).await;
+    let second = connection_named(&ctl, &config.connection_name).await;
+    assert_ne!(first, second);
+
+    // A second close while it waits for room: noticed all the same, and reported.
+    let closed_at = Instant::now();
+    ctl.close_connection(&second, "closed by the test")
+        .await
+        .unwrap();
+    reconnected(
+        &metrics,
+        2,
+        closed_at,
+        "a close while the source is not reading",
+    )
+    .await;
+    timeout(PATIENCE, health.wait_for(|h| *h == SourceHealth::Connected))
+        .await
+        .expect("the source is connected again")
+        .unwrap();
+
+    // Reading again: every event, acknowledged on the third channel.
+    let seen = drain_generation(&mut source, 3, 10).await;
+    assert_eq!(seen, events.iter().map(id_of).collect());
+    nothing_more(&mut source).await;
+    assert_eq!(source.in_flight(), 0);
+    assert_eq!(metrics.reconnects(), 2);
+    close_with_nothing_unacknowledged(source, &publisher, &config.queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,15 @@
 //! per channel, so an ack token of an older generation means nothing on the new channel:
 //! the source drops it, and the broker redelivers what that channel left unacknowledged.
 //!
+//! A loss is noticed three ways: the consumer stream reports the error of its channel or
+//! connection (a broker restart, `rabbitmqctl close_connection`, a channel the broker closed
+//! over a protocol error); the stream ends (the broker cancelled the consumer, as when the
+//! queue is deleted); or, every [`LINK_CHECK`], the connection or either channel is found
+//! no longer open. The last covers what the stream cannot report: the dead-letter channel
+//! closed while idle, and a loss while the task waits for room to hand a delivery over
+//! (the pipeline not reading under backpressure, with deliveries of an older channel
+//! still queued), so that `/readyz` says so within about a second.
+//!
 //! The task ends when the source is dropped (its receiver closes): it then closes the
 //! connection cleanly.
 
@@ -28,6 +37,10 @@ use super::topology::declare_topology;
 /// AMQP reply code of a normal close.
 const REPLY_SUCCESS: u16 = 200;
 
+/// How often the connection task checks that the connection and both channels are still
+/// open, besides what the consumer stream reports.
+pub(crate) const LINK_CHECK: Duration = Duration::from_secs(1);
+
 /// One live connection with its two channels.
 #[derive(Debug)]
 pub(crate) struct Link {
@@ -43,6 +56,21 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// Why the link is no longer usable, if it is not: the connection or a channel is no
+    /// longer open (closed by the broker, by a protocol error, or by the source itself after
+    /// a failed acknowledgement).
+    pub(crate) fn lost(&self) -> Option<&'static str> {
+        if !self.connection.status().connected() {
+            Some("the RabbitMQ connection was closed")
+        } else if !self.consume.status().connected() {
+            Some("the broker closed the consuming channel")
+        } else if !self.publish.status().connected() {
+            Some("the broker closed the dead-letter channel")
+        } else {
+            None
+        }
+    }
+
     /// Closes the connection (and so its channels) with a normal reply, within `timeout`.
     pub(crate) async fn close(&self, reason: &str, timeout: Duration) {
         let closing = self.connection.close(REPLY_SUCCESS, reason.into());
@@ -268,32 +296,60 @@ impl LinkTask {
     }
 
     /// Forwards deliveries until the link is lost (`Some(cause)`) or the source is dropped
-    /// (`None`).
+    /// (`None`). Waiting for the next delivery or for room to hand one over, it checks the
+    /// link every [`LINK_CHECK`], so a loss is noticed while the source is not reading too.
     async fn forward(&self, link: &Link, consumer: &mut Consumer) -> Option<String> {
+        let mut check = tokio::time::interval(LINK_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = tokio::select! {
                 () = self.deliveries.closed() => return None,
                 next = consumer.next() => next,
+                _ = check.tick() => match link.lost() {
+                    Some(cause) => return Some(cause.to_owned()),
+                    None => continue,
+                },
             };
-            match next {
-                Some(Ok(delivery)) => {
-                    let in_flight = {
-                        let mut shared = lock(&self.shared);
-                        shared.in_flight += 1;
-                        shared.in_flight
-                    };
-                    self.metrics.set_in_flight(in_flight);
-                    let incoming = Incoming {
-                        generation: link.generation,
-                        delivery,
-                    };
-                    if self.deliveries.send(incoming).await.is_err() {
-                        return None;
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => return Some(error.to_string()),
+                // The stream ends without an error when the connection or channel is closed
+                // normally, or when the broker cancels the consumer (its queue was deleted).
+                None => {
+                    return Some(
+                        link.lost()
+                            .unwrap_or("the broker cancelled the consumer")
+                            .to_owned(),
+                    );
+                }
+            };
+            // The channel to the source holds as many deliveries as the prefetch; it is full
+            // only when deliveries of a lost channel are still queued and the source is not
+            // reading. Wait for room, but keep watching the link meanwhile: a delivery given
+            // up here is redelivered on the next channel.
+            let permit = loop {
+                tokio::select! {
+                    permit = self.deliveries.reserve() => match permit {
+                        Ok(permit) => break permit,
+                        Err(_closed) => return None,
+                    },
+                    _ = check.tick() => {
+                        if let Some(cause) = link.lost() {
+                            return Some(cause.to_owned());
+                        }
                     }
                 }
-                Some(Err(error)) => return Some(error.to_string()),
-                None => return Some("the broker cancelled the consumer".to_owned()),
-            }
+            };
+            let in_flight = {
+                let mut shared = lock(&self.shared);
+                shared.in_flight += 1;
+                shared.in_flight
+            };
+            self.metrics.set_in_flight(in_flight);
+            permit.send(Incoming {
+                generation: link.generation,
+                delivery,
+            });
         }
     }
 

@@ -10,6 +10,8 @@
 //! - [`dead_letter`]: the dead-letter headers and publishing with confirms.
 //! - [`metrics`]: [`IngestMetrics`], the Prometheus counters.
 //! - [`publisher`]: [`CommandPublisher`], the API's commands published with confirms.
+//! - `rabbitmqctl` (feature `test-support`): the broker's tool, for tests that make the
+//!   broker close the source's own connection, found by its name.
 
 mod batch;
 pub mod config;
@@ -17,6 +19,8 @@ pub mod dead_letter;
 mod link;
 pub mod metrics;
 pub mod publisher;
+#[cfg(feature = "test-support")]
+pub mod rabbitmqctl;
 pub mod source;
 pub mod topology;
 

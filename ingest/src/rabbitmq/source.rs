@@ -193,8 +193,10 @@ impl RabbitSource {
             generation,
             delivery,
         } = incoming;
-        if generation < self.gathering.generation() {
-            // Delivered on a channel that is gone; the broker redelivers it.
+        if generation < self.gathering.generation() || generation < self.current_generation() {
+            // Delivered on a channel that is gone (queued for this source before the loss
+            // was noticed); the broker redelivers it on the current one. Handing it out
+            // would only make the pipeline do it twice.
             return;
         }
         if generation > self.gathering.generation() {
@@ -309,6 +311,13 @@ impl RabbitSource {
         /// Deliveries taken from the link task at once.
         const RECEIVE_AT_ONCE: usize = 256;
         loop {
+            let current = self.current_generation();
+            if current > self.gathering.generation() {
+                // What was gathered came on a channel that is gone: the broker redelivers it
+                // on the current one.
+                self.gathering.reset(current);
+                self.started = None;
+            }
             let deadline = match self.started {
                 Some(started) if !self.gathering.is_empty() => {
                     let deadline = started + policy.max_wait;
@@ -352,6 +361,14 @@ impl RabbitSource {
         for reason in reasons {
             self.metrics.event_rejected(reason);
         }
+    }
+
+    /// The generation of the current link; 0 while reconnecting.
+    fn current_generation(&self) -> u64 {
+        link::lock(&self.shared)
+            .link
+            .as_ref()
+            .map_or(0, |link| link.generation)
     }
 
     /// The link of `generation`, if it is still the current one.
