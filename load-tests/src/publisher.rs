@@ -90,8 +90,14 @@ impl Publisher {
         let mut rest = events;
         while let Some(first) = rest.first() {
             let kind = first.kind();
-            let same_kind = rest.iter().take_while(|e| e.kind() == kind).count();
-            let (chunk, tail) = rest.split_at(same_kind.min(batch.max(1)));
+            // The next chunk: up to `batch` events of the first one's kind (the scan stops
+            // there, so publishing stays linear in the number of events).
+            let size = rest
+                .iter()
+                .take(batch.max(1))
+                .take_while(|e| e.kind() == kind)
+                .count();
+            let (chunk, tail) = rest.split_at(size);
             rest = tail;
             let payload = if batch <= 1 {
                 serde_json::to_vec(&encode_event(first))?
