@@ -12,7 +12,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -24,7 +23,6 @@ use delivertrack_load_tests::Publisher;
 use serde_json::Value;
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::{Instant, sleep, timeout};
 use uuid::Uuid;
 
@@ -131,18 +129,7 @@ async fn every_dashboard_expression_is_valid_and_returns_series() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(service.stdout.take().unwrap()).lines();
-    let banner = timeout(PATIENCE, stdout.next_line())
-        .await
-        .expect("the service starts")
-        .unwrap()
-        .expect("a banner");
-    let addr: SocketAddr = banner
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {banner:?}"));
+    let addr = support::banner_address(&mut service, PATIENCE).await;
 
     // Prometheus, scraping it every second.
     let dir = std::env::temp_dir().join(format!("dt-prometheus-{}", Uuid::new_v4().simple()));

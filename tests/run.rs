@@ -28,7 +28,6 @@ use delivertrack_sinks::{Sink, SinkFuture};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::AMQPValue;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -1024,18 +1023,7 @@ async fn spawn_binary(config: &RabbitConfig, args: &[&str]) -> (tokio::process::
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let banner = timeout(PATIENCE, stdout.next_line())
-        .await
-        .expect("the banner within the bound")
-        .unwrap()
-        .expect("a banner line");
-    let addr: SocketAddr = banner
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {banner:?}"));
+    let addr = support::banner_address(&mut child, PATIENCE).await;
     (child, addr)
 }
 

@@ -738,45 +738,53 @@ fn a_full_lifecycle_touches_every_collection() {
     check_every_restore_point(&epochs, 2);
 }
 
-#[test]
-fn a_late_cancellation_retracts_the_delivery_and_every_aggregate_it_touched() {
-    use Op::*;
-    use delivertrack_dataflow::model::Scope;
-    let s = |op| Step {
-        op,
-        advance: 8,
-        lag: 0,
-    };
-    let advance = || Advance {
+/// Two seconds apart, one step each: delivery 0 created at 2 s (promised for 52 s when
+/// `promised`), assigned at 4 s, picked up at 6 s, in transit at 8 s, delivered at 10 s;
+/// then `rest`.
+fn delivered_at_ten_seconds(promised: bool, rest: Vec<Op>) -> Vec<Step> {
+    let advance = || Op::Advance {
         delivery: 0,
         courier: 0,
         ending: 5,
     };
-    // Created at 2 s, assigned 4 s, picked up 6 s, in transit 8 s, delivered 10 s, rated 12 s;
-    // then, in the next epoch (clock 16 s), a `cancelled` stamped 9 s arrives.
-    let steps = vec![
-        s(Create {
-            delivery: 0,
-            customer: 0,
-            pickup: (1, 1),
-            dropoff: (3, 3),
-            promise: Some(200),
-        }),
-        s(advance()),
-        s(advance()),
-        s(advance()),
-        s(advance()),
-        s(Rate {
-            delivery: 0,
-            score: 5,
-        }),
-        s(Cut),
-        s(Late {
-            delivery: 0,
-            status: 0,
-            back: 7,
-        }),
-    ];
+    let create = Op::Create {
+        delivery: 0,
+        customer: 0,
+        pickup: (1, 1),
+        dropoff: (3, 3),
+        promise: promised.then_some(200),
+    };
+    [create, advance(), advance(), advance(), advance()]
+        .into_iter()
+        .chain(rest)
+        .map(|op| Step {
+            op,
+            advance: 8,
+            lag: 0,
+        })
+        .collect()
+}
+
+#[test]
+fn a_late_cancellation_retracts_the_delivery_and_every_aggregate_it_touched() {
+    use Op::*;
+    use delivertrack_dataflow::model::Scope;
+    // Rated at 12 s; then, in the next epoch (clock 16 s), a `cancelled` stamped 9 s arrives.
+    let steps = delivered_at_ten_seconds(
+        true,
+        vec![
+            Rate {
+                delivery: 0,
+                score: 5,
+            },
+            Cut,
+            Late {
+                delivery: 0,
+                status: 0,
+                back: 7,
+            },
+        ],
+    );
     let epochs = build(&steps);
     let history = run(&epochs, 2, None);
     let delivery = |states: &BTreeSet<Change>| {
@@ -854,37 +862,19 @@ fn a_late_cancellation_retracts_the_delivery_and_every_aggregate_it_touched() {
 #[test]
 fn a_late_step_that_does_not_follow_where_it_stands_is_refused() {
     use Op::*;
-    let s = |op| Step {
-        op,
-        advance: 8,
-        lag: 0,
-    };
-    let advance = || Advance {
-        delivery: 0,
-        courier: 0,
-        ending: 5,
-    };
-    // Delivered at 10 s; in the next epoch (clock 14 s) an `in_transit` stamped 9 s arrives:
-    // after the one at 8 s it is no transition.
-    let steps = vec![
-        s(Create {
-            delivery: 0,
-            customer: 0,
-            pickup: (1, 1),
-            dropoff: (3, 3),
-            promise: None,
-        }),
-        s(advance()),
-        s(advance()),
-        s(advance()),
-        s(advance()),
-        s(Cut),
-        s(Late {
-            delivery: 0,
-            status: 4,
-            back: 5,
-        }),
-    ];
+    // In the next epoch (clock 14 s) an `in_transit` stamped 9 s arrives: after the one at
+    // 8 s it is no transition.
+    let steps = delivered_at_ten_seconds(
+        false,
+        vec![
+            Cut,
+            Late {
+                delivery: 0,
+                status: 4,
+                back: 5,
+            },
+        ],
+    );
     let epochs = build(&steps);
     let history = run(&epochs, 1, None);
     assert_eq!(history.rejections[1].len(), 1);

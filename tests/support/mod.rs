@@ -184,3 +184,21 @@ where
         sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Reads the banner (the first line on stdout) of a spawned `delivertrack` binary, within
+/// `patience`, and returns the address it says it listens on.
+pub async fn banner_address(child: &mut tokio::process::Child, patience: Duration) -> SocketAddr {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let stdout = child.stdout.take().expect("the binary's stdout is piped");
+    let banner = tokio::time::timeout(patience, BufReader::new(stdout).lines().next_line())
+        .await
+        .expect("the banner within the bound")
+        .expect("stdout is readable")
+        .expect("a banner line");
+    banner
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in the banner {banner:?}"))
+}
