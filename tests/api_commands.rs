@@ -176,6 +176,19 @@ impl Running {
         answer(request.send().await.unwrap()).await
     }
 
+    /// `POST /deliveries` of [`new_delivery`] for `customer` with `token`.
+    async fn create_delivery(&self, token: &str, customer: Option<Uuid>) -> Answer {
+        let body = new_delivery(customer);
+        self.call(Method::POST, "/deliveries", Some(token), Some(body))
+            .await
+    }
+
+    /// `PUT /deliveries/{delivery}/status` with `body` and `token`.
+    async fn set_status(&self, token: &str, delivery: Uuid, body: Value) -> Answer {
+        let path = format!("/deliveries/{delivery}/status");
+        self.call(Method::PUT, &path, Some(token), Some(body)).await
+    }
+
     /// A request with raw headers and body bytes.
     async fn raw(
         &self,
@@ -426,22 +439,10 @@ async fn the_role_and_ownership_matrix() {
 
     // POST /deliveries: a customer for themselves, an admin for anyone, a courier never.
     running
-        .call(
-            Method::POST,
-            "/deliveries",
-            Some(&admin),
-            Some(new_delivery(None)),
-        )
+        .create_delivery(&admin, None)
         .await
         .assert_error(400, "missing_field");
-    let created = running
-        .call(
-            Method::POST,
-            "/deliveries",
-            Some(&admin),
-            Some(new_delivery(Some(c1))),
-        )
-        .await;
+    let created = running.create_delivery(&admin, Some(c1)).await;
     assert_eq!(created.status, 201, "{created:?}");
     assert_eq!(created.body["status"], "created");
     assert_eq!(created.body["customer_id"], json!(c1));
@@ -450,36 +451,17 @@ async fn the_role_and_ownership_matrix() {
         created.headers.get("location").unwrap(),
         &format!("/api/deliveries/{d1}")
     );
-    let d2_answer = running
-        .call(
-            Method::POST,
-            "/deliveries",
-            Some(&customer2),
-            Some(new_delivery(None)),
-        )
-        .await;
+    let d2_answer = running.create_delivery(&customer2, None).await;
     assert_eq!(
         (d2_answer.status, &d2_answer.body["customer_id"]),
         (201, &json!(c2))
     );
     let d2 = id_of(&d2_answer);
     running
-        .call(
-            Method::POST,
-            "/deliveries",
-            Some(&customer1),
-            Some(new_delivery(Some(c2))),
-        )
+        .create_delivery(&customer1, Some(c2))
         .await
         .assert_error(403, "forbidden");
-    let d3_answer = running
-        .call(
-            Method::POST,
-            "/deliveries",
-            Some(&customer1),
-            Some(new_delivery(Some(c1))),
-        )
-        .await;
+    let d3_answer = running.create_delivery(&customer1, Some(c1)).await;
     assert_eq!(d3_answer.status, 201, "{d3_answer:?}");
     let d3 = id_of(&d3_answer);
 
@@ -715,14 +697,7 @@ async fn bad_input_is_a_4xx_with_a_stable_code_never_a_500() {
     let admin = token(Role::Admin, Uuid::new_v4());
     let courier = Uuid::new_v4();
     let courier_token = token(Role::Courier, courier);
-    let created = running
-        .call(
-            Method::POST,
-            "/deliveries",
-            Some(&admin),
-            Some(new_delivery(Some(Uuid::new_v4()))),
-        )
-        .await;
+    let created = running.create_delivery(&admin, Some(Uuid::new_v4())).await;
     assert_eq!(created.status, 201, "{created:?}");
     let delivery = id_of(&created);
     let zone = Uuid::new_v4();
@@ -1100,14 +1075,7 @@ async fn a_write_is_readable_at_once_and_a_status_change_travels_through_rabbitm
         let customer = Uuid::new_v4();
         let customer_token = token(Role::Customer, customer);
         let started = Instant::now();
-        let created = running
-            .call(
-                Method::POST,
-                "/deliveries",
-                Some(&customer_token),
-                Some(new_delivery(None)),
-            )
-            .await;
+        let created = running.create_delivery(&customer_token, None).await;
         latencies.push(started.elapsed());
         assert_eq!(created.status, 201, "{created:?}");
         assert_eq!(created.body["status"], "created");
@@ -1135,11 +1103,10 @@ async fn a_write_is_readable_at_once_and_a_status_change_travels_through_rabbitm
         );
 
         let assigned = running
-            .call(
-                Method::PUT,
-                &format!("/deliveries/{id}/status"),
-                Some(&admin),
-                Some(json!({"status": "assigned", "courier_id": courier})),
+            .set_status(
+                &admin,
+                id,
+                json!({"status": "assigned", "courier_id": courier}),
             )
             .await;
         assert_eq!(assigned.status, 200, "{assigned:?}");
@@ -1194,14 +1161,7 @@ async fn a_broker_that_cannot_confirm_is_a_503_and_commands_resume_after_it() {
     };
     let running = Running::start(run_config(via_proxy)).await;
     let admin = token(Role::Admin, Uuid::new_v4());
-    let create = || {
-        running.call(
-            Method::POST,
-            "/deliveries",
-            Some(&admin),
-            Some(new_delivery(Some(Uuid::new_v4()))),
-        )
-    };
+    let create = || running.create_delivery(&admin, Some(Uuid::new_v4()));
     assert_eq!(create().await.status, 201);
 
     proxy.cut();
@@ -1263,23 +1223,11 @@ async fn commands_reach_postgres_and_redis_through_the_pipeline() {
     let customer = Uuid::new_v4();
     let customer_token = token(Role::Customer, customer);
     let courier = Uuid::new_v4();
-    let created = running
-        .call(
-            Method::POST,
-            "/deliveries",
-            Some(&customer_token),
-            Some(new_delivery(None)),
-        )
-        .await;
+    let created = running.create_delivery(&customer_token, None).await;
     assert_eq!(created.status, 201, "{created:?}");
     let id = id_of(&created);
     let cancelled = running
-        .call(
-            Method::PUT,
-            &format!("/deliveries/{id}/status"),
-            Some(&customer_token),
-            Some(json!({"status": "cancelled"})),
-        )
+        .set_status(&customer_token, id, json!({"status": "cancelled"}))
         .await;
     assert_eq!(cancelled.status, 200, "{cancelled:?}");
     let fix = running
@@ -1608,14 +1556,7 @@ async fn a_tracker_sees_the_courier_move_and_the_eta_change_after_post_locations
     );
     let admin_token = token(Role::Admin, admin);
 
-    let created = running
-        .call(
-            Method::POST,
-            "/deliveries",
-            Some(&customer_token),
-            Some(new_delivery(None)),
-        )
-        .await;
+    let created = running.create_delivery(&customer_token, None).await;
     assert_eq!(created.status, 201, "{created:?}");
     let delivery = id_of(&created);
     let first_fix = running
@@ -1628,11 +1569,10 @@ async fn a_tracker_sees_the_courier_move_and_the_eta_change_after_post_locations
         .await;
     assert_eq!(first_fix.status, 201, "{first_fix:?}");
     let assigned = running
-        .call(
-            Method::PUT,
-            &format!("/deliveries/{delivery}/status"),
-            Some(&admin_token),
-            Some(json!({"status": "assigned", "courier_id": courier})),
+        .set_status(
+            &admin_token,
+            delivery,
+            json!({"status": "assigned", "courier_id": courier}),
         )
         .await;
     assert_eq!(assigned.status, 200, "{assigned:?}");
@@ -1728,24 +1668,10 @@ async fn each_rate_limit_is_a_429_with_retry_after_shared_through_redis() {
 
     // Delivery creation: 2 per hour per customer.
     for _ in 0..2 {
-        let created = running
-            .call(
-                Method::POST,
-                "/deliveries",
-                Some(&customer),
-                Some(new_delivery(None)),
-            )
-            .await;
+        let created = running.create_delivery(&customer, None).await;
         assert_eq!(created.status, 201, "{created:?}");
     }
-    let third = running
-        .call(
-            Method::POST,
-            "/deliveries",
-            Some(&customer),
-            Some(new_delivery(None)),
-        )
-        .await;
+    let third = running.create_delivery(&customer, None).await;
     third.assert_error(429, "rate_limited");
     let retry: u64 = third.headers["retry-after"]
         .to_str()
@@ -1755,14 +1681,7 @@ async fn each_rate_limit_is_a_429_with_retry_after_shared_through_redis() {
     assert!((60..=1800).contains(&retry), "retry after {retry} s");
     // Another customer is not limited by the first one's use.
     let other = token(Role::Customer, Uuid::new_v4());
-    let created = running
-        .call(
-            Method::POST,
-            "/deliveries",
-            Some(&other),
-            Some(new_delivery(None)),
-        )
-        .await;
+    let created = running.create_delivery(&other, None).await;
     assert_eq!(created.status, 201, "{created:?}");
 
     // Location updates: one per second per courier.

@@ -592,21 +592,8 @@ async fn start_in_process(config: RunConfig) -> Running {
 
 /// The value of one series of the pipeline's `/metrics` (0 when absent).
 async fn metric(client: &reqwest::Client, addr: SocketAddr, series: &str) -> f64 {
-    let text = client
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+    let series_now = support::scrape(client, &format!("http://{addr}/metrics")).await;
+    series_now.get(series).copied().unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

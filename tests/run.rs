@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use delivertrack::{DriveReport, PipelineConfig, RunConfig, RunHooks, run_pipeline_on};
 use delivertrack_dataflow::{CourierId, EpochOutput, Event, EventBody};
@@ -23,6 +23,7 @@ use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_ingest::rabbitmq::dead_letter::{HEADER_REASON, HEADER_ROUTING_KEY, HEADER_STAGE};
 use delivertrack_ingest::rabbitmq::rabbitmqctl::Rabbitmqctl;
 use delivertrack_ingest::testing::{TcpProxy, TopologyGuard, broker_addr, unique_config, url_via};
+use delivertrack_load_tests::Publisher;
 use delivertrack_load_tests::fleet::location_events;
 use delivertrack_sinks::{Sink, SinkFuture};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -33,7 +34,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
-use support::{Database, eventually, publisher, ready_messages};
+use support::{Database, eventually, now_ms, publisher, ready_messages, scrape};
 
 /// How long any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -119,16 +120,22 @@ async fn metrics(client: &reqwest::Client, running: &Running) -> BTreeMap<String
     scrape(client, &running.url("/metrics")).await
 }
 
-/// One sample of the metrics at `url`, by series.
-async fn scrape(client: &reqwest::Client, url: &str) -> BTreeMap<String, f64> {
-    let text = client.get(url).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
+/// Waits until `queue` is empty and nothing is in flight: everything the pipeline read was
+/// committed and acknowledged.
+async fn all_acknowledged(
+    client: &reqwest::Client,
+    running: &Running,
+    publisher: &Publisher,
+    queue: &str,
+    what: &str,
+) {
+    eventually(what, PATIENCE, || async {
+        let series = metrics(client, running).await;
+        let in_flight = series.get("delivertrack_messages_in_flight").copied();
+        let ready = ready_messages(publisher, queue).await;
+        (ready == 0 && in_flight == Some(0.0)).then_some(())
+    })
+    .await;
 }
 
 /// `delivertrack_events_rejected_total`, every reason together.
@@ -138,16 +145,6 @@ fn rejected(series: &BTreeMap<String, f64>) -> f64 {
         .filter(|(name, _)| name.starts_with("delivertrack_events_rejected_total"))
         .map(|(_, value)| value)
         .sum()
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -306,12 +303,13 @@ async fn every_valid_event_reaches_the_read_model_and_is_acknowledged() {
     let all: Vec<Event> = singles.iter().chain(&arrays).cloned().collect();
     wait_for_state(&client, &running, &expected(&all)).await;
 
-    eventually("every message is acknowledged", PATIENCE, || async {
-        let series = metrics(&client, &running).await;
-        let in_flight = series.get("delivertrack_messages_in_flight").copied();
-        let ready = ready_messages(&publisher, &config.queue).await;
-        (ready == 0 && in_flight == Some(0.0)).then_some(())
-    })
+    all_acknowledged(
+        &client,
+        &running,
+        &publisher,
+        &config.queue,
+        "every message is acknowledged",
+    )
     .await;
     let series = metrics(&client, &running).await;
     assert_eq!(
@@ -529,11 +527,13 @@ async fn a_stalled_sink_bounds_in_flight_deliveries_to_the_prefetch() {
 
     gate.send_replace(true);
     wait_for_state(&client, &running, &expected(&events)).await;
-    eventually("everything is acknowledged", PATIENCE, || async {
-        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
-        let ready = ready_messages(&publisher, &config.queue).await;
-        (in_flight == 0.0 && ready == 0).then_some(())
-    })
+    all_acknowledged(
+        &client,
+        &running,
+        &publisher,
+        &config.queue,
+        "everything is acknowledged",
+    )
     .await;
     let report = running.stop().await;
     assert_eq!(report.events, MESSAGES as u64);
@@ -694,11 +694,13 @@ async fn cutting_the_connection_mid_stream_loses_nothing() {
     .await;
     let all: Vec<Event> = first.iter().chain(&second).cloned().collect();
     wait_for_state(&client, &running, &expected(&all)).await;
-    eventually("everything is acknowledged", PATIENCE, || async {
-        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
-        let ready = ready_messages(&publisher, &direct.queue).await;
-        (in_flight == 0.0 && ready == 0).then_some(())
-    })
+    all_acknowledged(
+        &client,
+        &running,
+        &publisher,
+        &direct.queue,
+        "everything is acknowledged",
+    )
     .await;
     let series = metrics(&client, &running).await;
     assert!(series["delivertrack_source_reconnects_total"] >= 1.0);
@@ -791,11 +793,13 @@ async fn the_broker_closing_the_connection_mid_stream_loses_nothing_and_doubles_
     // every fix applied once, although the deliveries in flight at the close came back.
     let all: Vec<Event> = first.iter().chain(&second).cloned().collect();
     wait_for_state(&client, &running, &expected(&all)).await;
-    eventually("everything is acknowledged", PATIENCE, || async {
-        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
-        let ready = ready_messages(&publisher, &config.queue).await;
-        (in_flight == 0.0 && ready == 0).then_some(())
-    })
+    all_acknowledged(
+        &client,
+        &running,
+        &publisher,
+        &config.queue,
+        "everything is acknowledged",
+    )
     .await;
     let series = metrics(&client, &running).await;
     let source_series: BTreeMap<&String, &f64> = series
@@ -986,11 +990,13 @@ async fn the_binary_commits_and_acknowledges_its_open_epoch_on_sigterm() {
         .await
         .unwrap();
     wait_for_state(&client, &running, &expected(&marker)).await;
-    eventually("the marker is acknowledged", PATIENCE, || async {
-        let in_flight = metrics(&client, &running).await["delivertrack_messages_in_flight"];
-        let ready = ready_messages(&publisher, &config.queue).await;
-        (in_flight == 0.0 && ready == 0).then_some(())
-    })
+    all_acknowledged(
+        &client,
+        &running,
+        &publisher,
+        &config.queue,
+        "the marker is acknowledged",
+    )
     .await;
     let series = metrics(&client, &running).await;
     assert_eq!(

@@ -10,8 +10,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -116,6 +117,22 @@ impl Drop for TopologyGuard {
             });
         let _ = deleting.join();
     }
+}
+
+/// Messages ready in `queue`, not counting delivered and unacknowledged ones (a passive
+/// declare on `channel`).
+///
+/// # Errors
+/// The queue does not exist, or the channel failed.
+pub async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u32> {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = channel
+        .queue_declare(queue.into(), options, FieldTable::default())
+        .await?;
+    Ok(queue.message_count())
 }
 
 /// The socket address of the broker in `url` (default port 5672), resolved.

@@ -24,7 +24,9 @@ use delivertrack_ingest::rabbitmq::dead_letter::{
     HEADER_ROUTING_KEY, HEADER_STAGE,
 };
 use delivertrack_ingest::rabbitmq::rabbitmqctl::Rabbitmqctl;
-use delivertrack_ingest::testing::{TcpProxy, TopologyGuard, broker_addr, unique_config, url_via};
+use delivertrack_ingest::testing::{
+    TcpProxy, TopologyGuard, broker_addr, ready_messages, unique_config, url_via,
+};
 use delivertrack_ingest::{
     EpochPolicy, IngestMetrics, RabbitAck, RabbitConfig, RabbitSource, Source, SourceBatch,
     SourceError, SourceHealth,
@@ -32,7 +34,6 @@ use delivertrack_ingest::{
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -105,18 +106,7 @@ impl Publisher {
 
     /// Messages ready (not delivered) in `queue`.
     async fn ready(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
+        ready_messages(&self.channel, queue).await.unwrap()
     }
 
     /// Waits until `queue` holds exactly `count` ready messages.

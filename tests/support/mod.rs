@@ -6,14 +6,13 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use delivertrack_ingest::rabbitmq::{RabbitConfig, declare_topology};
 use delivertrack_load_tests::Publisher;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use tokio::time::{Instant, sleep};
 
 use sqlx::Connection;
@@ -154,19 +153,9 @@ pub async fn publisher(config: &RabbitConfig) -> Publisher {
 
 /// Ready messages in `queue` (a passive declare: unacknowledged ones are not counted).
 pub async fn ready_messages(publisher: &Publisher, queue: &str) -> u32 {
-    publisher
-        .channel()
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    delivertrack_ingest::testing::ready_messages(publisher.channel(), queue)
         .await
         .unwrap()
-        .message_count()
 }
 
 /// Polls `probe` every 50 ms until it returns `Some`, failing after `patience` with `what`.
@@ -201,4 +190,16 @@ pub async fn banner_address(child: &mut tokio::process::Child, patience: Duratio
         .and_then(|rest| rest.split('/').next())
         .and_then(|addr| addr.parse().ok())
         .unwrap_or_else(|| panic!("no address in the banner {banner:?}"))
+}
+
+/// One sample of the metrics at `url`, by series.
+pub async fn scrape(client: &reqwest::Client, url: &str) -> BTreeMap<String, f64> {
+    let text = client.get(url).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
 }
