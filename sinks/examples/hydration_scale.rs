@@ -25,6 +25,8 @@
 //!     --deliveries 1000000 --couriers 100000 --zones 300
 //! ```
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
@@ -119,7 +121,7 @@ fn main() -> anyhow::Result<()> {
             && args.fixes_per_courier >= 1,
         "every count must be at least 1"
     );
-    println!("load average at start: {}", load_average());
+    println!("load average at start: {}", support::load_average());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -334,7 +336,10 @@ fn run(runtime: &Runtime, args: &Args, options: PgConnectOptions) -> anyhow::Res
          {got:?}, as in the tables"
     );
     drop(restored);
-    println!("load average after the measurements: {}", load_average());
+    println!(
+        "load average after the measurements: {}",
+        support::load_average()
+    );
 
     println!();
     println!("| step | wall s | CPU s of this process |");
@@ -1163,17 +1168,4 @@ fn peak_rss_kib() -> anyhow::Result<u64> {
         .find_map(|line| line.strip_prefix("VmHWM:"))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmHWM in /proc/self/status")
-}
-
-/// `/proc/loadavg`'s 1, 5 and 15 minute figures: the machine is shared, so every run says
-/// how busy it was.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|_| "unknown".to_owned())
 }

@@ -22,6 +22,8 @@
 //! Warnings go to stderr; `RUST_LOG` selects more (`RUST_LOG=sqlx::query=debug` shows every
 //! statement with its duration).
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -121,7 +123,7 @@ fn main() -> anyhow::Result<()> {
         bail!("an epoch size must be at least 1");
     }
 
-    println!("load average at start: {}", load_average());
+    println!("load average at start: {}", support::load_average());
     let started = Instant::now();
     let (events, simulated_ms) = stream(&args);
     println!(
@@ -180,7 +182,7 @@ fn main() -> anyhow::Result<()> {
     for (size, stats) in &results {
         println!("{}", stats.row(*size));
     }
-    println!("load average at end: {}", load_average());
+    println!("load average at end: {}", support::load_average());
     Ok(())
 }
 
@@ -553,17 +555,4 @@ impl<S: Subscriber> Layer<S> for Capture {
             _ => {}
         }
     }
-}
-
-/// `/proc/loadavg`'s 1, 5 and 15 minute figures: the machine is shared, so every run says
-/// how busy it was.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|_| "unknown".to_owned())
 }
