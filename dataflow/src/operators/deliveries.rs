@@ -84,10 +84,16 @@ impl Entry {
 
     /// The status the history has reached just before `step`.
     fn status_before(&self, step: &StatusStep) -> Status {
-        let place = self.steps.partition_point(|earlier| earlier < step);
-        let mut state = self.state.clone();
-        replay(&mut state, &self.steps[..place]);
-        state.status
+        self.steps
+            .iter()
+            .take_while(|earlier| *earlier < step)
+            .fold(Status::Created, |status, earlier| {
+                if status.can_become(earlier.status) {
+                    earlier.status
+                } else {
+                    status
+                }
+            })
     }
 }
 
