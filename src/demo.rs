@@ -86,7 +86,8 @@ pub fn banner(addr: SocketAddr, admin_token: &str) -> String {
          live changes:    ws://{addr}/ws/changes\n  \
          health:          http://{addr}/healthz\n  \
          admin token:     {admin_token}\n  \
-         (send it as `Authorization: Bearer <token>` to the write routes, e.g. POST /deliveries)\n\
+         (send it as `Authorization: Bearer <token>` to the write routes, e.g. POST /deliveries;\n   \
+         it is signed with a random 64-hex-digit secret of this process, not JWT_SECRET)\n\
          Press Ctrl-C to stop."
     )
 }

@@ -14,6 +14,7 @@
 //!   service.
 //! - [`run`] — [`run_pipeline`], the pipeline on RabbitMQ.
 //! - [`stores`] — [`open_stores`], the stores `run` writes, PostgreSQL's hydration first.
+//! - [`standby`] — what `run` serves while it waits for the writer lock (or starts).
 //! - [`migrate`] — [`run_migrations`], the PostgreSQL schema.
 //! - [`metrics`] — [`DriverMetrics`], the driver's Prometheus metrics.
 //! - [`telemetry`] — logging set-up.
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod run;
 pub mod service;
+pub mod standby;
 pub mod stores;
 pub mod telemetry;
 
@@ -36,4 +38,4 @@ pub use metrics::DriverMetrics;
 pub use migrate::run_migrations;
 pub use run::{RunConfig, RunHooks, Started, run_pipeline, run_pipeline_on};
 pub use service::{Companion, PipelineConfig, Service};
-pub use stores::{Stores, StoresConfig, open_stores};
+pub use stores::{Stores, StoresConfig, open_stores, open_stores_as};

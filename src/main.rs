@@ -47,15 +47,18 @@ enum Command {
 /// The API's token settings: `run` verifies with them, `token` signs with them.
 #[derive(Debug, clap::Args)]
 struct JwtArgs {
-    /// The HS256 secret of the API's tokens. Required: `run` refuses an empty one and the
-    /// README's sample `change-me` (see --insecure-dev-secret).
+    /// The HS256 secret of the API's tokens, at least 32 bytes. Required: `run` refuses an
+    /// empty one, a shorter one and the README's sample `change-me` (see
+    /// --insecure-dev-secret).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true, default_value = "")]
     jwt_secret: String,
-    /// The lifetime of a token `token` issues, seconds.
-    #[arg(long, env = "JWT_EXPIRY", default_value_t = 3600)]
-    jwt_expiry_secs: u64,
-    /// Accepts the README's sample secret `change-me`: for a developer's machine only.
-    #[arg(long)]
+    /// The lifetime of a token `token` issues: a duration with its unit (`24h`, `15m`,
+    /// `3600s`, `1h 30m`) or a bare number of seconds.
+    #[arg(long = "jwt-expiry", visible_alias = "jwt-expiry-secs", env = "JWT_EXPIRY", default_value = "1h", value_parser = parse_expiry)]
+    jwt_expiry: Duration,
+    /// Accepts a secret shorter than 32 bytes, and the README's sample `change-me`: for a
+    /// developer's machine only.
+    #[arg(long, env = "DELIVERTRACK_INSECURE_DEV_SECRET", value_parser = clap::builder::BoolishValueParser::new())]
     insecure_dev_secret: bool,
 }
 
@@ -63,9 +66,14 @@ impl JwtArgs {
     fn config(&self) -> AuthConfig {
         AuthConfig {
             secret: self.jwt_secret.clone(),
-            expiry: Duration::from_secs(self.jwt_expiry_secs),
+            expiry: self.jwt_expiry,
         }
     }
+}
+
+/// `JWT_EXPIRY`, as clap parses it ([`delivertrack::auth::parse_expiry`]).
+fn parse_expiry(text: &str) -> Result<Duration, String> {
+    delivertrack::auth::parse_expiry(text)
 }
 
 #[derive(Debug, clap::Args)]
@@ -218,8 +226,9 @@ struct DemoArgs {
 struct RunArgs {
     #[command(flatten)]
     pipeline: PipelineArgs,
-    /// The AMQP URI of RabbitMQ (it may hold a password: never shown in logs).
-    #[arg(long, env = "RABBITMQ_URL", hide_env_values = true, default_value_t = RabbitConfig::default().url)]
+    /// The AMQP URI of RabbitMQ (it may hold a password: never shown in logs). A path of a
+    /// lone `/` (`amqp://host:5672/`) is the default vhost `/`, as `%2f` would be.
+    #[arg(long, env = "RABBITMQ_URL", hide_env_values = true, default_value_t = RabbitConfig::default().url, value_parser = amqp_url)]
     rabbitmq_url: String,
     /// The topic exchange events are published to (routing key = the event's kind).
     #[arg(long, env = "DELIVERTRACK_EXCHANGE", default_value_t = RabbitConfig::default().exchange)]
@@ -361,6 +370,12 @@ impl StoreArgs {
             }),
         }
     }
+}
+
+/// `RABBITMQ_URL`, with a trailing `/` read as the default vhost
+/// ([`delivertrack_ingest::rabbitmq::normalize_url`]).
+fn amqp_url(text: &str) -> Result<String, String> {
+    Ok(delivertrack_ingest::rabbitmq::normalize_url(text))
 }
 
 /// A speed in m/s that an ETA can be computed with: finite, above 0, below 150.

@@ -18,6 +18,17 @@
 //! tokens with `JWT_SECRET` ([`RunConfig::auth`]): an empty secret, or the README's sample
 //! one without [`RunConfig::insecure_dev_secret`], stops the start before anything opens.
 //!
+//! One writer per database (rule 10): with PostgreSQL, the stores are opened under the
+//! database's writer lock ([`crate::stores`]). A second `run` on the same database waits
+//! there as a hot standby — before it hydrates or connects to RabbitMQ, so it holds no
+//! message — while a [standby server](crate::standby) answers `/healthz` `200` and
+//! `/readyz` `503 standby` on its address, and prints one line saying so. When the writer
+//! dies its session ends, PostgreSQL releases the lock, and the standby takes it within
+//! [`WRITER_LOCK_POLL`](crate::stores::WRITER_LOCK_POLL), hydrates and consumes. A writer
+//! that loses its lock (its connection is cut, or another process took over) stops
+//! without acknowledging what it did not commit and exits with an error: its epochs are
+//! fenced in PostgreSQL anyway ([`delivertrack_sinks::postgres::leader`]).
+//!
 //! Shutdown (rule 7): the source stops being read, the open epochs are computed, committed
 //! and acknowledged, then the API stops — all within [`RunConfig::shutdown_timeout`], after
 //! which the process gives up and leaves what is unacknowledged to be redelivered.
@@ -27,13 +38,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, anyhow};
 use delivertrack_api::{AuthConfig, Readiness, SourceStatus};
 use delivertrack_ingest::rabbitmq::{
     CommandPublisher, CommandPublisherConfig, IngestMetrics, RabbitConfig, RabbitSource,
     SourceHealth,
 };
 use delivertrack_sinks::Sink;
+use delivertrack_sinks::postgres::{LockWatch, WriterLock};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -41,8 +53,9 @@ use tokio::sync::{oneshot, watch};
 use crate::commands::RabbitCommands;
 use crate::driver::DriveReport;
 use crate::metrics::DriverMetrics;
-use crate::service::{PipelineConfig, Service};
-use crate::stores::{StoresConfig, open_stores};
+use crate::service::{Companion, PipelineConfig, Service};
+use crate::standby::{self, Phase};
+use crate::stores::{StoresConfig, open_stores_as};
 use delivertrack_api::{RateLimitConfig, RateLimiter};
 
 /// Everything `delivertrack run` can be told.
@@ -183,13 +196,35 @@ pub async fn run_pipeline_on(
 
     let mut shutdown = std::pin::pin!(shutdown);
     let speed_window = config.pipeline.driver_config().dataflow.speed_window;
-    let stores = tokio::select! {
-        opened = open_stores(&config.stores, speed_window, &driver_metrics) => opened?,
-        () = &mut shutdown => {
-            tracing::info!("Stopped while the stores were being opened.");
-            return Ok(DriveReport::default());
-        }
+    // Until the API serves, a standby server answers on the same socket (a second handle
+    // on it): `/healthz` 200, `/readyz` 503 `starting` or `standby`.
+    let listener = listener
+        .into_std()
+        .context("the listener cannot be shared with the standby server")?;
+    let (phase_tx, phase_rx) = watch::channel(Phase::Starting);
+    let standby_server = standby::serve(
+        TcpListener::from_std(
+            listener
+                .try_clone()
+                .context("the listener cannot be shared with the standby server")?,
+        )
+        .context("the standby server cannot listen")?,
+        phase_rx.clone(),
+    );
+    let announce_standby = tokio::spawn(announce_standby(addr, phase_rx));
+    let holder = writer_name(addr);
+    let opened = tokio::select! {
+        opened = open_stores_as(&config.stores, speed_window, &driver_metrics, &holder, &phase_tx) => Some(opened),
+        () = &mut shutdown => None,
     };
+    announce_standby.abort();
+    let Some(stores) = opened else {
+        tracing::info!(
+            "Stopped while the stores were being opened (or while waiting as a standby)."
+        );
+        return Ok(DriveReport::default());
+    };
+    let stores = stores?;
     let mut sinks = stores.sinks;
     sinks.extend(hooks.extra_sinks);
     let limiter = match &config.stores.redis {
@@ -246,15 +281,78 @@ pub async fn run_pipeline_on(
         service.state = service.state.clone().with_records(records);
     }
     service.restore = stores.restore;
+    if let Some(lock) = stores.writer_lock {
+        service
+            .companions
+            .push(watch_writer_lock(lock, service.stop.clone()));
+    }
     let sink_names: Vec<&str> = service.sinks.iter().map(|s| s.name()).collect();
     tracing::info!(%addr, rabbitmq = %url, queue = %config.rabbit.queue, prefetch = config.rabbit.prefetch, workers = config.pipeline.workers, sinks = ?sink_names, restored_records = service.restore.len(), "DeliverTrack is running.");
     if let Some(started) = hooks.started {
         // The caller may have stopped listening; nothing depends on it hearing this.
         let _ = started.send(Started { addr });
     }
+    // The API takes the socket over from the standby server.
+    standby_server.stop().await;
+    let listener = TcpListener::from_std(listener).context("the API cannot listen")?;
     let ran = service.run(listener, shutdown).await;
     publisher.close().await;
     ran
+}
+
+/// How this process names itself to operators and standbys, in `pipeline_leader.holder`
+/// and the lock session's `application_name`.
+fn writer_name(addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "an unknown host".to_owned());
+    format!(
+        "delivertrack run (pid {} on {host}, API http://{addr}/)",
+        std::process::id()
+    )
+}
+
+/// Prints one line on stdout when this process starts to wait as a standby, beside the
+/// log line, so that whoever started it sees why it does not serve yet.
+async fn announce_standby(addr: SocketAddr, mut phase: watch::Receiver<Phase>) {
+    while phase.changed().await.is_ok() {
+        let line = match &*phase.borrow_and_update() {
+            Phase::Standby { database, holder } => format!(
+                "DeliverTrack is a standby on http://{addr}/ (/readyz answers 503 until it takes over): {holder} writes to {database}."
+            ),
+            Phase::Starting => continue,
+        };
+        println!("{line}");
+        return;
+    }
+}
+
+/// A companion that ends the pipeline with an error when the writer lock is lost or taken
+/// over: the driver then stops without acknowledging what it did not commit (the fence
+/// refuses its commits in any case), and the process exits non-zero.
+fn watch_writer_lock(lock: WriterLock, stop: tokio_util::sync::CancellationToken) -> Companion {
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => Ok(()),
+            watched = lock.lost(Duration::from_secs(1)) => match watched {
+                // The sink let it go (it found itself fenced): the driver reports why.
+                LockWatch::Released => {
+                    stop.cancelled().await;
+                    Ok(())
+                }
+                LockWatch::Lost(fenced) => Err(anyhow!(
+                    "this process is no longer the writer of the database ({fenced}); it stops without acknowledging what it did not commit"
+                )),
+            },
+        }
+    });
+    Companion {
+        name: "the writer lock",
+        task,
+    }
 }
 
 /// `/readyz`'s view of the source: connected, or the reason it is not.

@@ -243,7 +243,17 @@ impl<S: Source + 'static> Service<S> {
             Some(bound) => tokio::time::timeout(bound, &mut driving).await,
         };
         let report = match drained {
-            Ok(joined) => joined.context("the pipeline task panicked")??,
+            Ok(joined) => match joined.context("the pipeline task panicked")? {
+                Ok(report) => report,
+                // The part that ended early says why (a lost writer lock makes the drain's
+                // commits fail too); the drain's own error goes to the log.
+                Err(error) if early.is_some() => {
+                    tracing::error!(error = %format!("{error:#}"), "The drain failed.");
+                    api_stop.cancel();
+                    return Err(early.unwrap_or(error));
+                }
+                Err(error) => return Err(error),
+            },
             Err(_) => {
                 // Dropping the driver drops the source: what it read and did not acknowledge
                 // is redelivered by a source that can (RabbitMQ).

@@ -7,23 +7,36 @@
 //! 2. Redis (the caches), MongoDB (location history, zones for `$geoWithin`) and the
 //!    derived-event feed on RabbitMQ.
 //!
+//! With PostgreSQL, step 1 first takes the **writer lock** of the database (ARCHITECTURE
+//! rule 10, [`WriterLock`]): a second process on the same database waits there as a hot
+//! standby, before it hydrates or reads a single event, and takes over when the writer
+//! stops. The PostgreSQL sink commits under that lock and releases it when it closes.
+//!
 //! Every configured store must answer at start: one that is down is an error naming it,
 //! never a silent start without it (rule 8). Leaving a store out is a decision made in the
 //! configuration (`--no-postgres`, ...), and leaving PostgreSQL out means starting from
 //! nothing, since there is no record to hydrate from.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use delivertrack_dataflow::restore::Restore;
-use delivertrack_sinks::postgres::{connect_pool, ensure_database, load_restore, migrate};
+use delivertrack_sinks::postgres::{
+    WriterLock, connect_pool, ensure_database, load_restore, migrate,
+};
 use delivertrack_sinks::{
     DerivedConfig, DerivedSink, MongoConfig, MongoSink, PostgresConfig, PostgresSink, RedisConfig,
     RedisSink, Sink,
 };
 use sqlx::PgPool;
+use tokio::sync::watch;
 
 use crate::metrics::DriverMetrics;
+use crate::standby::Phase;
+
+/// How often a standby tries the writer lock: the bound on its takeover delay, besides its
+/// own hydration.
+pub const WRITER_LOCK_POLL: Duration = Duration::from_millis(250);
 
 /// Which stores `run` writes, and where they are; `None` leaves one out.
 #[derive(Clone, Debug, Default)]
@@ -50,6 +63,9 @@ pub struct Stores {
     /// (deliveries the read model does not hold, courier and customer profiles); the
     /// sink's pool closes when the sink does, before the API stops.
     pub records: Option<PgPool>,
+    /// The writer lock the PostgreSQL sink commits under, for a watch that stops the
+    /// pipeline when it is lost.
+    pub writer_lock: Option<WriterLock>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -61,6 +77,7 @@ impl std::fmt::Debug for Stores {
             )
             .field("restore", &self.restore.len())
             .field("records", &self.records.is_some())
+            .field("writer_lock", &self.writer_lock)
             .finish()
     }
 }
@@ -75,11 +92,30 @@ pub async fn open_stores(
     speed_window: usize,
     metrics: &DriverMetrics,
 ) -> anyhow::Result<Stores> {
+    let holder = format!("delivertrack (pid {})", std::process::id());
+    let (phase, _) = watch::channel(Phase::Starting);
+    open_stores_as(config, speed_window, metrics, &holder, &phase).await
+}
+
+/// [`open_stores`], waiting for the writer lock in the name of `holder` (a sentence naming
+/// this process for operators and standbys) and telling `phase` when it has to wait.
+///
+/// # Errors
+/// A configured store cannot be reached or used; the error names it.
+pub async fn open_stores_as(
+    config: &StoresConfig,
+    speed_window: usize,
+    metrics: &DriverMetrics,
+    holder: &str,
+    phase: &watch::Sender<Phase>,
+) -> anyhow::Result<Stores> {
     let mut stores = Stores::default();
     if let Some(postgres) = &config.postgres {
-        let (sink, restore) = open_postgres(postgres, speed_window, metrics).await?;
+        let (sink, restore, lock) =
+            open_postgres(postgres, speed_window, metrics, holder, phase).await?;
         stores.sinks.push(Box::new(sink));
         stores.restore = restore;
+        stores.writer_lock = Some(lock);
         stores.records = Some(connect_pool(postgres).await?);
     } else {
         tracing::warn!(
@@ -109,13 +145,16 @@ pub async fn open_stores(
     Ok(stores)
 }
 
-/// Creates and migrates the database if needed, reads the state to restore, and opens the
-/// sink on the same pool (continuing after the last committed epoch).
+/// Creates and migrates the database if needed, takes the writer lock (waiting as a standby
+/// while another process holds it), reads the state to restore, and opens the sink on the
+/// same pool under the lock (continuing after the last committed epoch).
 async fn open_postgres(
     config: &PostgresConfig,
     speed_window: usize,
     metrics: &DriverMetrics,
-) -> anyhow::Result<(PostgresSink, Vec<Restore>)> {
+    holder: &str,
+    phase: &watch::Sender<Phase>,
+) -> anyhow::Result<(PostgresSink, Vec<Restore>, WriterLock)> {
     let target = config.target();
     ensure_database(config).await?;
     // The errors name the database.
@@ -123,6 +162,30 @@ async fn open_postgres(
     migrate(&pool)
         .await
         .with_context(|| format!("the migrations could not be applied to {target}"))?;
+    let asked = Instant::now();
+    let mut waited = false;
+    let lock = WriterLock::acquire(config, holder, WRITER_LOCK_POLL, |writer| {
+        waited = true;
+        tracing::warn!(
+            database = %target,
+            writer,
+            "This process is a standby: another process holds the writer lock of the database. It waits, serving /readyz 503, and takes over when that process stops."
+        );
+        phase.send_replace(Phase::Standby {
+            database: target.clone(),
+            holder: writer.to_owned(),
+        });
+    })
+    .await
+    .with_context(|| format!("the writer lock of {target} could not be taken"))?;
+    phase.send_replace(Phase::Starting);
+    tracing::info!(
+        database = %target,
+        generation = lock.fence().generation,
+        waited_ms = asked.elapsed().as_millis() as u64,
+        took_over = waited,
+        "This process holds the writer lock: it is the one writer of the database."
+    );
     let started = Instant::now();
     let restore = load_restore(&pool, speed_window)
         .await
@@ -136,8 +199,8 @@ async fn open_postgres(
         read_ms = read.as_millis() as u64,
         "Read the state to restore from PostgreSQL."
     );
-    let sink = PostgresSink::with_pool(pool)
+    let sink = PostgresSink::with_writer_lock(pool, lock.clone())
         .await
         .with_context(|| format!("PostgreSQL at {target} cannot be used"))?;
-    Ok((sink, restore))
+    Ok((sink, restore, lock))
 }

@@ -122,6 +122,22 @@ impl RabbitConfig {
     }
 }
 
+/// `RABBITMQ_URL` as users write it, made what they mean: a path of a lone `/`
+/// (`amqp://guest:guest@localhost:5672/`) is the default vhost `/`, written `%2f`, because
+/// the AMQP URI spec (and lapin) read that path as the *empty* vhost, which no broker has,
+/// and the connection would fail with `NOT_ALLOWED`. Every other URL, including one
+/// without a path (lapin's default vhost `/` already) and anything that does not parse (the
+/// connection reports it), is returned as it is.
+pub fn normalize_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut parsed) if parsed.path() == "/" => {
+            parsed.set_path("/%2f");
+            parsed.into()
+        }
+        _ => text.to_owned(),
+    }
+}
+
 /// `amqp://user:secret@host/vhost` → `amqp://user:***@host/vhost`; URLs without a password
 /// are returned as they are.
 pub(crate) fn redact(text: &str) -> String {
@@ -149,6 +165,26 @@ mod tests {
         assert_eq!(redact("amqp://user@host/v"), "amqp://user@host/v");
         assert_eq!(redact("amqps://a:b@c@host"), "amqps://a:***@host");
         assert_eq!(redact("not a url"), "not a url");
+    }
+
+    #[test]
+    fn a_trailing_slash_is_the_default_vhost() {
+        assert_eq!(
+            normalize_url("amqp://guest:guest@localhost:5672/"),
+            "amqp://guest:guest@localhost:5672/%2f"
+        );
+        assert_eq!(
+            normalize_url("amqps://u:p@mq.example:5671/?heartbeat=10"),
+            "amqps://u:p@mq.example:5671/%2f?heartbeat=10"
+        );
+        for kept in [
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "amqp://guest:guest@127.0.0.1:5672/fleet",
+            "amqp://guest:guest@127.0.0.1:5672",
+            "not a url",
+        ] {
+            assert_eq!(normalize_url(kept), kept);
+        }
     }
 
     #[test]

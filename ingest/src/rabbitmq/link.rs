@@ -157,7 +157,7 @@ async fn try_establish(
 ) -> Result<(Link, Consumer), ConnectError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(config.connection_name.as_str().into());
-    let connection = Connection::connect(&config.url, properties)
+    let connection = Connection::connect(&super::normalize_url(&config.url), properties)
         .await
         .map_err(|source| ConnectError::Connect {
             url: config.redacted_url(),

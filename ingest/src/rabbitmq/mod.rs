@@ -24,7 +24,7 @@ pub mod rabbitmqctl;
 pub mod source;
 pub mod topology;
 
-pub use config::RabbitConfig;
+pub use config::{RabbitConfig, normalize_url};
 pub use link::ConnectError;
 pub use metrics::IngestMetrics;
 pub use publisher::{CommandPublishError, CommandPublisher, CommandPublisherConfig};

@@ -327,7 +327,8 @@ async fn establish(config: &CommandPublisherConfig) -> Result<Link, CommandPubli
     let attempt = async {
         let properties = ConnectionProperties::default()
             .with_connection_name(config.connection_name.as_str().into());
-        let connection = Connection::connect(&config.url, properties).await?;
+        let connection =
+            Connection::connect(&super::normalize_url(&config.url), properties).await?;
         let set_up = async {
             let channel = connection.create_channel().await?;
             channel

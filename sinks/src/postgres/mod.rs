@@ -2,10 +2,12 @@
 //!
 //! Every epoch is written in one transaction, one batched statement per table, and is
 //! idempotent: the schema (`migrations/`) keys every table by entity id or event id, and a
-//! progress row skips an epoch the database already has.
+//! progress row skips an epoch this same writer already committed (see [`leader`]).
 //!
 //! - [`config`]: [`PostgresConfig`], the `POSTGRES_*` parts or a `DATABASE_URL`.
 //! - [`sink`]: [`PostgresSink`], the [`Sink`](crate::Sink) that commits epochs.
+//! - [`leader`]: one writer per database: [`WriterLock`] (the advisory lock a writer
+//!   holds, a standby waits for) and the [`Fence`] every epoch's transaction checks.
 //! - [`hydrate`]: [`load_restore`], the state a restarting pipeline restores.
 //! - `batch`: an epoch's output reshaped into per-table column arrays (no I/O).
 //! - [`service`]: connecting, [`MIGRATOR`] and [`migrate`], the epoch's statements, and
@@ -13,6 +15,7 @@
 
 pub mod config;
 pub mod hydrate;
+pub mod leader;
 pub mod service;
 pub mod sink;
 
@@ -21,6 +24,7 @@ mod batch;
 pub use batch::{BatchError, ScopeKey};
 pub use config::PostgresConfig;
 pub use hydrate::load_restore;
+pub use leader::{Fence, Fenced, LockWatch, WRITER_LOCK_KEY, WriterLock, claim_generation};
 pub use service::{
     Failure, MIGRATOR, PostgresError, classify, connect_pool, ensure_database,
     last_committed_epoch, migrate,

@@ -9,12 +9,13 @@ use sqlx::{Postgres, Transaction};
 
 use super::batch::EpochBatch;
 use super::config::PostgresConfig;
+use super::leader::{self, Fence, Fenced};
 
 /// The schema, embedded at build time from `migrations/` (no database is needed to build).
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
-/// The key of this pipeline's row in `pipeline_progress`.
-const PIPELINE: &str = "delivertrack";
+/// The key of this pipeline's row in `pipeline_progress` and `pipeline_leader`.
+pub(super) const PIPELINE: &str = "delivertrack";
 
 /// What went wrong talking to PostgreSQL outside an epoch's commit.
 #[derive(Debug, thiserror::Error)]
@@ -172,31 +173,54 @@ pub enum Written {
         /// Rows in the batch.
         rows: usize,
     },
-    /// The database had this epoch already (a retry after a lost reply, or a replay).
+    /// The database had this epoch already, committed by this same writer (a retry after a
+    /// lost reply, or a replay).
     AlreadyCommitted,
+    /// This writer may not commit: another one took over, or its lock is gone. Nothing was
+    /// written; the epoch must not be acknowledged.
+    Fenced(Fenced),
 }
 
 /// Writes one epoch in one transaction: nothing of it is visible until all of it is.
 ///
+/// The transaction first checks `fence` ([`leader`]): a writer that is no longer the
+/// writer writes nothing. Then the progress guard moves `pipeline_progress` forward only if
+/// this epoch is newer; an epoch at or behind the recorded one is skipped only when the
+/// recorded one is this writer's own (a retry), never when another writer recorded it.
+///
 /// # Errors
 /// The driver's error, from whichever statement failed; the transaction is rolled back.
-pub async fn write_epoch(pool: &PgPool, batch: &EpochBatch) -> Result<Written, sqlx::Error> {
+pub async fn write_epoch(
+    pool: &PgPool,
+    batch: &EpochBatch,
+    fence: Fence,
+) -> Result<Written, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // The guard, first: it moves the progress row forward only if this epoch is newer, and
-    // holds the row's lock to the end, so that a second writer waits and then skips.
+    if let Err(fenced) = leader::check_fence(&mut tx, fence).await? {
+        tx.rollback().await?;
+        return Ok(Written::Fenced(fenced));
+    }
+    // The guard: it moves the progress row forward only if this epoch is newer, and holds
+    // the row's lock to the end.
     let claimed: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO pipeline_progress AS p (pipeline, epoch) VALUES ($1, $2)
-         ON CONFLICT (pipeline) DO UPDATE SET epoch = EXCLUDED.epoch, committed_at = now()
+        "INSERT INTO pipeline_progress AS p (pipeline, epoch, generation) VALUES ($1, $2, $3)
+         ON CONFLICT (pipeline) DO UPDATE
+             SET epoch = EXCLUDED.epoch, generation = EXCLUDED.generation, committed_at = now()
              WHERE p.epoch < EXCLUDED.epoch
          RETURNING epoch",
     )
     .bind(PIPELINE)
     .bind(batch.epoch)
+    .bind(fence.generation)
     .fetch_optional(&mut *tx)
     .await?;
     if claimed.is_none() {
+        let own = leader::own_progress(&mut tx, fence).await?;
         tx.rollback().await?;
-        return Ok(Written::AlreadyCommitted);
+        return Ok(match own {
+            Ok(()) => Written::AlreadyCommitted,
+            Err(fenced) => Written::Fenced(fenced),
+        });
     }
     apply(&mut tx, batch).await?;
     tx.commit().await?;

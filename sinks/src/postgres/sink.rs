@@ -8,6 +8,7 @@ use sqlx::PgPool;
 
 use super::batch::EpochBatch;
 use super::config::PostgresConfig;
+use super::leader::{Fence, WriterLock, claim_generation};
 use super::service::{self, Failure, PostgresError, Written};
 use crate::sink::{BoxError, Sink, SinkError, SinkFuture};
 
@@ -17,10 +18,20 @@ const NAME: &str = "postgres";
 ///
 /// Each commit is one transaction holding one batched statement per table (`UNNEST` of
 /// column arrays), so its cost grows with the rows, not with round trips. The transaction
-/// first moves `pipeline_progress` forward, and only if the epoch is newer than the one
-/// recorded; an epoch already there (a retry whose first attempt did commit, a replay) is
-/// skipped as a whole. Beyond that guard every statement is idempotent on its own: upserts
-/// to the new state, deletes by key, inserts that skip existing keys.
+/// first checks that this sink is still the database's writer (its [`Fence`]), then moves
+/// `pipeline_progress` forward, and only if the epoch is newer than the one recorded; an
+/// epoch already there is skipped as a whole only if this same writer recorded it (a retry
+/// whose first attempt did commit, a replay). Beyond that guard every statement is
+/// idempotent on its own: upserts to the new state, deletes by key, inserts that skip
+/// existing keys.
+///
+/// # One writer
+/// Each sink claims a writer generation when it opens: with the [`WriterLock`] a process
+/// took ([`with_writer_lock`](Self::with_writer_lock), what `run` does), or on its own
+/// ([`with_pool`](Self::with_pool), [`connect`](Self::connect): the newest sink on a
+/// database is its writer). A sink that finds itself fenced (another writer took over, or
+/// its lock is lost) writes nothing, closes itself and answers [`SinkError::Closed`], so
+/// the driver stops without acknowledging the epoch.
 ///
 /// # Epoch numbers
 /// The dataflow numbers its epochs from 0 in every process. The tables number them across
@@ -32,7 +43,11 @@ pub struct PostgresSink {
     pool: PgPool,
     /// Added to the dataflow's epoch to get the stored epoch.
     epoch_base: u64,
-    /// Set by [`close`](Sink::close); later commits are refused.
+    /// The writer generation (and lock session) every commit checks.
+    fence: Fence,
+    /// The writer lock this sink commits under, released by [`close`](Sink::close).
+    lock: Option<WriterLock>,
+    /// Set by [`close`](Sink::close) or when fenced; later commits are refused.
     closed: bool,
 }
 
@@ -49,7 +64,8 @@ impl PostgresSink {
     }
 
     /// A sink on an existing pool (shared with the `migrate` step and hydration), continuing
-    /// after the last committed epoch.
+    /// after the last committed epoch. It claims a new writer generation without the
+    /// writer lock: every sink opened earlier on this database is fenced from now on.
     ///
     /// # Errors
     /// [`SinkError::Unavailable`] when `pipeline_progress` cannot be read (schema missing,
@@ -59,27 +75,61 @@ impl PostgresSink {
         Self::with_pool_named(pool, target).await
     }
 
+    /// A sink that commits under `lock` (taken with [`WriterLock::acquire`], its generation
+    /// claimed), continuing after the last committed epoch; [`close`](Sink::close) releases
+    /// the lock.
+    ///
+    /// # Errors
+    /// [`SinkError::Unavailable`] when `pipeline_progress` cannot be read.
+    pub async fn with_writer_lock(pool: PgPool, lock: WriterLock) -> Result<Self, SinkError> {
+        let target = pool_target(&pool);
+        let mut sink = Self::open(pool, target, Some(lock.fence())).await?;
+        sink.lock = Some(lock);
+        Ok(sink)
+    }
+
     async fn with_pool_named(pool: PgPool, target: String) -> Result<Self, SinkError> {
+        Self::open(pool, target, None).await
+    }
+
+    /// Claims a generation unless `fence` has one, then reads where the last writer stopped
+    /// (after the claim, so that what it reads is final).
+    async fn open(pool: PgPool, target: String, fence: Option<Fence>) -> Result<Self, SinkError> {
+        let fence = match fence {
+            Some(fence) => fence,
+            None => {
+                let holder = format!("a PostgreSQL sink of pid {}", std::process::id());
+                match claim_generation(&pool, &holder).await {
+                    Ok(generation) => Fence {
+                        generation,
+                        lock_backend: None,
+                    },
+                    Err(source) => {
+                        return Err(unavailable(open_error(
+                            PostgresError::Query(source),
+                            target,
+                        )));
+                    }
+                }
+            }
+        };
         let last = match service::last_committed_epoch(&pool).await {
             Ok(last) => last,
-            Err(PostgresError::Query(source)) if classify_is_schema(&source) => {
-                return Err(unavailable(PostgresError::NotMigrated { target, source }));
-            }
-            Err(PostgresError::Query(source)) => {
-                return Err(unavailable(PostgresError::Unreachable { target, source }));
-            }
-            Err(other) => return Err(unavailable(other)),
+            Err(error) => return Err(unavailable(open_error(error, target))),
         };
         let epoch_base = last.map_or(0, |last| last.saturating_add(1));
         tracing::info!(
             database = %target,
             last_committed_epoch = ?last,
             epoch_base,
+            generation = fence.generation,
             "The PostgreSQL sink is connected."
         );
         Ok(Self {
             pool,
             epoch_base,
+            fence,
+            lock: None,
             closed: false,
         })
     }
@@ -109,7 +159,7 @@ impl PostgresSink {
             })
     }
 
-    async fn write(&self, output: &EpochOutput) -> Result<(), SinkError> {
+    async fn write(&mut self, output: &EpochOutput) -> Result<(), SinkError> {
         let started = Instant::now();
         let stored = self.stored_epoch(output.epoch)?;
         let batch = EpochBatch::new(output, stored).map_err(|source| SinkError::Rejected {
@@ -117,7 +167,7 @@ impl PostgresSink {
             epoch: output.epoch,
             source: Box::new(source),
         })?;
-        match service::write_epoch(&self.pool, &batch).await {
+        match service::write_epoch(&self.pool, &batch, self.fence).await {
             Ok(Written::Applied { rows }) => {
                 tracing::debug!(
                     epoch = output.epoch,
@@ -136,8 +186,27 @@ impl PostgresSink {
                 );
                 Ok(())
             }
+            Ok(Written::Fenced(fenced)) => {
+                tracing::error!(
+                    epoch = output.epoch,
+                    stored_epoch = stored,
+                    generation = self.fence.generation,
+                    reason = %fenced,
+                    "This process is no longer the writer of the database: it commits nothing more and stops without acknowledging."
+                );
+                self.closed = true;
+                if let Some(lock) = self.lock.take() {
+                    lock.release().await;
+                }
+                Err(SinkError::Closed { sink: NAME })
+            }
             Err(error) => Err(commit_error(output.epoch, error)),
         }
+    }
+
+    /// The generation and lock session this sink's commits check.
+    pub fn fence(&self) -> Fence {
+        self.fence
     }
 }
 
@@ -165,6 +234,10 @@ impl Sink for PostgresSink {
         Box::pin(async move {
             self.closed = true;
             self.pool.close().await;
+            // Last: a standby may take over only once nothing more is written.
+            if let Some(lock) = self.lock.take() {
+                lock.release().await;
+            }
             Ok(())
         })
     }
@@ -190,6 +263,17 @@ fn unavailable(error: PostgresError) -> SinkError {
     SinkError::Unavailable {
         sink: NAME,
         source: BoxError::from(Box::new(error)),
+    }
+}
+
+/// An error reading the database at open, naming it: schema missing, or unreachable.
+fn open_error(error: PostgresError, target: String) -> PostgresError {
+    match error {
+        PostgresError::Query(source) if classify_is_schema(&source) => {
+            PostgresError::NotMigrated { target, source }
+        }
+        PostgresError::Query(source) => PostgresError::Unreachable { target, source },
+        other => other,
     }
 }
 
