@@ -339,7 +339,7 @@ async fn start_binary(
         .arg("--no-mongo")
         .args(["--log-format", "json"])
         .env("RABBITMQ_URL", &rabbit.url)
-        .env("JWT_SECRET", "recovery-test-jwt-key-3b8e")
+        .env("JWT_SECRET", "recovery-test-jwt-key-3b8e-0c5d9a7f1e")
         .env_remove("DATABASE_URL")
         .env_remove("MONGO_URI")
         .env("RUST_LOG", "info")
@@ -732,7 +732,7 @@ async fn failed_start(args: &[&str]) -> String {
         .args(["--no-derived"])
         .args(args)
         .env("RABBITMQ_URL", &rabbit.url)
-        .env("JWT_SECRET", "recovery-test-jwt-key-3b8e")
+        .env("JWT_SECRET", "recovery-test-jwt-key-3b8e-0c5d9a7f1e")
         .env_remove("DATABASE_URL")
         .env_remove("MONGO_URI")
         .output();

@@ -1020,7 +1020,7 @@ async fn spawn_binary(config: &RabbitConfig, args: &[&str]) -> (tokio::process::
         .args(args)
         .args(["--log-format", "json"])
         .env("RABBITMQ_URL", &config.url)
-        .env("JWT_SECRET", "run-test-jwt-key-7c1d")
+        .env("JWT_SECRET", "run-test-jwt-key-7c1d-5e9a0b3f8c27d4")
         .env("RUST_LOG", "info")
         .env_remove("DATABASE_URL")
         .env_remove("MONGO_URI")
@@ -1078,7 +1078,7 @@ async fn an_unreachable_broker_at_start_is_an_error_naming_it() {
         .args(["run", "--listen", "127.0.0.1:0"])
         .args(["--no-postgres", "--no-redis", "--no-mongo", "--no-derived"])
         .env("RABBITMQ_URL", "amqp://guest:secret@127.0.0.1:1/%2f")
-        .env("JWT_SECRET", "run-test-jwt-key-7c1d")
+        .env("JWT_SECRET", "run-test-jwt-key-7c1d-5e9a0b3f8c27d4")
         .output();
     let output = timeout(PATIENCE, output).await.unwrap().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
