@@ -280,6 +280,36 @@ async fn count(pool: &PgPool, table: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// Waits until `delivery_events` holds `expected` rows, or until `queue` is empty and the
+/// count has not moved for two seconds; returns the count.
+async fn settle(
+    pool: &PgPool,
+    publisher: &delivertrack_load_tests::Publisher,
+    queue: &str,
+    expected: usize,
+) -> i64 {
+    let deadline = Instant::now() + PATIENCE;
+    let mut last = (-1, Instant::now());
+    loop {
+        let logged = count(pool, "delivery_events").await;
+        if logged >= expected as i64 {
+            return logged;
+        }
+        if logged != last.0 {
+            last = (logged, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(2)
+            && ready_messages(publisher, queue).await == 0
+        {
+            return logged;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out with {logged} events logged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every published event is in `delivery_events` exactly once, nothing else is, and every
 /// delivery is in `deliveries`.
 async fn assert_each_event_once(pool: &PgPool, events: &[Event]) {
@@ -335,7 +365,7 @@ async fn assert_standby(client: &reqwest::Client, standby: &Process, writer_pid:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_runs_started_together_are_one_writer_and_one_standby_and_lose_nothing() {
     const EVENTS: usize = 3_000;
-    let scene = Scene::new("writer-two");
+    let scene = Scene::new("writer_two");
     let publisher = publisher(&scene.rabbit).await;
     let events = deliveries(EVENTS);
     publisher
@@ -349,6 +379,19 @@ async fn two_runs_started_together_are_one_writer_and_one_standby_and_lose_nothi
         Process::first_line(a.0, a.1, a.2),
         Process::first_line(b.0, b.1, b.2)
     );
+    let pool = scene.database.pool().await;
+    // Until everything is logged, or the queue is drained and nothing moves any more (two
+    // writers once acknowledged what they skipped: the queue emptied, half was missing).
+    let settled = settle(&pool, &publisher, &scene.rabbit.queue, EVENTS).await;
+    assert_eq!(
+        (settled, count(&pool, "deliveries").await),
+        (EVENTS as i64, EVENTS as i64),
+        "(delivery_events, deliveries) of {EVENTS} published: events were lost"
+    );
+    eventually("the queue is drained", PATIENCE, || async {
+        (ready_messages(&publisher, &scene.rabbit.queue).await == 0).then_some(())
+    })
+    .await;
     let mut roles = [a.role, b.role];
     roles.sort_by_key(|role| *role == Role::Standby);
     assert_eq!(roles, [Role::Writer, Role::Standby], "exactly one writer");
@@ -357,16 +400,6 @@ async fn two_runs_started_together_are_one_writer_and_one_standby_and_lose_nothi
     } else {
         (b, a)
     };
-
-    let pool = scene.database.pool().await;
-    eventually("every event is logged", PATIENCE, || async {
-        (count(&pool, "delivery_events").await >= EVENTS as i64).then_some(())
-    })
-    .await;
-    eventually("the queue is drained", PATIENCE, || async {
-        (ready_messages(&publisher, &scene.rabbit.queue).await == 0).then_some(())
-    })
-    .await;
     let client = reqwest::Client::new();
     assert_eq!(writer.readyz(&client).await.0, 200);
     assert_standby(&client, &standby, writer.pid()).await;
@@ -395,7 +428,7 @@ async fn two_runs_started_together_are_one_writer_and_one_standby_and_lose_nothi
 async fn a_standby_takes_over_within_seconds_when_the_writer_is_killed() {
     const EVENTS: usize = 3_000;
     const BEFORE_KILL: usize = 2_000;
-    let scene = Scene::new("writer-kill");
+    let scene = Scene::new("writer_kill");
     let publisher = publisher(&scene.rabbit).await;
     let events = deliveries(EVENTS);
 
