@@ -25,9 +25,10 @@
 //! `/readyz` `503 standby` on its address, and prints one line saying so. When the writer
 //! dies its session ends, PostgreSQL releases the lock, and the standby takes it within
 //! [`WRITER_LOCK_POLL`](crate::stores::WRITER_LOCK_POLL), hydrates and consumes. A writer
-//! that loses its lock (its connection is cut, or another process took over) stops
-//! without acknowledging what it did not commit and exits with an error: its epochs are
-//! fenced in PostgreSQL anyway ([`delivertrack_sinks::postgres::leader`]).
+//! whose lock connection is cut pauses its commits (as for PostgreSQL down) until it holds
+//! the lock again; one that another process took over from stops without acknowledging
+//! what it did not commit and exits with an error: its epochs are fenced in PostgreSQL
+//! anyway ([`delivertrack_sinks::postgres::leader`]).
 //!
 //! Shutdown (rule 7): the source stops being read, the open epochs are computed, committed
 //! and acknowledged, then the API stops — all within [`RunConfig::shutdown_timeout`], after
@@ -330,8 +331,8 @@ async fn announce_standby(addr: SocketAddr, mut phase: watch::Receiver<Phase>) {
     }
 }
 
-/// A companion that ends the pipeline with an error when the writer lock is lost or taken
-/// over: the driver then stops without acknowledging what it did not commit (the fence
+/// A companion that keeps the writer lock (taking it again after a lost connection) and
+/// ends the pipeline with an error when another process took over: the driver then stops without acknowledging what it did not commit (the fence
 /// refuses its commits in any case), and the process exits non-zero.
 fn watch_writer_lock(lock: WriterLock, stop: tokio_util::sync::CancellationToken) -> Companion {
     let task = tokio::spawn(async move {

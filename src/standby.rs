@@ -100,14 +100,19 @@ impl Drop for StandbyServer {
     }
 }
 
+/// Every answer closes its connection: a client's kept-alive connection to the standby
+/// server would otherwise break when the API takes the socket over.
+const CLOSE: (axum::http::HeaderName, &str) = (axum::http::header::CONNECTION, "close");
+
 async fn healthz() -> impl IntoResponse {
-    axum::Json(serde_json::json!({"status": "ok"}))
+    ([CLOSE], axum::Json(serde_json::json!({"status": "ok"})))
 }
 
 async fn not_ready(State(phase): State<watch::Receiver<Phase>>) -> Response {
     let (code, message) = phase.borrow().answer();
     (
         StatusCode::SERVICE_UNAVAILABLE,
+        [CLOSE],
         axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
     )
         .into_response()

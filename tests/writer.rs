@@ -210,12 +210,15 @@ impl Process {
     }
 
     /// `/readyz`: its status and body.
+    /// `0` when the request fails (a connection closed while the API takes the socket over).
     async fn readyz(&self, client: &reqwest::Client) -> (u16, Value) {
-        let response = client
+        let Ok(response) = client
             .get(format!("http://{}/readyz", self.addr))
             .send()
             .await
-            .unwrap();
+        else {
+            return (0, Value::Null);
+        };
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }

@@ -17,6 +17,7 @@
 //!   the old writer is refused ([`Fenced`]) and never acknowledged.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnection, PgExecutor};
@@ -56,8 +57,9 @@ pub enum Fenced {
         /// The generation now recorded.
         current: i64,
     },
-    /// The connection holding the writer lock is gone (its session ended), so another
-    /// process may hold the lock now.
+    /// The connection holding the writer lock is gone (its session ended). Retryable: the
+    /// lock is taken again on a new connection unless another writer took over
+    /// ([`WriterLock::lost`]).
     #[error("this process no longer holds the writer lock (its connection to PostgreSQL is lost)")]
     LockLost,
     /// The progress row is ahead of this epoch and was written by another writer: skipping
@@ -169,20 +171,42 @@ pub(super) async fn own_progress(
 /// The writer lock, held on a dedicated connection: whoever holds it is the one process
 /// that commits to this database. Clones share the connection; [`release`](Self::release)
 /// (or the end of the process) lets it go.
+///
+/// A lost lock connection is not the end by itself: PostgreSQL may have been restarted or
+/// the network cut for a while. [`lost`](Self::lost) connects again and takes the lock
+/// again if nobody took over meanwhile (the generation is still this writer's); commits
+/// wait (retryable [`Fenced::LockLost`]) until it has. Only a takeover ends the writer.
 #[derive(Clone)]
 pub struct WriterLock {
-    /// The session that holds the advisory lock; `None` once released.
-    connection: Arc<Mutex<Option<PgConnection>>>,
-    /// The generation claimed at takeover and this session's backend pid.
-    fence: Fence,
+    /// The session that holds the advisory lock, or why there is none.
+    session: Arc<Mutex<Session>>,
+    /// The backend pid of the session holding the lock now (it changes when the lock is
+    /// taken again on a new connection).
+    backend: Arc<AtomicI32>,
+    /// The generation claimed at takeover.
+    generation: i64,
+    /// Where to connect again.
+    config: PostgresConfig,
+    /// The lock session's `application_name`.
+    application_name: String,
     /// `user@host:port/db`, for messages.
     target: String,
+}
+
+/// The state of a [`WriterLock`]'s session.
+enum Session {
+    /// Connected and holding the lock.
+    Held(PgConnection),
+    /// The connection failed; the lock may be free, or another's.
+    Lost,
+    /// Let go on purpose.
+    Released,
 }
 
 impl std::fmt::Debug for WriterLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriterLock")
-            .field("fence", &self.fence)
+            .field("fence", &self.fence())
             .field("target", &self.target)
             .finish_non_exhaustive()
     }
@@ -191,10 +215,52 @@ impl std::fmt::Debug for WriterLock {
 /// What [`WriterLock::lost`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LockWatch {
-    /// [`WriterLock::release`] let it go: the process is stopping on purpose.
+    /// [`WriterLock::release`] let it go: the process is stopping on purpose (or its sink
+    /// found itself fenced).
     Released,
-    /// The lock or the leadership is gone: this process must stop writing.
+    /// Another writer took over: this process must stop writing.
     Lost(Fenced),
+}
+
+/// Opens the lock's dedicated session, with server-side TCP keepalives.
+async fn connect_session(
+    config: &PostgresConfig,
+    application_name: &str,
+) -> Result<PgConnection, PostgresError> {
+    let options = config.connect_options()?.application_name(application_name);
+    let attempt = async {
+        let mut connection = tokio::time::timeout(config.connect_timeout, options.connect())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        sqlx::query(
+            "SELECT set_config('tcp_keepalives_idle', '10', false),
+                    set_config('tcp_keepalives_interval', '5', false),
+                    set_config('tcp_keepalives_count', '3', false)",
+        )
+        .execute(&mut connection)
+        .await?;
+        Ok::<_, sqlx::Error>(connection)
+    };
+    attempt.await.map_err(|source| PostgresError::Unreachable {
+        target: config.target(),
+        source,
+    })
+}
+
+/// `pg_try_advisory_lock` on the writer key.
+async fn try_lock(connection: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(WRITER_LOCK_KEY)
+        .fetch_one(connection)
+        .await
+}
+
+/// The recorded writer generation, `None` without a row.
+async fn current_generation(connection: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT generation FROM pipeline_leader WHERE pipeline = $1")
+        .bind(PIPELINE)
+        .fetch_optional(connection)
+        .await
 }
 
 impl WriterLock {
@@ -218,36 +284,11 @@ impl WriterLock {
         mut waiting: impl FnMut(&str),
     ) -> Result<Self, PostgresError> {
         let target = config.target();
-        let options = config
-            .connect_options()?
-            .application_name(&application_name(holder));
-        let connect = || async {
-            let mut connection = tokio::time::timeout(config.connect_timeout, options.connect())
-                .await
-                .map_err(|_| sqlx::Error::PoolTimedOut)??;
-            sqlx::query(
-                "SELECT set_config('tcp_keepalives_idle', '10', false),
-                        set_config('tcp_keepalives_interval', '5', false),
-                        set_config('tcp_keepalives_count', '3', false)",
-            )
-            .execute(&mut connection)
-            .await?;
-            Ok::<_, sqlx::Error>(connection)
-        };
-        let mut connection = connect()
-            .await
-            .map_err(|source| PostgresError::Unreachable {
-                target: target.clone(),
-                source,
-            })?;
+        let application_name = application_name(holder);
+        let mut connection = connect_session(config, &application_name).await?;
         let mut told = false;
         loop {
-            let attempt: Result<bool, sqlx::Error> =
-                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                    .bind(WRITER_LOCK_KEY)
-                    .fetch_one(&mut connection)
-                    .await;
-            match attempt {
+            match try_lock(&mut connection).await {
                 Ok(true) => break,
                 Ok(false) => {
                     if !told {
@@ -266,7 +307,7 @@ impl WriterLock {
                 Err(error) => {
                     tracing::warn!(%error, database = %target, "The connection waiting for the writer lock failed; connecting again.");
                     tokio::time::sleep(poll).await;
-                    match connect().await {
+                    match connect_session(config, &application_name).await {
                         Ok(again) => connection = again,
                         Err(error) => {
                             tracing::warn!(%error, database = %target, "PostgreSQL cannot be reached while waiting for the writer lock; trying again.");
@@ -283,51 +324,79 @@ impl WriterLock {
             .await
             .map_err(PostgresError::Query)?;
         Ok(Self {
-            connection: Arc::new(Mutex::new(Some(connection))),
-            fence: Fence {
-                generation,
-                lock_backend: Some(backend),
-            },
+            session: Arc::new(Mutex::new(Session::Held(connection))),
+            backend: Arc::new(AtomicI32::new(backend)),
+            generation,
+            config: config.clone(),
+            application_name,
             target,
         })
     }
 
-    /// What this writer's epochs check before they write.
+    /// What this writer's epochs check before they write (the lock's session now).
     pub fn fence(&self) -> Fence {
-        self.fence
+        Fence {
+            generation: self.generation,
+            lock_backend: Some(self.backend.load(Ordering::Acquire)),
+        }
     }
 
-    /// Resolves once the lock is lost or the leadership taken over (checked every
-    /// `interval`, each check bounded by `interval` plus 5 s), or once the lock was
-    /// released on purpose.
+    /// Watches the lock every `interval` (each check bounded by `interval` plus 5 s) and
+    /// heals a lost session: connects again and takes the lock again while the generation
+    /// is still this writer's. Resolves only when another writer took over (or the row is
+    /// gone), or when the lock was released on purpose.
     pub async fn lost(&self, interval: Duration) -> LockWatch {
+        let superseded = |current: Option<i64>| match current {
+            Some(current) => Fenced::Superseded {
+                own: self.generation,
+                current,
+            },
+            None => Fenced::Unclaimed,
+        };
         loop {
             tokio::time::sleep(interval).await;
-            let mut guard = self.connection.lock().await;
-            let Some(connection) = guard.as_mut() else {
-                return LockWatch::Released;
-            };
-            let check = sqlx::query_scalar::<_, i64>(
-                "SELECT generation FROM pipeline_leader WHERE pipeline = $1",
-            )
-            .bind(PIPELINE)
-            .fetch_optional(connection);
-            match tokio::time::timeout(interval + Duration::from_secs(5), check).await {
-                Ok(Ok(Some(current))) if current == self.fence.generation => {}
-                Ok(Ok(Some(current))) => {
-                    return LockWatch::Lost(Fenced::Superseded {
-                        own: self.fence.generation,
-                        current,
-                    });
+            let mut guard = self.session.lock().await;
+            match &mut *guard {
+                Session::Released => return LockWatch::Released,
+                Session::Held(connection) => {
+                    let check = current_generation(connection);
+                    match tokio::time::timeout(interval + Duration::from_secs(5), check).await {
+                        Ok(Ok(Some(current))) if current == self.generation => {}
+                        Ok(Ok(current)) => return LockWatch::Lost(superseded(current)),
+                        Ok(Err(error)) => {
+                            tracing::error!(%error, database = %self.target, "The connection holding the writer lock failed; commits wait until the lock is taken again.");
+                            *guard = Session::Lost;
+                        }
+                        Err(_) => {
+                            tracing::error!(database = %self.target, "The connection holding the writer lock does not answer; commits wait until the lock is taken again.");
+                            *guard = Session::Lost;
+                        }
+                    }
                 }
-                Ok(Ok(None)) => return LockWatch::Lost(Fenced::Unclaimed),
-                Ok(Err(error)) => {
-                    tracing::error!(%error, database = %self.target, "The connection holding the writer lock failed.");
-                    return LockWatch::Lost(Fenced::LockLost);
-                }
-                Err(_) => {
-                    tracing::error!(database = %self.target, "The connection holding the writer lock does not answer.");
-                    return LockWatch::Lost(Fenced::LockLost);
+                Session::Lost => {
+                    let Ok(mut connection) =
+                        connect_session(&self.config, &self.application_name).await
+                    else {
+                        continue;
+                    };
+                    let locked = try_lock(&mut connection).await;
+                    let current = current_generation(&mut connection).await;
+                    let backend: Result<i32, _> = sqlx::query_scalar("SELECT pg_backend_pid()")
+                        .fetch_one(&mut connection)
+                        .await;
+                    match (locked, current, backend) {
+                        (_, Ok(current), _) if current != Some(self.generation) => {
+                            return LockWatch::Lost(superseded(current));
+                        }
+                        (Ok(true), Ok(_), Ok(backend)) => {
+                            self.backend.store(backend, Ordering::Release);
+                            *guard = Session::Held(connection);
+                            tracing::info!(database = %self.target, generation = self.generation, "This process holds the writer lock again; commits go on.");
+                        }
+                        // Held by a session of ours that the server has not ended yet, or by
+                        // a standby that has not claimed yet: look again.
+                        _ => {}
+                    }
                 }
             }
         }
@@ -336,7 +405,9 @@ impl WriterLock {
     /// Lets the lock go (a standby takes over at once) and closes its connection. Safe to
     /// call more than once.
     pub async fn release(&self) {
-        let Some(mut connection) = self.connection.lock().await.take() else {
+        let mut guard = self.session.lock().await;
+        let Session::Held(mut connection) = std::mem::replace(&mut *guard, Session::Released)
+        else {
             return;
         };
         let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
@@ -347,7 +418,7 @@ impl WriterLock {
             tracing::debug!(%error, "Unlocking the writer lock failed; closing its connection releases it.");
         }
         let _ = sqlx::Connection::close(connection).await;
-        tracing::info!(database = %self.target, generation = self.fence.generation, "Released the writer lock.");
+        tracing::info!(database = %self.target, generation = self.generation, "Released the writer lock.");
     }
 }
 

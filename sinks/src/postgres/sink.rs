@@ -8,7 +8,7 @@ use sqlx::PgPool;
 
 use super::batch::EpochBatch;
 use super::config::PostgresConfig;
-use super::leader::{Fence, WriterLock, claim_generation};
+use super::leader::{Fence, Fenced, WriterLock, claim_generation};
 use super::service::{self, Failure, PostgresError, Written};
 use crate::sink::{BoxError, Sink, SinkError, SinkFuture};
 
@@ -167,7 +167,7 @@ impl PostgresSink {
             epoch: output.epoch,
             source: Box::new(source),
         })?;
-        match service::write_epoch(&self.pool, &batch, self.fence).await {
+        match service::write_epoch(&self.pool, &batch, self.fence()).await {
             Ok(Written::Applied { rows }) => {
                 tracing::debug!(
                     epoch = output.epoch,
@@ -186,11 +186,19 @@ impl PostgresSink {
                 );
                 Ok(())
             }
+            Ok(Written::Fenced(fenced @ Fenced::LockLost)) => {
+                // The lock's session is gone but nobody took over (yet): wait for the lock
+                // to be taken again, as for any outage.
+                Err(SinkError::Unavailable {
+                    sink: NAME,
+                    source: Box::new(fenced),
+                })
+            }
             Ok(Written::Fenced(fenced)) => {
                 tracing::error!(
                     epoch = output.epoch,
                     stored_epoch = stored,
-                    generation = self.fence.generation,
+                    generation = self.fence().generation,
                     reason = %fenced,
                     "This process is no longer the writer of the database: it commits nothing more and stops without acknowledging."
                 );
@@ -204,9 +212,9 @@ impl PostgresSink {
         }
     }
 
-    /// The generation and lock session this sink's commits check.
+    /// The generation and lock session this sink's commits check (the lock's session now).
     pub fn fence(&self) -> Fence {
-        self.fence
+        self.lock.as_ref().map_or(self.fence, WriterLock::fence)
     }
 }
 
