@@ -2,7 +2,7 @@
 //! processes on one database and one queue, against the real RabbitMQ, PostgreSQL and
 //! Redis on localhost.
 //!
-//! - [`two_runs_started_together_are_one_writer_and_one_standby_and_lose_nothing`]: before
+//! - [`two_runs_started_together_are_one_writer_and_one_standby_and_lose_nothing`] — before
 //!   the writer lock, both consumed and half the deliveries were lost (their epochs judged
 //!   "already committed" by the other's progress and acknowledged); now one writes, the
 //!   other waits, and all 3 000 are there.

@@ -422,10 +422,13 @@ impl WriterLock {
     }
 }
 
+/// The holder's backend pid, application name, client address and `pipeline_leader.holder`.
+type HolderRow = (i32, Option<String>, Option<String>, Option<String>);
+
 /// Who holds the writer lock now: `pipeline_leader.holder` of the last takeover and the
 /// holding session's backend pid, application name and address; `None` when nobody does.
 async fn describe_holder(connection: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
-    let row: Option<(i32, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+    let row: Option<HolderRow> = sqlx::query_as(
         "SELECT k.pid, a.application_name, host(a.client_addr),
                 (SELECT holder FROM pipeline_leader WHERE pipeline = $3)
          FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid
