@@ -15,6 +15,8 @@
 //! - [`run`] — [`run_pipeline`], the pipeline on RabbitMQ.
 //! - [`stores`] — [`open_stores`], the stores `run` writes, PostgreSQL's hydration first.
 //! - [`migrate`] — [`run_migrations`], the PostgreSQL schema.
+//! - [`rebuild`] — [`rebuild::PostgresRehydrate`], the state read back from PostgreSQL when
+//!   it refused an epoch's data (poison isolation).
 //! - [`metrics`] — [`DriverMetrics`], the driver's Prometheus metrics.
 //! - [`telemetry`] — logging set-up.
 
@@ -24,6 +26,7 @@ pub mod demo;
 pub mod driver;
 pub mod metrics;
 pub mod migrate;
+pub mod rebuild;
 pub mod run;
 pub mod service;
 pub mod stores;
