@@ -16,6 +16,8 @@
 //! - [`stores`] — [`open_stores`], the stores `run` writes, PostgreSQL's hydration first.
 //! - [`standby`] — what `run` serves while it waits for the writer lock (or starts).
 //! - [`migrate`] — [`run_migrations`], the PostgreSQL schema.
+//! - [`rebuild`] — [`rebuild::PostgresRehydrate`], the state read back from PostgreSQL when
+//!   it refused an epoch's data (poison isolation).
 //! - [`metrics`] — [`DriverMetrics`], the driver's Prometheus metrics.
 //! - [`telemetry`] — logging set-up.
 
@@ -25,6 +27,7 @@ pub mod demo;
 pub mod driver;
 pub mod metrics;
 pub mod migrate;
+pub mod rebuild;
 pub mod run;
 pub mod service;
 pub mod standby;

@@ -279,6 +279,11 @@ pub async fn run_pipeline_on(
     }
     service.state = service.state.clone().with_limiter(limiter);
     if let Some(records) = stores.records {
+        // Poison isolation: the driver rebuilds from PostgreSQL when it refuses an event.
+        service.rehydrate = Some(Box::new(crate::rebuild::PostgresRehydrate::new(
+            records.clone(),
+            speed_window,
+        )));
         service.state = service.state.clone().with_records(records);
     }
     service.restore = stores.restore;

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::driver::{DriveReport, DriverConfig, drive};
+use crate::driver::{DriveReport, DriverConfig, Rehydrate, drive_isolating};
 use crate::metrics::DriverMetrics;
 
 /// The settings of the pipeline and its API that do not depend on where events come
@@ -124,6 +124,9 @@ pub struct Service<S> {
     /// The state hydrated from the system of record, submitted before any input is read
     /// (empty: start from nothing).
     pub restore: Vec<Restore>,
+    /// Where the driver reads the state back from when the system of record refuses an
+    /// epoch's data for good (poison isolation); `None`: such a refusal stops the pipeline.
+    pub rehydrate: Option<Box<dyn Rehydrate>>,
 }
 
 impl<S> std::fmt::Debug for Service<S> {
@@ -137,6 +140,7 @@ impl<S> std::fmt::Debug for Service<S> {
             .field("companions", &self.companions)
             .field("drain_timeout", &self.drain_timeout)
             .field("restore", &self.restore.len())
+            .field("rehydrate", &self.rehydrate.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -176,6 +180,7 @@ impl<S: Source + 'static> Service<S> {
             stop: CancellationToken::new(),
             drain_timeout: None,
             restore: Vec::new(),
+            rehydrate: None,
         })
     }
 
@@ -200,10 +205,18 @@ impl<S: Source + 'static> Service<S> {
             stop,
             drain_timeout,
             restore,
+            rehydrate,
         } = self;
         let api_stop = state.shutdown.clone();
         let mut server = tokio::spawn(delivertrack_api::serve(listener, state));
-        let mut driving = tokio::spawn(drive(source, sinks, driver, restore, stop.clone()));
+        let mut driving = tokio::spawn(drive_isolating(
+            source,
+            sinks,
+            driver,
+            restore,
+            rehydrate,
+            stop.clone(),
+        ));
         let mut companions = companions;
 
         // Run until asked to stop, or until a part ends on its own (which is an error).

@@ -8,9 +8,9 @@
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
-use delivertrack_dataflow::{Event, Rejection};
+use delivertrack_dataflow::Event;
 
-use crate::source::{EpochPolicy, Source, SourceBatch, SourceError};
+use crate::source::{EpochPolicy, Refusal, Source, SourceBatch, SourceError};
 
 /// Creates a connected sender and source. `capacity` bounds the events in flight between
 /// them (`0` is treated as `1`, the smallest channel tokio allows).
@@ -137,7 +137,7 @@ impl Source for InProcessSource {
         Ok(self.gather(policy).await)
     }
 
-    async fn ack(&mut self, _ack: (), _rejected: Vec<Rejection>) -> Result<(), SourceError> {
+    async fn ack(&mut self, _ack: (), _rejected: Vec<Refusal>) -> Result<(), SourceError> {
         Ok(())
     }
 

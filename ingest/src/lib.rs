@@ -32,4 +32,4 @@ pub use rabbitmq::{
     IngestMetrics, RabbitAck, RabbitConfig, RabbitSource, SourceHealth, declare_topology,
 };
 pub use simulator::{FleetSimulator, SimulatorConfig, run_simulator};
-pub use source::{EpochPolicy, Source, SourceBatch, SourceError};
+pub use source::{EpochPolicy, Refusal, SinkRefusal, Source, SourceBatch, SourceError};

@@ -9,7 +9,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use delivertrack_dataflow::{Event, Rejection};
+use std::borrow::Cow;
+
+use delivertrack_dataflow::{Event, EventId, EventKind, Rejection};
 
 /// A batch of events read from a source, with the token to acknowledge it once its epoch is
 /// committed by every sink.
@@ -89,12 +91,14 @@ pub trait Source: Send {
     }
 
     /// Acknowledges a batch after every sink committed its epoch. `rejected` are the batch's
-    /// events the dataflow refused in context (an illegal transition, a stale fix, ...): a
-    /// source that dead-letters does so for them before it acknowledges.
+    /// events refused after decoding: by the dataflow in context (an illegal transition, a
+    /// stale fix, ...) or by a sink for good ([`Refusal::Sink`], kept out of every store). A
+    /// source that dead-letters does so for them before it acknowledges; this is the one
+    /// way a refusal reaches the dead-letter queue.
     fn ack(
         &mut self,
         ack: Self::Ack,
-        rejected: Vec<Rejection>,
+        rejected: Vec<Refusal>,
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
 
     /// Ends the source once the driver is done with it: everything acknowledged so far
@@ -105,6 +109,79 @@ pub trait Source: Send {
         Self: Sized,
     {
         async {}
+    }
+}
+
+/// An event refused after decoding, settled (dead-lettered, counted) with its batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The dataflow refused it against the state it met.
+    Dataflow(Rejection),
+    /// A sink's store refused it for good; the driver kept its effects out of every store.
+    Sink(SinkRefusal),
+}
+
+impl From<Rejection> for Refusal {
+    fn from(rejection: Rejection) -> Self {
+        Refusal::Dataflow(rejection)
+    }
+}
+
+impl Refusal {
+    /// The refused event.
+    pub fn event_id(&self) -> EventId {
+        match self {
+            Refusal::Dataflow(rejection) => rejection.event_id,
+            Refusal::Sink(refusal) => refusal.event_id,
+        }
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Refusal::Dataflow(rejection) => rejection.kind,
+            Refusal::Sink(refusal) => refusal.kind,
+        }
+    }
+
+    /// The stable reason code: the `reason` label of `delivertrack_events_rejected_total`
+    /// and the `delivertrack-reason` header of the dead letter.
+    pub fn reason(&self) -> Cow<'static, str> {
+        match self {
+            Refusal::Dataflow(rejection) => Cow::Borrowed(rejection.reason.code()),
+            Refusal::Sink(refusal) => Cow::Owned(refusal.reason()),
+        }
+    }
+
+    /// Why, in words.
+    pub fn detail(&self) -> String {
+        match self {
+            Refusal::Dataflow(rejection) => rejection.reason.to_string(),
+            Refusal::Sink(refusal) => refusal.detail.clone(),
+        }
+    }
+}
+
+/// An event that a sink's store refused for good (a constraint, a value it cannot hold).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkRefusal {
+    /// The refused event.
+    pub event_id: EventId,
+    /// Its kind.
+    pub kind: EventKind,
+    /// The sink that refused it (`postgres`, `mongo`, ...).
+    pub sink: &'static str,
+    /// The store's own code for the refusal: a SQLSTATE (`23514`), a server error code.
+    pub code: String,
+    /// The store's message.
+    pub detail: String,
+}
+
+impl SinkRefusal {
+    /// `sink_refused:<sink>:<code>`, e.g. `sink_refused:postgres:22P05`: a bounded set of
+    /// values (sinks × store codes), so it is fit for a metric label.
+    pub fn reason(&self) -> String {
+        format!("sink_refused:{}:{}", self.sink, self.code)
     }
 }
 

@@ -533,7 +533,11 @@ async fn events_refused_by_the_dataflow_are_dead_lettered_at_ack_except_stale_on
             .into_iter()
             .partition(|rejection| ids.contains(&rejection.event_id));
         rejected = rest;
-        source.ack(ack, own).await.unwrap();
+        let own: Vec<Rejection> = own;
+        source
+            .ack(ack, own.into_iter().map(Into::into).collect())
+            .await
+            .unwrap();
     }
     assert!(
         rejected.is_empty(),

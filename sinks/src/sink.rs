@@ -37,6 +37,13 @@ pub trait Sink: Send {
     /// A short stable name for logs and metric labels (`"read_model"`, `"postgres"`).
     fn name(&self) -> &'static str;
 
+    /// Is this the system of record? The driver commits each epoch to the system of record
+    /// first and to the other sinks only once it has, so that an epoch the record refuses
+    /// has reached no other store (and the dataflow can be rebuilt from the record).
+    fn is_system_of_record(&self) -> bool {
+        false
+    }
+
     /// Commits one epoch's output.
     ///
     /// # Errors
@@ -65,12 +72,31 @@ pub enum SinkError {
         #[source]
         source: BoxError,
     },
-    /// The store refused the epoch's data; committing the same data again will fail again.
-    #[error("the {sink} sink refused epoch {epoch}")]
+    /// The store refused the epoch's *data* for good (a constraint, a value it cannot
+    /// hold); committing the same data again will fail again, but the epoch without the
+    /// offending event may commit. The driver isolates that event (see `src/driver.rs`).
+    #[error("the {sink} sink refused epoch {epoch} ({code})")]
     Rejected {
         /// [`Sink::name`] of the failing sink.
         sink: &'static str,
         /// The refused epoch.
+        epoch: Epoch,
+        /// The store's code for the refusal (a SQLSTATE such as `23514`, a server error
+        /// code): part of the dead-letter reason `sink_refused:<sink>:<code>`, so it must
+        /// come from a small fixed set.
+        code: String,
+        /// The client library's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The sink failed for good for a reason that is not the data (the schema is missing,
+    /// a statement is wrong, an epoch number overflows): no event is to blame, so nothing
+    /// is isolated and the driver stops.
+    #[error("the {sink} sink failed on epoch {epoch}")]
+    Failed {
+        /// [`Sink::name`] of the failing sink.
+        sink: &'static str,
+        /// The epoch.
         epoch: Epoch,
         /// The client library's error.
         #[source]
@@ -95,6 +121,7 @@ impl SinkError {
         match self {
             SinkError::Unavailable { sink, .. }
             | SinkError::Rejected { sink, .. }
+            | SinkError::Failed { sink, .. }
             | SinkError::Closed { sink } => sink,
         }
     }
@@ -140,6 +167,13 @@ mod tests {
             source: "down".into(),
         };
         let closed = SinkError::Closed { sink: "y" };
+        let rejected = SinkError::Rejected {
+            sink: "z",
+            epoch: 1,
+            code: "23514".into(),
+            source: "check".into(),
+        };
+        assert!(!rejected.is_retryable());
         assert!(unavailable.is_retryable());
         assert!(!closed.is_retryable());
         assert_eq!(closed.sink(), "y");

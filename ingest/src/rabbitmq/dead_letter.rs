@@ -12,24 +12,26 @@
 //! |---|---|
 //! | `delivertrack-reason` | the stable reason code (`bad_json`, `kind_mismatch`, `illegal_transition`, ...) |
 //! | `delivertrack-detail` | the human-readable reason |
-//! | `delivertrack-stage` | `decode` (refused by the contract) or `dataflow` (refused by the state it met) |
+//! | `delivertrack-stage` | `decode` (refused by the contract), `dataflow` (refused by the state it met) or `sink` (refused for good by a store, e.g. reason `sink_refused:postgres:23514`) |
 //! | `delivertrack-routing-key` | the routing key the message was published with |
 //! | `delivertrack-rejected-at` | when it was refused, RFC 3339 UTC |
 //! | `delivertrack-index` | the event's position in an array message (absent for a single event or a whole message) |
 //! | `delivertrack-event-id` | the event's id, when it could be read |
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use delivertrack_dataflow::contract::{CONTENT_TYPE, DecodeError};
-use delivertrack_dataflow::{RejectReason, Rejection};
+use delivertrack_dataflow::RejectReason;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use serde_json::Value;
 
 use super::metrics::IngestMetrics;
+use crate::source::Refusal;
 
 /// The reason code.
 pub const HEADER_REASON: &str = "delivertrack-reason";
@@ -97,6 +99,8 @@ pub(crate) enum Stage {
     Decode,
     /// The dataflow, against the state it met.
     Dataflow,
+    /// A sink's store, for good (the driver kept the event out of every store).
+    Sink,
 }
 
 impl Stage {
@@ -104,6 +108,7 @@ impl Stage {
         match self {
             Stage::Decode => "decode",
             Stage::Dataflow => "dataflow",
+            Stage::Sink => "sink",
         }
     }
 }
@@ -112,7 +117,7 @@ impl Stage {
 #[derive(Clone, Debug)]
 pub(crate) struct DeadLetter {
     /// The reason code: the metric label and the `delivertrack-reason` header.
-    pub reason: &'static str,
+    pub reason: Cow<'static, str>,
     detail: String,
     stage: Stage,
     routing_key: String,
@@ -162,7 +167,7 @@ impl DeadLetter {
                     }
                 };
                 DeadLetter {
-                    reason: error.code(),
+                    reason: Cow::Borrowed(error.code()),
                     detail: error.reason.to_string(),
                     stage: Stage::Decode,
                     routing_key: routing_key.to_owned(),
@@ -175,30 +180,33 @@ impl DeadLetter {
             .collect()
     }
 
-    /// The dead letter of an event the dataflow refused. `origin` is `None` only if the
-    /// source lost track of the event, which it does not; the body then describes the
-    /// refusal instead of carrying the event.
-    pub(crate) fn refused(rejection: &Rejection, origin: Option<&Origin>) -> Self {
+    /// The dead letter of an event refused after decoding (by the dataflow or a sink).
+    /// `origin` is `None` only if the source lost track of the event, which it does not;
+    /// the body then describes the refusal instead of carrying the event.
+    pub(crate) fn refused(rejection: &Refusal, origin: Option<&Origin>) -> Self {
         let (routing_key, index, body) = match origin {
             Some(origin) => (origin.wire.routing_key.clone(), origin.index, origin.body()),
             None => (
-                rejection.kind.as_str().to_owned(),
+                rejection.kind().as_str().to_owned(),
                 None,
                 serde_json::to_vec(&serde_json::json!({
-                    "event_id": rejection.event_id.to_string(),
-                    "kind": rejection.kind.as_str(),
+                    "event_id": rejection.event_id().to_string(),
+                    "kind": rejection.kind().as_str(),
                 }))
                 .unwrap_or_default(),
             ),
         };
         DeadLetter {
-            reason: rejection.reason.code(),
-            detail: rejection.reason.to_string(),
-            stage: Stage::Dataflow,
+            reason: rejection.reason(),
+            detail: rejection.detail(),
+            stage: match rejection {
+                Refusal::Dataflow(_) => Stage::Dataflow,
+                Refusal::Sink(_) => Stage::Sink,
+            },
             routing_key,
             rejected_at: now_rfc3339(),
             index,
-            event_id: Some(rejection.event_id.to_string()),
+            event_id: Some(rejection.event_id().to_string()),
             body,
         }
     }
@@ -206,7 +214,7 @@ impl DeadLetter {
     fn properties(&self) -> BasicProperties {
         let text = |s: &str| AMQPValue::LongString(s.into());
         let mut headers = FieldTable::default();
-        headers.insert(HEADER_REASON.into(), text(self.reason));
+        headers.insert(HEADER_REASON.into(), text(&self.reason));
         headers.insert(HEADER_DETAIL.into(), text(&self.detail));
         headers.insert(HEADER_STAGE.into(), text(self.stage.as_str()));
         headers.insert(HEADER_ROUTING_KEY.into(), text(&self.routing_key));
@@ -227,10 +235,13 @@ impl DeadLetter {
     }
 }
 
-/// Whether a refusal of the dataflow is dead-lettered: everything but `stale`, which is
+/// Whether a refusal is dead-lettered: everything but the dataflow's `stale`, which is
 /// normal late input, counted and acknowledged.
-pub(crate) fn is_dead_lettered(reason: &RejectReason) -> bool {
-    !matches!(reason, RejectReason::Stale)
+pub(crate) fn is_dead_lettered(refusal: &Refusal) -> bool {
+    !matches!(
+        refusal,
+        Refusal::Dataflow(rejection) if rejection.reason == RejectReason::Stale
+    )
 }
 
 /// Why dead letters could not be published; each case is healed by a new connection.
@@ -284,7 +295,7 @@ pub(crate) async fn publish(
         for (confirm, letter) in confirms.into_iter().zip(letters) {
             match confirm.await.map_err(DeadLetterError::Publish)? {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {
-                    metrics.event_dead_lettered(letter.reason);
+                    metrics.event_dead_lettered(&letter.reason);
                 }
                 Confirmation::Ack(Some(_returned)) => return Err(DeadLetterError::Unroutable),
                 Confirmation::Nack(_) => return Err(DeadLetterError::Nacked),
@@ -302,7 +313,8 @@ pub(crate) async fn publish(
 mod tests {
     use super::*;
     use delivertrack_dataflow::contract::{ContractLimits, decode_message};
-    use delivertrack_dataflow::{EventId, EventKind};
+    use crate::source::SinkRefusal;
+    use delivertrack_dataflow::{EventId, EventKind, Rejection};
 
     const GOOD: &str = r#"{"v":1,"kind":"zone.deleted","event_id":"d4c3b2a1-0f9e-4d8c-b7a6-958473625140","occurred_at":"2026-01-01T00:00:00Z","zone_id":"8b7a6c5d-4e3f-4a2b-9c1d-0e9f8a7b6c5d"}"#;
 
@@ -371,14 +383,35 @@ mod tests {
             wire,
             index: Some(0),
         };
-        let letter = DeadLetter::refused(&rejection, Some(&origin));
+        let refusal = Refusal::Dataflow(rejection.clone());
+        let letter = DeadLetter::refused(&refusal, Some(&origin));
         assert_eq!(letter.stage, Stage::Dataflow);
         assert_eq!(letter.reason, "unknown_delivery");
         let body: Value = serde_json::from_slice(&letter.body).unwrap();
         assert_eq!(body, serde_json::from_str::<Value>(GOOD).unwrap());
-        assert!(is_dead_lettered(&RejectReason::UnknownDelivery));
-        assert!(!is_dead_lettered(&RejectReason::Stale));
-        let lost = DeadLetter::refused(&rejection, None);
+        assert!(is_dead_lettered(&refusal));
+        let stale = Refusal::Dataflow(Rejection {
+            reason: RejectReason::Stale,
+            ..rejection.clone()
+        });
+        assert!(!is_dead_lettered(&stale));
+        let lost = DeadLetter::refused(&refusal, None);
         assert_eq!(lost.routing_key, "zone.deleted");
+    }
+
+    #[test]
+    fn a_sink_refusal_names_the_sink_and_the_store_code() {
+        let refusal = Refusal::Sink(SinkRefusal {
+            event_id: EventId("d4c3b2a1-0f9e-4d8c-b7a6-958473625140".parse().unwrap()),
+            kind: EventKind::DeliveryRated,
+            sink: "postgres",
+            code: "22P05".into(),
+            detail: "unsupported Unicode escape sequence".into(),
+        });
+        let letter = DeadLetter::refused(&refusal, None);
+        assert_eq!(letter.reason, "sink_refused:postgres:22P05");
+        assert_eq!(letter.stage, Stage::Sink);
+        assert_eq!(letter.detail(), "unsupported Unicode escape sequence");
+        assert!(is_dead_lettered(&refusal));
     }
 }

@@ -18,13 +18,14 @@
 //! being gathered and what the link task had passed on), so that the driver commits and
 //! acknowledges the open epoch instead of leaving it to be redelivered.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use delivertrack_dataflow::contract::decode_message;
-use delivertrack_dataflow::{EventId, Rejection};
+use delivertrack_dataflow::EventId;
 use lapin::options::BasicAckOptions;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -35,7 +36,7 @@ use super::config::RabbitConfig;
 use super::dead_letter::{self, DeadLetter, Origin, Wire};
 use super::link::{self, Incoming, LinkTask, Shared, SharedState};
 use super::metrics::IngestMetrics;
-use crate::source::{EpochPolicy, Source, SourceBatch, SourceError};
+use crate::source::{EpochPolicy, Refusal, Source, SourceBatch, SourceError};
 
 /// Whether the source has a live connection. Watched by `/readyz`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -357,7 +358,7 @@ impl RabbitSource {
     }
 
     /// Counts the refusals of a settled batch, each once.
-    fn count_refusals(&self, reasons: &[&'static str]) {
+    fn count_refusals(&self, reasons: &[Cow<'static, str>]) {
         for reason in reasons {
             self.metrics.event_rejected(reason);
         }
@@ -410,12 +411,13 @@ impl Source for RabbitSource {
         (!self.gathering.is_empty()).then(|| self.take(policy))
     }
 
-    /// Dead-letters the batch's refusals (decode refusals, and `rejected` except `stale`),
+    /// Dead-letters the batch's refusals (decode refusals, and `rejected` except `stale`:
+    /// the dataflow's and the sinks' refusals),
     /// waits for the broker's confirms, then multiple-acks the batch's last delivery tag and
     /// counts the refusals. A token of a replaced channel is dropped: its deliveries come
     /// back (and are counted then). Failures of the connection are logged and healed by
     /// reconnecting, never returned.
-    async fn ack(&mut self, ack: RabbitAck, rejected: Vec<Rejection>) -> Result<(), SourceError> {
+    async fn ack(&mut self, ack: RabbitAck, rejected: Vec<Refusal>) -> Result<(), SourceError> {
         let RabbitAck {
             generation,
             last_tag,
@@ -432,17 +434,17 @@ impl Source for RabbitSource {
             return Ok(());
         };
         // Every refusal of the batch, by reason code: counted once the batch is settled.
-        let refusals: Vec<&'static str> = dead_letters
+        let refusals: Vec<Cow<'static, str>> = dead_letters
             .iter()
-            .map(|letter| letter.reason)
-            .chain(rejected.iter().map(|rejection| rejection.reason.code()))
+            .map(|letter| letter.reason.clone())
+            .chain(rejected.iter().map(Refusal::reason))
             .collect();
         if !rejected.is_empty() {
             let origins: HashMap<EventId, &Origin> =
                 origins.iter().map(|(id, origin)| (*id, origin)).collect();
             for rejection in &rejected {
-                if dead_letter::is_dead_lettered(&rejection.reason) {
-                    let origin = origins.get(&rejection.event_id).copied();
+                if dead_letter::is_dead_lettered(rejection) {
+                    let origin = origins.get(&rejection.event_id()).copied();
                     dead_letters.push(DeadLetter::refused(rejection, origin));
                 }
             }
@@ -469,7 +471,7 @@ impl Source for RabbitSource {
             let mut reasons: std::collections::BTreeMap<&str, usize> =
                 std::collections::BTreeMap::new();
             for letter in &dead_letters {
-                *reasons.entry(letter.reason).or_default() += 1;
+                *reasons.entry(&letter.reason).or_default() += 1;
             }
             tracing::warn!(
                 dead_lettered = dead_letters.len(),

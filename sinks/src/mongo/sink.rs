@@ -71,6 +71,7 @@ impl MongoSink {
         let zones = documents::zone_writes(output).map_err(|source| SinkError::Rejected {
             sink: NAME,
             epoch,
+            code: "geometry".into(),
             source: Box::new(source),
         })?;
         let (inserted, duplicates) = self
@@ -132,12 +133,38 @@ pub(super) fn commit_error(epoch: Epoch, error: mongodb::error::Error) -> SinkEr
             sink: NAME,
             source: Box::new(error),
         },
-        Failure::Permanent => SinkError::Rejected {
-            sink: NAME,
-            epoch,
-            source: Box::new(error),
+        // A server error with a code refused a document (e.g. 16755, a geometry the
+        // 2dsphere index cannot hold): the data's fault. Anything else is not.
+        Failure::Permanent => match server_code(&error) {
+            Some(code) => SinkError::Rejected {
+                sink: NAME,
+                epoch,
+                code: code.to_string(),
+                source: Box::new(error),
+            },
+            None => SinkError::Failed {
+                sink: NAME,
+                epoch,
+                source: Box::new(error),
+            },
         },
         Failure::Closed => SinkError::Closed { sink: NAME },
+    }
+}
+
+/// The server's error code of a refused write or command, if the error carries one.
+fn server_code(error: &mongodb::error::Error) -> Option<i32> {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match error.kind.as_ref() {
+        ErrorKind::Command(command) => Some(command.code),
+        ErrorKind::Write(WriteFailure::WriteError(write)) => Some(write.code),
+        ErrorKind::InsertMany(insert) => insert
+            .write_errors
+            .iter()
+            .flatten()
+            .map(|write| write.code)
+            .next(),
+        _ => None,
     }
 }
 

@@ -147,12 +147,12 @@ impl PostgresSink {
     /// The stored number of the dataflow's epoch `epoch`.
     ///
     /// # Errors
-    /// [`SinkError::Rejected`] when it does not fit PostgreSQL's `bigint`.
+    /// [`SinkError::Failed`] when it does not fit PostgreSQL's `bigint`.
     pub fn stored_epoch(&self, epoch: Epoch) -> Result<i64, SinkError> {
         self.epoch_base
             .checked_add(epoch)
             .and_then(|stored| i64::try_from(stored).ok())
-            .ok_or_else(|| SinkError::Rejected {
+            .ok_or_else(|| SinkError::Failed {
                 sink: NAME,
                 epoch,
                 source: format!("epoch {} + {epoch} exceeds a bigint", self.epoch_base).into(),
@@ -165,6 +165,8 @@ impl PostgresSink {
         let batch = EpochBatch::new(output, stored).map_err(|source| SinkError::Rejected {
             sink: NAME,
             epoch: output.epoch,
+            // A value PostgreSQL cannot represent, found before sending: the data's fault.
+            code: "unrepresentable".into(),
             source: Box::new(source),
         })?;
         match service::write_epoch(&self.pool, &batch, self.fence()).await {
@@ -223,6 +225,10 @@ impl Sink for PostgresSink {
         NAME
     }
 
+    fn is_system_of_record(&self) -> bool {
+        true
+    }
+
     fn commit(&mut self, output: Arc<EpochOutput>) -> SinkFuture<'_> {
         Box::pin(async move {
             if self.closed {
@@ -251,17 +257,39 @@ impl Sink for PostgresSink {
     }
 }
 
-/// A failed commit as the driver sees it: retry or give up.
+/// A failed commit as the driver sees it: retry, isolate the refused data, or give up.
+///
+/// Only a data exception (SQLSTATE class `22`, e.g. `22P05` a NUL in text) or an integrity
+/// constraint violation (class `23`, e.g. `23514` a `CHECK`) blames the data: those are
+/// [`SinkError::Rejected`] with the SQLSTATE as code, and the driver isolates the event.
+/// Any other permanent failure (a missing table, a broken statement) would refuse every
+/// event alike, so it is [`SinkError::Failed`] and stops the pipeline instead of
+/// dead-lettering everything.
 fn commit_error(epoch: Epoch, error: sqlx::Error) -> SinkError {
+    let data_code = match &error {
+        sqlx::Error::Database(db) => db
+            .code()
+            .filter(|code| code.starts_with("22") || code.starts_with("23"))
+            .map(|code| code.into_owned()),
+        _ => None,
+    };
     match service::classify(&error) {
         Failure::Transient => SinkError::Unavailable {
             sink: NAME,
             source: Box::new(error),
         },
-        Failure::Permanent => SinkError::Rejected {
-            sink: NAME,
-            epoch,
-            source: Box::new(error),
+        Failure::Permanent => match data_code {
+            Some(code) => SinkError::Rejected {
+                sink: NAME,
+                epoch,
+                code,
+                source: Box::new(error),
+            },
+            None => SinkError::Failed {
+                sink: NAME,
+                epoch,
+                source: Box::new(error),
+            },
         },
         Failure::Closed => SinkError::Closed { sink: NAME },
     }
