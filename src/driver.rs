@@ -575,7 +575,9 @@ impl<A: Send + 'static> Core<'_, A> {
                 Err(error) => {
                     tracing::error!(epoch, sink = error.sink(), error = %error, "A sink failed; the driver stops without acknowledging this epoch.");
                     halt.cancel();
-                    return Err(anyhow!(error).context(format!("epoch {epoch} could not be committed")));
+                    return Err(
+                        anyhow!(error).context(format!("epoch {epoch} could not be committed"))
+                    );
                 }
             }
         }
@@ -596,7 +598,9 @@ impl<A: Send + 'static> Core<'_, A> {
                 Err(error) => {
                     tracing::error!(epoch, sink = error.sink(), error = %error, "A sink failed; the driver stops without acknowledging this epoch.");
                     halt.cancel();
-                    return Err(anyhow!(error).context(format!("epoch {epoch} could not be committed")));
+                    return Err(
+                        anyhow!(error).context(format!("epoch {epoch} could not be committed"))
+                    );
                 }
             }
         }
@@ -626,15 +630,28 @@ impl<A: Send + 'static> Core<'_, A> {
                 if let Some(metrics) = &self.config.metrics {
                     metrics.hydration_duration.add(rebuilt.as_secs_f64());
                 }
-                tracing::info!(epoch, changes = output.changes.len(), rebuild_ms = rebuilt.as_millis() as u64, "The restored state is rebuilt and committed.");
+                tracing::info!(
+                    epoch,
+                    changes = output.changes.len(),
+                    rebuild_ms = rebuilt.as_millis() as u64,
+                    "The restored state is rebuilt and committed."
+                );
             }
         }
-        tracing::debug!(epoch, changes = output.changes.len(), rejected = output.rejections.len(), "Every sink committed an epoch.");
+        tracing::debug!(
+            epoch,
+            changes = output.changes.len(),
+            rejected = output.rejections.len(),
+            "Every sink committed an epoch."
+        );
         Ok(None)
     }
 
     /// Hands back, in read order, the tokens of the batches whose every epoch is committed.
-    async fn acknowledge(&mut self, ack_tx: &mpsc::Sender<(A, Vec<Refusal>)>) -> anyhow::Result<()> {
+    async fn acknowledge(
+        &mut self,
+        ack_tx: &mpsc::Sender<(A, Vec<Refusal>)>,
+    ) -> anyhow::Result<()> {
         while self
             .unacked
             .front()
@@ -1131,7 +1148,11 @@ mod tests {
                 if output.restored {
                     return Ok(());
                 }
-                if output.events.iter().any(|e| self.poison.contains(&e.event_id)) {
+                if output
+                    .events
+                    .iter()
+                    .any(|e| self.poison.contains(&e.event_id))
+                {
                     return Err(SinkError::Rejected {
                         sink: "record",
                         epoch: output.epoch,
@@ -1158,28 +1179,25 @@ mod tests {
     impl Rehydrate for FromRecord {
         fn load(&mut self) -> RehydrateFuture<'_> {
             Box::pin(async move {
-                let records = self.0.model.with_state(|state| {
-                    let mut records = Vec::new();
-                    records.extend(
-                        state
-                            .couriers
-                            .iter()
-                            .map(|(id, s)| delivertrack_dataflow::Change::Courier(*id, s.clone())),
-                    );
-                    records.extend(
-                        state
-                            .zones
-                            .iter()
-                            .map(|(id, s)| delivertrack_dataflow::Change::Zone(*id, s.clone())),
-                    );
-                    records.extend(
-                        state
-                            .deliveries
-                            .iter()
-                            .map(|(id, s)| delivertrack_dataflow::Change::Delivery(*id, s.clone())),
-                    );
-                    records
-                });
+                let records =
+                    self.0.model.with_state(|state| {
+                        let mut records = Vec::new();
+                        records.extend(
+                            state.couriers.iter().map(|(id, s)| {
+                                delivertrack_dataflow::Change::Courier(*id, s.clone())
+                            }),
+                        );
+                        records.extend(
+                            state
+                                .zones
+                                .iter()
+                                .map(|(id, s)| delivertrack_dataflow::Change::Zone(*id, s.clone())),
+                        );
+                        records.extend(state.deliveries.iter().map(|(id, s)| {
+                            delivertrack_dataflow::Change::Delivery(*id, s.clone())
+                        }));
+                        records
+                    });
                 let accepted = self.0.accepted.lock().unwrap().clone();
                 Ok(delivertrack_dataflow::restore::from_history(
                     records,

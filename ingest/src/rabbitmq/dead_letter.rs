@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
-use delivertrack_dataflow::contract::{CONTENT_TYPE, DecodeError};
 use delivertrack_dataflow::RejectReason;
+use delivertrack_dataflow::contract::{CONTENT_TYPE, DecodeError};
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
@@ -312,8 +312,8 @@ pub(crate) async fn publish(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use delivertrack_dataflow::contract::{ContractLimits, decode_message};
     use crate::source::SinkRefusal;
+    use delivertrack_dataflow::contract::{ContractLimits, decode_message};
     use delivertrack_dataflow::{EventId, EventKind, Rejection};
 
     const GOOD: &str = r#"{"v":1,"kind":"zone.deleted","event_id":"d4c3b2a1-0f9e-4d8c-b7a6-958473625140","occurred_at":"2026-01-01T00:00:00Z","zone_id":"8b7a6c5d-4e3f-4a2b-9c1d-0e9f8a7b6c5d"}"#;

@@ -24,8 +24,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
-use delivertrack_dataflow::contract::decode_message;
 use delivertrack_dataflow::EventId;
+use delivertrack_dataflow::contract::decode_message;
 use lapin::options::BasicAckOptions;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
