@@ -310,11 +310,12 @@ struct Generation {
     /// Added to this dataflow's epoch numbers (which start at 0) to get the numbers the
     /// sinks see, which keep increasing across rebuilds.
     offset: Epoch,
-    threads: Option<(
-        thread::JoinHandle<anyhow::Result<()>>,
-        thread::JoinHandle<anyhow::Result<()>>,
-    )>,
+    /// The input thread and the output thread.
+    threads: Option<(Worker, Worker)>,
 }
+
+/// A thread of a [`Generation`].
+type Worker = thread::JoinHandle<anyhow::Result<()>>;
 
 impl Generation {
     async fn start(config: &DataflowConfig, offset: Epoch) -> anyhow::Result<Self> {
@@ -1212,8 +1213,11 @@ mod tests {
     struct Recording {
         batches: VecDeque<Vec<Event>>,
         next: u32,
-        acked: Arc<std::sync::Mutex<Vec<(u32, Vec<Refusal>)>>>,
+        acked: Acked,
     }
+
+    /// Every token a [`Recording`] was given back, with its refusals.
+    type Acked = Arc<std::sync::Mutex<Vec<(u32, Vec<Refusal>)>>>;
 
     impl Source for Recording {
         type Ack = u32;
