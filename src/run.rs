@@ -294,13 +294,14 @@ pub async fn run_pipeline_on(
     }
     let sink_names: Vec<&str> = service.sinks.iter().map(|s| s.name()).collect();
     tracing::info!(%addr, rabbitmq = %url, queue = %config.rabbit.queue, prefetch = config.rabbit.prefetch, workers = config.pipeline.workers, sinks = ?sink_names, restored_records = service.restore.len(), "DeliverTrack is running.");
+    // The API takes the socket over from the standby server: what connects from now on
+    // waits in the backlog for the API, so a caller told "started" talks to the API.
+    standby_server.stop().await;
+    let listener = TcpListener::from_std(listener).context("the API cannot listen")?;
     if let Some(started) = hooks.started {
         // The caller may have stopped listening; nothing depends on it hearing this.
         let _ = started.send(Started { addr });
     }
-    // The API takes the socket over from the standby server.
-    standby_server.stop().await;
-    let listener = TcpListener::from_std(listener).context("the API cannot listen")?;
     let ran = service.run(listener, shutdown).await;
     publisher.close().await;
     ran

@@ -60,8 +60,18 @@ pub struct StandbyServer {
     task: JoinHandle<()>,
 }
 
+/// How long one connection to the standby server may take: each answers one request and
+/// closes, so this only bounds a client that connects and sends nothing.
+const CONNECTION_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Serves `/healthz` and a `503` for everything else on `listener`, with `phase`'s
 /// reason, until stopped.
+///
+/// Its own accept loop rather than `axum::serve`: a graceful shutdown closes a connection
+/// that was accepted but whose request was not read yet, so a client that connected just
+/// before the handover would see its connection closed without an answer. Here stopping
+/// ends only the accepting; every accepted connection is answered (by the standby) and
+/// every later one waits in the socket's backlog for the API.
 pub fn serve(listener: TcpListener, phase: watch::Receiver<Phase>) -> StandbyServer {
     let stop = CancellationToken::new();
     let router = Router::new()
@@ -70,27 +80,46 @@ pub fn serve(listener: TcpListener, phase: watch::Receiver<Phase>) -> StandbySer
         .with_state(phase);
     let stopped = stop.clone();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(stopped.cancelled_owned())
-            .await;
-        if let Err(error) = served {
-            tracing::warn!(%error, "The standby server failed; the API will answer once this process is the writer.");
+        loop {
+            let accepted = tokio::select! {
+                () = stopped.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(answer(stream, router.clone()));
+                }
+                Err(error) => {
+                    // Out of descriptors, or a connection reset before it was accepted: the
+                    // next accept may succeed; do not spin meanwhile.
+                    tracing::debug!(%error, "The standby server could not accept a connection.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
     });
     StandbyServer { stop, task }
 }
 
+/// Answers the requests of one connection (one, as every answer closes it), within
+/// [`CONNECTION_PATIENCE`].
+async fn answer(stream: tokio::net::TcpStream, router: Router) {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    if let Ok(Err(error)) = tokio::time::timeout(CONNECTION_PATIENCE, connection).await {
+        tracing::debug!(%error, "A connection to the standby server failed.");
+    }
+}
+
 impl StandbyServer {
-    /// Stops accepting, lets requests in progress finish (at most a second), and gives the
-    /// socket back to whoever holds the other handle on it.
+    /// Stops accepting and gives the socket back to whoever holds the other handle on it.
+    /// Connections already accepted are still answered, by their own tasks.
     pub async fn stop(mut self) {
         self.stop.cancel();
-        if tokio::time::timeout(Duration::from_secs(1), &mut self.task)
-            .await
-            .is_err()
-        {
-            self.task.abort();
-        }
+        // The loop ends at its next turn: it never blocks between turns.
+        let _ = (&mut self.task).await;
     }
 }
 
