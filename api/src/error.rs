@@ -43,6 +43,13 @@ pub enum ApiError {
         /// Why, without revealing what the caller may not see.
         reason: String,
     },
+    /// `403 origin_not_allowed`: a WebSocket upgrade from a browser page whose `Origin` is
+    /// not on the allow-list ([`crate::origin`]).
+    #[error("WebSocket connections from the origin {origin:?} are not allowed")]
+    OriginNotAllowed {
+        /// The request's `Origin`.
+        origin: String,
+    },
     /// `429 rate_limited`, with `Retry-After`.
     #[error("rate limit exceeded for {limit}; retry in {} s", retry_after.as_secs().max(1))]
     RateLimited {
@@ -110,7 +117,9 @@ impl ApiError {
             ApiError::NotFound { .. } | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::InvalidId { .. } | ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::Forbidden { .. } | ApiError::OriginNotAllowed { .. } => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -131,6 +140,7 @@ impl ApiError {
             ApiError::SourceUnavailable { .. } => "source_unavailable",
             ApiError::Unauthorized { .. } => "unauthorized",
             ApiError::Forbidden { .. } => "forbidden",
+            ApiError::OriginNotAllowed { .. } => "origin_not_allowed",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::BadRequest { code, .. } | ApiError::Conflict { code, .. } => code,
             ApiError::PayloadTooLarge { .. } => "payload_too_large",

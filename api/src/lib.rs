@@ -45,6 +45,8 @@ pub mod live;
 pub mod map;
 pub mod metrics;
 pub mod openapi;
+pub mod origin;
+pub mod page;
 pub mod rate_limit;
 pub mod readiness;
 pub mod reads;
@@ -58,7 +60,8 @@ use axum::http::StatusCode;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-pub use auth::{AuthConfig, Authenticator, Principal, Role};
+pub use auth::{AuthConfig, Authenticator, Grant, Principal, Role};
+pub use origin::AllowedOrigins;
 pub use commands::{EventPublisher, PublishError};
 pub use error::{ApiError, ApiJson};
 pub use rate_limit::{Limit, Quota, RateLimitConfig, RateLimiter};
@@ -70,10 +73,15 @@ pub use state::{ApiConfig, AppState};
 /// tracing and a request timeout.
 pub fn router(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
+    let metrics = if state.config.metrics_on_api {
+        metrics::router()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(map::router())
+        .merge(metrics)
         .merge(health::router())
-        .merge(metrics::router())
         .merge(snapshot::router())
         .merge(couriers::router())
         .merge(deliveries::router())

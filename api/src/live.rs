@@ -1,5 +1,10 @@
 //! `GET /ws/changes`: the live stream of every change, over a WebSocket.
 //!
+//! Admins only (every courier's position, every delivery's status): the token comes in the
+//! `Authorization` header or, from a browser, as `?access_token=`; none is `401`, another
+//! role `403`, a page of another origin `403 origin_not_allowed` ([`crate::origin`]). The
+//! session closes with [`CLOSE_TOKEN_EXPIRED`] (4401) when the token expires.
+//!
 //! Server → client, text frames of JSON, each tagged by `"type"`:
 //! - `{"type": "snapshot", "reason": "connected" | "lagged", "snapshot": {...}}`: the
 //!   whole [`Snapshot`]; first on connect, and again whenever the client fell behind;
@@ -38,7 +43,10 @@ use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
+use crate::auth::{CLOSE_TOKEN_EXPIRED, Grant, TOKEN_EXPIRED_REASON};
 use crate::error::{ApiError, ErrorBody};
+use crate::origin::OriginAllowed;
+use crate::reads::access::require_admin;
 use crate::state::AppState;
 
 /// The routes of this module.
@@ -68,34 +76,48 @@ enum ServerMessage<'a> {
     operation_id = "streamChanges",
     tag = "live",
     summary = "Every change, epoch by epoch (WebSocket)",
-    description = "A WebSocket, no token needed. Text frames of JSON tagged by `type`: \
-        `snapshot` (the whole `/api/snapshot`, with `reason` `connected` or `lagged`) first and \
-        whenever the client fell behind, then one `epoch` message per applied epoch \
-        (`epoch`, `changes`, `rejected`).",
+    description = "A WebSocket for admins (browsers pass the token as `access_token`). Text \
+        frames of JSON tagged by `type`: `snapshot` (the whole `/api/snapshot`, with `reason` \
+        `connected` or `lagged`) first and whenever the client fell behind, then one `epoch` \
+        message per applied epoch (`epoch`, `changes`, `rejected`). Closed with 4401 when the \
+        token expires, 1001 at shutdown.",
+    security(("bearer_jwt" = []), ("access_token" = [])),
     responses(
         (status = 101, description = "Switching to the WebSocket session."),
         (status = 400, description = "`websocket_required`: not a WebSocket upgrade request.", body = ErrorBody),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: not an admin; `origin_not_allowed`: a page \
+            of an origin not on the allow-list.", body = ErrorBody),
     )
 )]
 async fn upgrade(
     State(state): State<AppState>,
+    _origin: OriginAllowed,
+    grant: Grant,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    require_admin(&grant.principal)?;
     let ws = ws.map_err(|rejection| ApiError::BadRequest {
         code: "websocket_required",
         message: rejection.body_text(),
     })?;
-    Ok(ws.on_upgrade(move |socket| session(socket, state)))
+    Ok(ws.on_upgrade(move |socket| session(socket, state, grant)))
 }
 
 /// Runs one client's session until either side ends it.
-async fn session(socket: WebSocket, state: AppState) {
+async fn session(socket: WebSocket, state: AppState, grant: Grant) {
     let _counted = state.metrics.websocket_session();
     let started = Instant::now();
     // Milliseconds since `started` at which the peer last sent anything.
     let heard_from = Arc::new(AtomicU64::new(0));
     let (sink, stream) = socket.split();
-    let mut send = tokio::spawn(send_loop(sink, state, started, Arc::clone(&heard_from)));
+    let mut send = tokio::spawn(send_loop(
+        sink,
+        state,
+        grant,
+        started,
+        Arc::clone(&heard_from),
+    ));
     let mut receive = tokio::spawn(receive_loop(stream, started, heard_from));
     tokio::select! {
         _ = &mut send => receive.abort(),
@@ -130,10 +152,11 @@ enum End {
 async fn send_loop(
     mut sink: SplitSink<WebSocket, Message>,
     state: AppState,
+    grant: Grant,
     started: Instant,
     heard_from: Arc<AtomicU64>,
 ) {
-    let end = stream_changes(&mut sink, &state, started, &heard_from).await;
+    let end = stream_changes(&mut sink, &state, grant, started, &heard_from).await;
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
             code,
@@ -150,9 +173,12 @@ async fn send_loop(
 async fn stream_changes(
     sink: &mut SplitSink<WebSocket, Message>,
     state: &AppState,
+    grant: Grant,
     started: Instant,
     heard_from: &AtomicU64,
 ) -> End {
+    let expired = grant.expired();
+    tokio::pin!(expired);
     let timeout = state.config.ws_send_timeout;
     let ping_every = state.config.ws_ping_interval;
     // Subscribe before taking the snapshot: every later epoch is then either in the
@@ -167,6 +193,9 @@ async fn stream_changes(
         tokio::select! {
             () = state.shutdown.cancelled() => {
                 return End::Close(close_code::AWAY, "the server is shutting down");
+            }
+            () = &mut expired => {
+                return End::Close(CLOSE_TOKEN_EXPIRED, TOKEN_EXPIRED_REASON);
             }
             _ = ping.tick() => {
                 let silent = millis_since(started).saturating_sub(heard_from.load(Ordering::Relaxed));

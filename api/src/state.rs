@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AuthConfig, Authenticator};
 use crate::commands::EventPublisher;
 use crate::metrics::ApiMetrics;
+use crate::origin::AllowedOrigins;
 use crate::rate_limit::RateLimiter;
 use crate::readiness::Readiness;
 
@@ -34,6 +35,12 @@ pub struct ApiConfig {
     /// With [`command_publish_timeout`](Self::command_publish_timeout) it must stay below
     /// [`request_timeout`](Self::request_timeout).
     pub command_wait: Duration,
+    /// The origins, besides the API's own, whose pages may open its WebSockets
+    /// (`--allowed-origins`; [`crate::origin`]).
+    pub allowed_origins: AllowedOrigins,
+    /// Whether the API's router serves `GET /metrics`; `false` when `--metrics-listen`
+    /// serves it on an address of its own ([`crate::metrics::serve`]).
+    pub metrics_on_api: bool,
 }
 
 impl Default for ApiConfig {
@@ -44,6 +51,8 @@ impl Default for ApiConfig {
             ws_send_timeout: Duration::from_secs(10),
             command_publish_timeout: Duration::from_secs(4),
             command_wait: Duration::from_secs(5),
+            allowed_origins: AllowedOrigins::SameOrigin,
+            metrics_on_api: true,
         }
     }
 }

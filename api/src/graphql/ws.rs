@@ -9,6 +9,14 @@
 //! invalid one closes the socket with code `4403` and the reason. A client that sends no
 //! `connection_init` within 10 seconds is closed with `4408`, as the protocol says.
 //!
+//! **Ends with the token.** The session closes with
+//! [`CLOSE_TOKEN_EXPIRED`](crate::auth::CLOSE_TOKEN_EXPIRED) (4401, `the token has
+//! expired`) at the `exp` of the token it runs on (the `connection_init` one when it
+//! brings one, otherwise the upgrade's), subscriptions and all.
+//!
+//! **Origin.** A page of an origin not on the allow-list is refused `403
+//! origin_not_allowed` before the upgrade ([`crate::origin`]).
+//!
 //! **Liveness and limits.** As on `/ws/changes`: the server pings every
 //! [`ApiConfig::ws_ping_interval`](crate::ApiConfig::ws_ping_interval) and closes a peer
 //! silent for two intervals, drops one that does not take a message within
@@ -33,7 +41,9 @@ use futures::{SinkExt, StreamExt, future};
 use tokio::time::Instant;
 
 use super::AnalyticsSchema;
-use crate::auth::{AuthError, Authenticator, Principal};
+use crate::auth::{
+    AuthError, Authenticator, CLOSE_TOKEN_EXPIRED, Grant, Principal, TOKEN_EXPIRED_REASON,
+};
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
@@ -55,7 +65,8 @@ pub const CLOSE_INIT_TIMEOUT: u16 = 4408;
         older `graphql-ws`), named in `Sec-WebSocket-Protocol`. The token comes with the \
         upgrade (header or `access_token`; an invalid one is `401`) or in the \
         `connection_init` payload, `{\"Authorization\": \"Bearer ...\"}`; none is closed \
-        with 4403, no `connection_init` within 10 s with 4408.",
+        with 4403, no `connection_init` within 10 s with 4408, and the session with 4401 when \
+        its token expires.",
     security((), ("bearer_jwt" = []), ("access_token" = [])),
     params(("Sec-WebSocket-Protocol" = String, Header, description = "`graphql-transport-ws` or `graphql-ws`.")),
     responses(
@@ -63,6 +74,7 @@ pub const CLOSE_INIT_TIMEOUT: u16 = 4408;
         (status = 400, description = "`websocket_required` (not a WebSocket upgrade request) or \
             `unsupported_protocol`.", body = ErrorBody),
         (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`origin_not_allowed`: a page of an origin not on the allow-list.", body = ErrorBody),
     )
 )]
 pub(super) async fn upgrade(
@@ -71,6 +83,7 @@ pub(super) async fn upgrade(
     request: Request,
 ) -> Result<Response, ApiError> {
     let (mut parts, _body) = request.into_parts();
+    crate::origin::check(&state.config.allowed_origins, &parts.headers)?;
     let ws = WebSocketUpgrade::from_request_parts(&mut parts, &state)
         .await
         .map_err(|rejection| ApiError::BadRequest {
@@ -91,8 +104,8 @@ pub(super) async fn upgrade(
             message: "Sec-WebSocket-Protocol must name graphql-transport-ws (or graphql-ws)".into(),
         })?;
     // A token on the upgrade must be valid; none leaves it to `connection_init`.
-    let principal = match state.auth.authenticate(&parts) {
-        Ok(principal) => Some(principal),
+    let grant = match state.auth.authenticate_grant(&parts) {
+        Ok(grant) => Some(grant),
         Err(AuthError::Missing) => None,
         Err(error) => {
             return Err(ApiError::Unauthorized {
@@ -102,7 +115,7 @@ pub(super) async fn upgrade(
     };
     Ok(ws
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |socket| session(socket, state, schema, protocol, principal))
+        .on_upgrade(move |socket| session(socket, state, schema, protocol, grant))
         .into_response())
 }
 
@@ -112,6 +125,8 @@ pub(super) async fn upgrade(
 struct Init {
     accepted: AtomicBool,
     refused: AtomicBool,
+    /// The `exp` of the token the session runs on, Unix seconds (0: none yet).
+    expires_at: AtomicU64,
 }
 
 /// Runs one session until either side ends it.
@@ -120,8 +135,9 @@ async fn session(
     state: AppState,
     schema: AnalyticsSchema,
     protocol: WebSocketProtocols,
-    principal: Option<Principal>,
+    grant: Option<Grant>,
 ) {
+    let principal = grant.map(|grant| grant.principal);
     let _counted = state.metrics.websocket_session();
     let started = Instant::now();
     // Milliseconds since `started` at which the peer last sent anything.
@@ -143,6 +159,9 @@ async fn session(
     };
 
     let init = Arc::new(Init::default());
+    if let Some(grant) = grant {
+        init.expires_at.store(grant.expires_at, Ordering::SeqCst);
+    }
     let mut data = Data::default();
     data.insert(state.read_model.clone());
     if let Some(principal) = principal {
@@ -154,11 +173,12 @@ async fn session(
         move |payload: serde_json::Value| async move {
             match init_principal(&auth, &payload, principal.is_some()) {
                 Ok(found) => {
-                    init.accepted.store(true, Ordering::SeqCst);
                     let mut data = Data::default();
-                    if let Some(principal) = found {
-                        data.insert(principal);
+                    if let Some(grant) = found {
+                        init.expires_at.store(grant.expires_at, Ordering::SeqCst);
+                        data.insert(grant.principal);
                     }
+                    init.accepted.store(true, Ordering::SeqCst);
                     Ok(data)
                 }
                 Err(reason) => {
@@ -179,10 +199,25 @@ async fn session(
     let init_deadline = tokio::time::sleep_until(started + CONNECTION_INIT_TIMEOUT);
     tokio::pin!(init_deadline);
     let mut init_pending = true;
+    // Armed with the token's expiry once there is a token, re-armed when `connection_init`
+    // brings another.
+    let expiry = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(expiry);
+    let mut armed = 0;
     let close = loop {
+        let expires_at = init.expires_at.load(Ordering::SeqCst);
+        if expires_at != armed {
+            armed = expires_at;
+            expiry
+                .as_mut()
+                .reset(Instant::now() + crate::auth::until(expires_at));
+        }
         tokio::select! {
             () = state.shutdown.cancelled() => {
                 break Some((close_code::AWAY, "the server is shutting down".to_owned()));
+            }
+            () = &mut expiry, if armed != 0 => {
+                break Some((CLOSE_TOKEN_EXPIRED, TOKEN_EXPIRED_REASON.to_owned()));
             }
             () = &mut init_deadline, if init_pending => {
                 init_pending = false;
@@ -231,7 +266,7 @@ fn init_principal(
     auth: &Authenticator,
     payload: &serde_json::Value,
     upgraded_with_token: bool,
-) -> Result<Option<Principal>, String> {
+) -> Result<Option<Grant>, String> {
     let header = payload.as_object().and_then(|fields| {
         fields
             .iter()
@@ -246,7 +281,7 @@ fn init_principal(
                 .map(str::trim)
                 .filter(|token| !token.is_empty())
                 .ok_or_else(|| AuthError::Malformed.to_string())?;
-            auth.verify(token).map(Some).map_err(|e| e.to_string())
+            auth.verify_grant(token).map(Some).map_err(|e| e.to_string())
         }
         Some(_) => Err(AuthError::Malformed.to_string()),
         None if upgraded_with_token => Ok(None),
@@ -309,7 +344,9 @@ mod tests {
         let token = auth.issue(Role::Admin, sub).unwrap();
         let payload = serde_json::json!({"Authorization": format!("Bearer {token}")});
         assert_eq!(
-            init_principal(&auth, &payload, false).unwrap(),
+            init_principal(&auth, &payload, false)
+                .unwrap()
+                .map(|grant| grant.principal),
             Some(Principal {
                 sub,
                 role: Role::Admin
