@@ -9,7 +9,7 @@ use delivertrack::StoresConfig;
 use delivertrack::auth::issue_token;
 use delivertrack::telemetry::{self, LogFormat};
 use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_migrations, run_pipeline};
-use delivertrack_api::{AuthConfig, Role};
+use delivertrack_api::{AllowedOrigins, ApiConfig, AuthConfig, Role};
 use delivertrack_api::{Quota, RateLimitConfig};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_sinks::{DerivedConfig, MongoConfig, PostgresConfig, RedisConfig};
@@ -166,6 +166,20 @@ struct PipelineArgs {
     /// ... or this many milliseconds after its first event.
     #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_MS", default_value_t = 200)]
     epoch_max_ms: u64,
+    /// Serves /metrics on this address of its own, and not on the API's (keep it off the
+    /// network the API faces). Unset: /metrics is on the API's address.
+    #[arg(long, env = "DELIVERTRACK_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Origins of web pages allowed to open the API's WebSockets besides its own, comma-
+    /// separated (`https://ops.example.com,http://127.0.0.1:3000`), or `*` for any. Unset:
+    /// the API's own origin only; clients that send no Origin (not browsers) always pass.
+    #[arg(long, env = "DELIVERTRACK_ALLOWED_ORIGINS", default_value = "", value_parser = allowed_origins)]
+    allowed_origins: AllowedOrigins,
+}
+
+/// `--allowed-origins`, as clap parses it.
+fn allowed_origins(text: &str) -> Result<AllowedOrigins, String> {
+    text.parse().map_err(|error: delivertrack_api::origin::OriginListError| error.to_string())
 }
 
 impl From<PipelineArgs> for PipelineConfig {
@@ -176,6 +190,11 @@ impl From<PipelineArgs> for PipelineConfig {
             default_speed_mps: args.default_speed_mps,
             epoch_max_events: args.epoch_max_events,
             epoch_max_wait: Duration::from_millis(args.epoch_max_ms),
+            metrics_listen: args.metrics_listen,
+            api: ApiConfig {
+                allowed_origins: args.allowed_origins,
+                ..ApiConfig::default()
+            },
             ..PipelineConfig::default()
         }
     }

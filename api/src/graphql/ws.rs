@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use super::AnalyticsSchema;
 use crate::auth::{
-    AuthError, Authenticator, CLOSE_TOKEN_EXPIRED, Grant, Principal, TOKEN_EXPIRED_REASON,
+    AuthError, Authenticator, CLOSE_TOKEN_EXPIRED, Grant, TOKEN_EXPIRED_REASON,
 };
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
@@ -330,7 +330,7 @@ fn duration_millis(duration: Duration) -> u64 {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::auth::{AuthConfig, Role};
+    use crate::auth::{AuthConfig, Principal, Role};
     use uuid::Uuid;
 
     #[test]
