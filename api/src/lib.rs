@@ -168,23 +168,23 @@ mod tests {
         model
     }
 
+    /// `GET uri` on a router over `model`, as an admin.
     async fn get(model: &ReadModel, uri: &str) -> (u16, Value) {
-        get_with(AppState::new(model.clone(), CancellationToken::new()), uri).await
-    }
-
-    async fn get_raw(state: AppState, uri: &str) -> Response<Body> {
-        router(state)
-            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
-            .await
-            .unwrap()
-    }
-
-    async fn get_with(state: AppState, uri: &str) -> (u16, Value) {
-        let app = router(state);
-        let response: Response<Body> = app
-            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        let state = AppState::new(model.clone(), CancellationToken::new());
+        let token = state.auth.issue(Role::Admin, Uuid::from_u128(5)).unwrap();
+        let response = router(state)
+            .oneshot(
+                Request::get(uri)
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
             .await
             .unwrap();
+        body_of(response).await
+    }
+
+    async fn body_of(response: Response<Body>) -> (u16, Value) {
         let status = response.status().as_u16();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
@@ -195,6 +195,17 @@ mod tests {
             serde_json::from_slice(&bytes).unwrap()
         };
         (status, body)
+    }
+
+    async fn get_raw(state: AppState, uri: &str) -> Response<Body> {
+        router(state)
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn get_with(state: AppState, uri: &str) -> (u16, Value) {
+        body_of(get_raw(state, uri).await).await
     }
 
     #[tokio::test]
@@ -363,5 +374,17 @@ mod tests {
         let page = body.as_str().unwrap();
         assert!(page.contains("/ws/changes") && page.contains("/api/snapshot"));
         assert!(!page.contains("<script src"), "no external scripts");
+    }
+
+    #[tokio::test]
+    async fn metrics_can_leave_the_api_address() {
+        let state = AppState::new(ReadModel::default(), CancellationToken::new()).with_config(
+            ApiConfig {
+                metrics_on_api: false,
+                ..ApiConfig::default()
+            },
+        );
+        let (status, body) = get_with(state, "/metrics").await;
+        assert_eq!((status, body["error"]["code"].as_str()), (404, Some("route_not_found")));
     }
 }
