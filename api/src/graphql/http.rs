@@ -112,7 +112,7 @@ static GRAPHIQL_POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
         crate::page::Sources {
             scripts: &GRAPHIQL_SCRIPTS,
             styles: &GRAPHIQL_STYLES,
-            fonts: &["data:", "https://unpkg.com"],
+            fonts: &["data:", "https://unpkg.com/graphiql@4.1.2/"],
         },
     )
 });
