@@ -31,7 +31,8 @@
 //! - [`id`] — parsing typed ids out of paths.
 //! - [`health`], [`metrics`], [`snapshot`], [`couriers`], [`deliveries`], [`live`],
 //!   [`map`]: the resources.
-//! - [`server`] — [`serve`], with graceful shutdown.
+//! - [`server`] — [`serve`]: the accept loop, with the connection cap, the header and idle
+//!   timeouts, and graceful shutdown.
 
 pub mod auth;
 pub mod commands;
@@ -94,6 +95,7 @@ pub fn router(state: AppState) -> Router {
             metrics::track_requests,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(error::BODY_LIMIT))
+        .layer(axum::middleware::from_fn(server::limit_headers))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,

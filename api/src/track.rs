@@ -51,11 +51,15 @@ use futures::stream::SplitSink;
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
 use crate::id;
-use crate::live::{duration_millis, millis_since, receive_loop, send};
+use crate::live::{
+    MESSAGE_TOO_BIG, bounded, duration_millis, end_after_receive, millis_since, receive_loop,
+    send,
+};
 use crate::reads::access::may_see_delivery;
 use crate::state::AppState;
 
@@ -190,7 +194,7 @@ async fn upgrade(
         code: "websocket_required",
         message: rejection.body_text(),
     })?;
-    Ok(ws.on_upgrade(move |socket| session(socket, state, id)))
+    Ok(bounded(ws, &state.config).on_upgrade(move |socket| session(socket, state, id)))
 }
 
 /// Runs one tracking session until either side ends it.
@@ -199,12 +203,19 @@ async fn session(socket: WebSocket, state: AppState, id: DeliveryId) {
     let started = Instant::now();
     // Milliseconds since `started` at which the peer last sent anything.
     let heard_from = Arc::new(AtomicU64::new(0));
+    let oversized = CancellationToken::new();
     let (sink, stream) = socket.split();
-    let mut send = tokio::spawn(send_loop(sink, state, id, started, Arc::clone(&heard_from)));
-    let mut receive = tokio::spawn(receive_loop(stream, started, heard_from));
+    let mut send = tokio::spawn(send_loop(
+        sink,
+        state,
+        id,
+        (started, Arc::clone(&heard_from)),
+        oversized.clone(),
+    ));
+    let mut receive = tokio::spawn(receive_loop(stream, started, heard_from, oversized.clone()));
     tokio::select! {
         _ = &mut send => receive.abort(),
-        _ = &mut receive => send.abort(),
+        _ = &mut receive => end_after_receive(send, &oversized).await,
     }
     tracing::debug!(delivery = %id, "A tracking WebSocket session ended.");
 }
@@ -223,10 +234,13 @@ async fn send_loop(
     mut sink: SplitSink<WebSocket, Message>,
     state: AppState,
     id: DeliveryId,
-    started: Instant,
-    heard_from: Arc<AtomicU64>,
+    (started, heard_from): (Instant, Arc<AtomicU64>),
+    oversized: CancellationToken,
 ) {
-    let end = track(&mut sink, &state, id, started, &heard_from).await;
+    let end = tokio::select! {
+        end = track(&mut sink, &state, id, started, &heard_from) => end,
+        () = oversized.cancelled() => End::Close(close_code::SIZE, MESSAGE_TOO_BIG),
+    };
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
             code,
