@@ -57,8 +57,7 @@ use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
 use crate::id;
 use crate::live::{
-    MESSAGE_TOO_BIG, bounded, duration_millis, end_after_receive, millis_since, receive_loop,
-    send,
+    MESSAGE_TOO_BIG, bounded, duration_millis, end_after_receive, millis_since, receive_loop, send,
 };
 use crate::reads::access::may_see_delivery;
 use crate::state::AppState;

@@ -27,8 +27,8 @@
 
 use std::collections::HashSet;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_graphql::Data;
@@ -304,7 +304,9 @@ impl Operations {
     }
 
     fn open(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A client message: `Ok` to hand it to the schema, or the refusal to send instead.
@@ -325,7 +327,10 @@ impl Operations {
             return Ok(());
         }
         drop(open);
-        tracing::info!(max = self.max, "A GraphQL WebSocket client opened more subscriptions than allowed; refusing one.");
+        tracing::info!(
+            max = self.max,
+            "A GraphQL WebSocket client opened more subscriptions than allowed; refusing one."
+        );
         let error = serde_json::json!({
             "message": format!("at most {} subscriptions may be open on one connection", self.max),
             "extensions": {"code": TOO_MANY_SUBSCRIPTIONS},
@@ -343,11 +348,7 @@ impl Operations {
         if text.starts_with(r#"{"type":"next""#) || text.starts_with(r#"{"type":"data""#) {
             return;
         }
-        if let Ok(Envelope {
-            kind,
-            id: Some(id),
-        }) = serde_json::from_str::<Envelope>(text)
-        {
+        if let Ok(Envelope { kind, id: Some(id) }) = serde_json::from_str::<Envelope>(text) {
             if kind == "complete" {
                 self.open().remove(&id);
             }
