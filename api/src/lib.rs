@@ -31,7 +31,8 @@
 //! - [`id`] — parsing typed ids out of paths.
 //! - [`health`], [`metrics`], [`snapshot`], [`couriers`], [`deliveries`], [`live`],
 //!   [`map`]: the resources.
-//! - [`server`] — [`serve`], with graceful shutdown.
+//! - [`server`] — [`serve`]: the accept loop, with the connection cap, the header and idle
+//!   timeouts, and graceful shutdown.
 
 pub mod auth;
 pub mod commands;
@@ -61,9 +62,9 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use auth::{AuthConfig, Authenticator, Grant, Principal, Role};
-pub use origin::AllowedOrigins;
 pub use commands::{EventPublisher, PublishError};
 pub use error::{ApiError, ApiJson};
+pub use origin::AllowedOrigins;
 pub use rate_limit::{Limit, Quota, RateLimitConfig, RateLimiter};
 pub use readiness::{Readiness, SourceProbe, SourceStatus};
 pub use server::serve;
@@ -102,6 +103,7 @@ pub fn router(state: AppState) -> Router {
             metrics::track_requests,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(error::BODY_LIMIT))
+        .layer(axum::middleware::from_fn(server::limit_headers))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
@@ -378,13 +380,15 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_can_leave_the_api_address() {
-        let state = AppState::new(ReadModel::default(), CancellationToken::new()).with_config(
-            ApiConfig {
+        let state =
+            AppState::new(ReadModel::default(), CancellationToken::new()).with_config(ApiConfig {
                 metrics_on_api: false,
                 ..ApiConfig::default()
-            },
-        );
+            });
         let (status, body) = get_with(state, "/metrics").await;
-        assert_eq!((status, body["error"]["code"].as_str()), (404, Some("route_not_found")));
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("route_not_found"))
+        );
     }
 }
