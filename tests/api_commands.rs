@@ -233,7 +233,11 @@ fn new_delivery(customer: Option<Uuid>) -> Value {
     let mut body = json!({
         "pickup": {"lat": 52.52, "lon": 13.40},
         "dropoff": {"lat": 52.50, "lon": 13.45},
-        "promised_by": "2026-12-01T12:00:00Z",
+        // An hour from now: a promise within seven days of the event, whenever this runs.
+        "promised_by": humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() + Duration::from_secs(3_600)
+        )
+        .to_string(),
     });
     if let Some(customer) = customer {
         body["customer_id"] = json!(customer);

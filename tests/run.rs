@@ -351,7 +351,7 @@ async fn every_malformed_message_is_dead_lettered_with_its_reason() {
     off_the_map["lat"] = Value::from(123.0);
     let unknown_delivery = serde_json::json!({
         "v": 1, "kind": "status.changed", "event_id": uuid::Uuid::new_v4(),
-        "occurred_at": "2026-01-01T00:00:00Z", "delivery_id": uuid::Uuid::new_v4(),
+        "occurred_at": good_json(0)["occurred_at"], "delivery_id": uuid::Uuid::new_v4(),
         "status": "cancelled"
     });
     // (routing key, payload, the reason expected in the dead letter)

@@ -77,7 +77,10 @@ pub fn reason_code(reason: &DecodeErrorReason) -> &'static str {
         R::DuplicateField { .. } => "duplicate_field",
         R::ValueOutOfRange { .. } => "value_out_of_range",
         R::StringTooLong { .. } => "string_too_long",
+        R::ControlCharacter { .. } => "control_character",
+        R::InvalidUnicode { .. } => "invalid_unicode",
         R::TimestampInFuture { .. } => "timestamp_in_future",
+        R::TimestampTooOld { .. } => "timestamp_too_old",
         R::InvalidValue { .. } | R::NonFiniteNumber { .. } => "invalid_value",
         R::BadJson { .. }
         | R::NotAnObject { .. }
