@@ -2708,6 +2708,8 @@ mod tests {
             "delivery_exists",
             "illegal_transition",
             "not_rateable",
+            "too_many_ratings",
+            "implausible_jump",
             "stale",
         ];
         for code in DecodeErrorReason::ALL_CODES.iter().chain(&dataflow) {
