@@ -11,6 +11,7 @@ use delivertrack::telemetry::{self, LogFormat};
 use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_migrations, run_pipeline};
 use delivertrack_api::{AuthConfig, Role};
 use delivertrack_api::{Quota, RateLimitConfig};
+use delivertrack_dataflow::contract::ContractLimits;
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_sinks::{DerivedConfig, MongoConfig, PostgresConfig, RedisConfig};
 
@@ -166,16 +167,29 @@ struct PipelineArgs {
     /// ... or this many milliseconds after its first event.
     #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_MS", default_value_t = 200)]
     epoch_max_ms: u64,
+    /// The oldest an event may be, seconds: an `occurred_at` further behind the clock is
+    /// refused as `timestamp_too_old` (RabbitMQ input and the API's commands alike; events
+    /// read back from PostgreSQL are not held to it).
+    #[arg(long, env = "DELIVERTRACK_MAX_EVENT_AGE_SECS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(1..))]
+    max_event_age_secs: u64,
+    /// The fastest a courier moves, m/s: a fix whose implied speed from the courier's
+    /// previous accepted fix is higher is refused as `implausible_jump`.
+    #[arg(long, env = "DELIVERTRACK_MAX_COURIER_SPEED_MPS", default_value_t = 70.0, value_parser = max_courier_speed)]
+    max_courier_speed_mps: f64,
 }
 
 impl From<PipelineArgs> for PipelineConfig {
     fn from(args: PipelineArgs) -> Self {
+        let max_event_age_ms =
+            i64::try_from(args.max_event_age_secs.saturating_mul(1_000)).unwrap_or(i64::MAX);
         PipelineConfig {
             listen: args.listen,
             workers: args.workers,
             default_speed_mps: args.default_speed_mps,
             epoch_max_events: args.epoch_max_events,
             epoch_max_wait: Duration::from_millis(args.epoch_max_ms),
+            contract: ContractLimits::with_max_event_age_ms(max_event_age_ms),
+            max_courier_speed_mps: args.max_courier_speed_mps,
             ..PipelineConfig::default()
         }
     }
@@ -388,6 +402,20 @@ fn positive_speed(text: &str) -> Result<f64, String> {
     } else {
         Err(format!(
             "{speed} m/s is not a usable speed (0 < speed < 150)"
+        ))
+    }
+}
+
+/// A maximum courier speed in m/s: finite and above 0.
+fn max_courier_speed(text: &str) -> Result<f64, String> {
+    let speed: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if speed.is_finite() && speed > 0.0 {
+        Ok(speed)
+    } else {
+        Err(format!(
+            "{speed} m/s is not a usable maximum speed (above 0)"
         ))
     }
 }

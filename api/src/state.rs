@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use delivertrack_dataflow::contract::ContractLimits;
 use delivertrack_sinks::ReadModel;
 use prometheus::Registry;
 use sqlx::PgPool;
@@ -34,6 +35,10 @@ pub struct ApiConfig {
     /// With [`command_publish_timeout`](Self::command_publish_timeout) it must stay below
     /// [`request_timeout`](Self::request_timeout).
     pub command_wait: Duration,
+    /// The event contract's limits a command's event is decoded with: the same as the
+    /// pipeline's source applies (`--max-event-age-secs`), so that the API never publishes
+    /// an event ingest would dead-letter at decoding.
+    pub contract: ContractLimits,
 }
 
 impl Default for ApiConfig {
@@ -44,6 +49,7 @@ impl Default for ApiConfig {
             ws_send_timeout: Duration::from_secs(10),
             command_publish_timeout: Duration::from_secs(4),
             command_wait: Duration::from_secs(5),
+            contract: ContractLimits::default(),
         }
     }
 }

@@ -1449,9 +1449,7 @@ fn mark_lone_surrogates(payload: &[u8]) -> Option<Vec<u8>> {
 /// everything else is `bad_json`.
 fn json_error_reason(payload: &[u8], error: &serde_json::Error) -> Reason {
     let message = error.to_string();
-    if message.starts_with("invalid unicode code point")
-        || message.starts_with("lone leading surrogate")
-    {
+    if is_not_unicode_error(&message) {
         Reason::InvalidUnicode {
             at: format!("line {} column {}", error.line(), error.column()).into(),
         }
@@ -1466,6 +1464,16 @@ fn json_error_reason(payload: &[u8], error: &serde_json::Error) -> Reason {
             detail: shorten(&message, MAX_DETAIL_CHARS).into(),
         }
     }
+}
+
+/// Is this serde_json error message about text that is not Unicode — bytes that are not
+/// UTF-8 in a string, a surrogate escape without its pair? (serde_json's error codes are
+/// not public; its messages are stable.) The API's JSON bodies answer these as
+/// `invalid_unicode` too.
+pub fn is_not_unicode_error(message: &str) -> bool {
+    message.contains("invalid unicode code point")
+        || message.contains("lone leading surrogate in hex escape")
+        || message.contains("unexpected end of hex escape")
 }
 
 /// Is the word at (1-based) `line`, `column` of `payload` a spelling of NaN or infinity?
