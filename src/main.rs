@@ -546,3 +546,70 @@ async fn shutdown_signal() {
         () = terminate => tracing::info!("SIGTERM received."),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// The contract's and the dataflow's bounds, as flags of `demo` and `run` with their
+    /// variables, reach the pipeline's configuration.
+    #[test]
+    fn the_bounds_are_flags_with_their_variables() {
+        for command in ["demo", "run"] {
+            let cli = Cli::command();
+            let sub = cli.find_subcommand(command).unwrap();
+            for (flag, env) in [
+                ("max_event_age_secs", "DELIVERTRACK_MAX_EVENT_AGE_SECS"),
+                (
+                    "max_courier_speed_mps",
+                    "DELIVERTRACK_MAX_COURIER_SPEED_MPS",
+                ),
+            ] {
+                let arg = sub
+                    .get_arguments()
+                    .find(|arg| arg.get_id() == flag)
+                    .unwrap_or_else(|| panic!("{command} has --{flag}"));
+                assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env));
+            }
+        }
+        let parse = |args: &[&str]| {
+            let mut all = vec!["delivertrack", "demo"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).map(|cli| cli.command) {
+                Ok(Command::Demo(args)) => Ok(PipelineConfig::from(args.pipeline)),
+                Ok(_) => unreachable!(),
+                Err(error) => Err(error),
+            }
+        };
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(defaults.contract.max_event_age_ms, 7 * 24 * 3_600_000);
+        assert!((defaults.max_courier_speed_mps - 70.0).abs() < f64::EPSILON);
+        let set = parse(&[
+            "--max-event-age-secs",
+            "3600",
+            "--max-courier-speed-mps",
+            "25.5",
+        ])
+        .unwrap();
+        assert_eq!(
+            set.contract,
+            ContractLimits::with_max_event_age_ms(3_600_000)
+        );
+        assert!((set.max_courier_speed_mps - 25.5).abs() < f64::EPSILON);
+        assert_eq!(
+            set.driver_config().dataflow.max_courier_speed_mps,
+            set.max_courier_speed_mps
+        );
+        for bad in [
+            ["--max-event-age-secs", "0"],
+            ["--max-courier-speed-mps", "0"],
+            ["--max-courier-speed-mps", "-3"],
+            ["--max-courier-speed-mps", "NaN"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1073,7 +1073,12 @@ async fn bad_input_is_a_4xx_with_a_stable_code_never_a_500() {
 async fn text_the_stores_cannot_hold_is_a_400_and_a_sixth_rating_a_409() {
     let rabbit = unique_config("api-contract");
     let _cleanup = TopologyGuard::new(&rabbit);
-    let running = Running::start(run_config(rabbit)).await;
+    // Events up to an hour old (`--max-event-age-secs 3600`): the API decodes with the
+    // pipeline's limits.
+    let mut config = run_config(rabbit);
+    config.pipeline.contract =
+        delivertrack_dataflow::contract::ContractLimits::with_max_event_age_ms(3_600_000);
+    let running = Running::start(config).await;
     let admin = token(Role::Admin, Uuid::new_v4());
     let customer = Uuid::new_v4();
     let customer_token = token(Role::Customer, customer);
@@ -1162,6 +1167,20 @@ async fn text_the_stores_cannot_hold_is_a_400_and_a_sixth_rating_a_409() {
             Some(&admin),
             Some(json!({"courier_id": courier, "lat": 52.5, "lon": 13.4,
                 "occurred_at": "0001-01-01T00:00:00Z"})),
+        )
+        .await
+        .assert_error(400, "timestamp_too_old");
+    let two_hours_ago = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() - Duration::from_secs(2 * 3_600),
+    )
+    .to_string();
+    running
+        .call(
+            Method::POST,
+            "/locations",
+            Some(&admin),
+            Some(json!({"courier_id": courier, "lat": 52.5, "lon": 13.4,
+                "occurred_at": two_hours_ago})),
         )
         .await
         .assert_error(400, "timestamp_too_old");
