@@ -11,6 +11,7 @@ use delivertrack::telemetry::{self, LogFormat};
 use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_migrations, run_pipeline};
 use delivertrack_api::{AllowedOrigins, ApiConfig, AuthConfig, Role};
 use delivertrack_api::{Quota, RateLimitConfig};
+use delivertrack_dataflow::contract::ContractLimits;
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_sinks::{DerivedConfig, MongoConfig, PostgresConfig, RedisConfig};
 
@@ -175,6 +176,15 @@ struct PipelineArgs {
     /// the API's own origin only; clients that send no Origin (not browsers) always pass.
     #[arg(long, env = "DELIVERTRACK_ALLOWED_ORIGINS", default_value = "", value_parser = allowed_origins)]
     allowed_origins: AllowedOrigins,
+    /// The oldest an event may be, seconds: an `occurred_at` further behind the clock is
+    /// refused as `timestamp_too_old` (RabbitMQ input and the API's commands alike; events
+    /// read back from PostgreSQL are not held to it).
+    #[arg(long, env = "DELIVERTRACK_MAX_EVENT_AGE_SECS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(1..))]
+    max_event_age_secs: u64,
+    /// The fastest a courier moves, m/s: a fix whose implied speed from the courier's
+    /// previous accepted fix is higher is refused as `implausible_jump`.
+    #[arg(long, env = "DELIVERTRACK_MAX_COURIER_SPEED_MPS", default_value_t = 70.0, value_parser = max_courier_speed)]
+    max_courier_speed_mps: f64,
     #[command(flatten)]
     http: HttpArgs,
 }
@@ -223,6 +233,8 @@ impl HttpArgs {
 
 impl From<PipelineArgs> for PipelineConfig {
     fn from(args: PipelineArgs) -> Self {
+        let max_event_age_ms =
+            i64::try_from(args.max_event_age_secs.saturating_mul(1_000)).unwrap_or(i64::MAX);
         PipelineConfig {
             listen: args.listen,
             workers: args.workers,
@@ -234,6 +246,8 @@ impl From<PipelineArgs> for PipelineConfig {
                 allowed_origins: args.allowed_origins,
                 ..args.http.config()
             },
+            contract: ContractLimits::with_max_event_age_ms(max_event_age_ms),
+            max_courier_speed_mps: args.max_courier_speed_mps,
             ..PipelineConfig::default()
         }
     }
@@ -454,6 +468,20 @@ fn positive_speed(text: &str) -> Result<f64, String> {
     }
 }
 
+/// A maximum courier speed in m/s: finite and above 0.
+fn max_courier_speed(text: &str) -> Result<f64, String> {
+    let speed: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if speed.is_finite() && speed > 0.0 {
+        Ok(speed)
+    } else {
+        Err(format!(
+            "{speed} m/s is not a usable maximum speed (above 0)"
+        ))
+    }
+}
+
 impl From<DemoArgs> for DemoConfig {
     fn from(args: DemoArgs) -> Self {
         DemoConfig {
@@ -578,5 +606,72 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("Ctrl-C received."),
         () = terminate => tracing::info!("SIGTERM received."),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// The contract's and the dataflow's bounds, as flags of `demo` and `run` with their
+    /// variables, reach the pipeline's configuration.
+    #[test]
+    fn the_bounds_are_flags_with_their_variables() {
+        for command in ["demo", "run"] {
+            let cli = Cli::command();
+            let sub = cli.find_subcommand(command).unwrap();
+            for (flag, env) in [
+                ("max_event_age_secs", "DELIVERTRACK_MAX_EVENT_AGE_SECS"),
+                (
+                    "max_courier_speed_mps",
+                    "DELIVERTRACK_MAX_COURIER_SPEED_MPS",
+                ),
+            ] {
+                let arg = sub
+                    .get_arguments()
+                    .find(|arg| arg.get_id() == flag)
+                    .unwrap_or_else(|| panic!("{command} has --{flag}"));
+                assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env));
+            }
+        }
+        let parse = |args: &[&str]| {
+            let mut all = vec!["delivertrack", "demo"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).map(|cli| cli.command) {
+                Ok(Command::Demo(args)) => Ok(PipelineConfig::from(args.pipeline)),
+                Ok(_) => unreachable!(),
+                Err(error) => Err(error),
+            }
+        };
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(defaults.contract.max_event_age_ms, 7 * 24 * 3_600_000);
+        assert!((defaults.max_courier_speed_mps - 70.0).abs() < f64::EPSILON);
+        let set = parse(&[
+            "--max-event-age-secs",
+            "3600",
+            "--max-courier-speed-mps",
+            "25.5",
+        ])
+        .unwrap();
+        assert_eq!(
+            set.contract,
+            ContractLimits::with_max_event_age_ms(3_600_000)
+        );
+        assert!((set.max_courier_speed_mps - 25.5).abs() < f64::EPSILON);
+        assert_eq!(
+            set.driver_config().dataflow.max_courier_speed_mps,
+            set.max_courier_speed_mps
+        );
+        for bad in [
+            ["--max-event-age-secs", "0"],
+            ["--max-courier-speed-mps", "0"],
+            ["--max-courier-speed-mps", "-3"],
+            ["--max-courier-speed-mps", "NaN"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
+        }
     }
 }

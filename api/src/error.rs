@@ -213,8 +213,9 @@ impl IntoResponse for ApiError {
 
 /// A JSON body whose every rejection is an [`ApiError`] of the one JSON shape:
 /// `malformed_json` (syntax, wrong types, missing fields), `unknown_field`,
-/// `payload_too_large` (413), `unsupported_media_type` (415). Request types use
-/// `#[serde(deny_unknown_fields)]`.
+/// `invalid_unicode` (a lone surrogate escape such as `"\ud800"`, or bytes that are not
+/// UTF-8, in a string: the message names the field), `payload_too_large` (413),
+/// `unsupported_media_type` (415). Request types use `#[serde(deny_unknown_fields)]`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -252,10 +253,17 @@ where
                     message: text,
                 })
             }
-            Err(other) => Err(ApiError::BadRequest {
-                code: "malformed_json",
-                message: other.body_text(),
-            }),
+            Err(other) => {
+                // The text names the field (`comment: lone leading surrogate in hex escape
+                // at line 1 column 30`): the same stable code the event contract gives it.
+                let message = other.body_text();
+                let code = if delivertrack_dataflow::contract::is_not_unicode_error(&message) {
+                    "invalid_unicode"
+                } else {
+                    "malformed_json"
+                };
+                Err(ApiError::BadRequest { code, message })
+            }
         }
     }
 }

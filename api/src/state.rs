@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use delivertrack_dataflow::contract::ContractLimits;
 use delivertrack_sinks::ReadModel;
 use prometheus::Registry;
 use sqlx::PgPool;
@@ -57,6 +58,10 @@ pub struct ApiConfig {
     /// Subscriptions open at once on one GraphQL WebSocket; the next is refused with
     /// `TOO_MANY_SUBSCRIPTIONS`. `--graphql-max-subscriptions`.
     pub graphql_max_subscriptions: usize,
+    /// The event contract's limits a command's event is decoded with: the same as the
+    /// pipeline's source applies (`--max-event-age-secs`), so that the API never publishes
+    /// an event ingest would dead-letter at decoding.
+    pub contract: ContractLimits,
 }
 
 impl Default for ApiConfig {
@@ -74,6 +79,7 @@ impl Default for ApiConfig {
             max_connections: 10_000,
             ws_max_message_bytes: 64 * 1024,
             graphql_max_subscriptions: 16,
+            contract: ContractLimits::default(),
         }
     }
 }

@@ -13,7 +13,9 @@
 //! operator's decision (admin); cancelling is the customer's or an operator's. The status
 //! is checked against the read model with [`Status::can_become`] before publishing:
 //! `409 illegal_transition`; a rating needs a delivered or failed delivery:
-//! `409 not_rateable`.
+//! `409 not_rateable`. How often a delivery was rated is known only to the pipeline: a
+//! rating beyond the fifth is published, refused by the dataflow, and answered
+//! `409 too_many_ratings` once the read model reports the refusal.
 
 use axum::Router;
 use axum::extract::rejection::PathRejection;
@@ -242,7 +244,12 @@ async fn create(
     if let Some(promised_by) = body.promised_by {
         fields.insert("promised_by".into(), Value::from(promised_by));
     }
-    let event = build::event(EventKind::DeliveryCreated, None, fields)?;
+    let event = build::event(
+        EventKind::DeliveryCreated,
+        None,
+        fields,
+        &state.config.contract,
+    )?;
     let EventBody::DeliveryCreated(created) = &event.body else {
         return Err(ApiError::Internal(
             "a delivery.created command decoded as another kind".into(),
@@ -322,7 +329,12 @@ async fn change_status(
     if let Some(courier) = body.courier_id {
         fields.insert("courier_id".into(), Value::from(courier));
     }
-    let event = build::event(EventKind::StatusChanged, None, fields)?;
+    let event = build::event(
+        EventKind::StatusChanged,
+        None,
+        fields,
+        &state.config.contract,
+    )?;
 
     let current = current(&state, &principal, id)?;
     match principal.role {
@@ -388,7 +400,8 @@ async fn change_status(
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 403, description = "`forbidden`: couriers cannot rate deliveries.", body = ErrorBody),
         (status = 404, description = "`not_found`: no such delivery (or another customer's).", body = ErrorBody),
-        (status = 409, description = "`not_rateable`: the delivery is neither delivered nor failed.", body = ErrorBody),
+        (status = 409, description = "`not_rateable`: the delivery is neither delivered nor \
+            failed; `too_many_ratings`: it has been rated five times, the most it takes.", body = ErrorBody),
         (status = 413, response = crate::openapi::PayloadTooLarge),
         (status = 415, response = crate::openapi::UnsupportedMediaType),
         (status = 429, description = "`rate_limited`: the customer's `rating` limit, or the \
@@ -414,7 +427,12 @@ async fn rate(
     if let Some(comment) = body.comment {
         fields.insert("comment".into(), Value::from(comment));
     }
-    let event = build::event(EventKind::DeliveryRated, None, fields)?;
+    let event = build::event(
+        EventKind::DeliveryRated,
+        None,
+        fields,
+        &state.config.contract,
+    )?;
 
     let current = current(&state, &principal, id)?;
     if !matches!(current.status, Status::Delivered | Status::Failed) {
@@ -433,9 +451,35 @@ async fn rate(
         .check(Limit::Rating, &current.customer.to_string())
         .await?;
     publish(&state, &event).await?;
+    // Applied when the delivery shows a rating at least this recent; refused when the
+    // pipeline says so (a sixth rating: `too_many_ratings`).
     let at = event.occurred_at;
-    Ok(answer(&state, id, &event, StatusCode::CREATED, move |d| {
+    let applied = view_if(id, move |d| {
         d.rating.as_ref().is_some_and(|rating| rating.at >= at)
+    });
+    let event_id = event.event_id;
+    let outcome = settle(&state, |s| match s.refusal(event_id) {
+        Some(reason) => Some(Err(reason.clone())),
+        None => applied(s).map(Ok),
     })
-    .await)
+    .await;
+    match outcome {
+        Some(Ok(view)) => Ok(Applied {
+            status: StatusCode::CREATED,
+            location: location(id),
+            body: Written {
+                id: id.0,
+                event_id,
+                view,
+            },
+        }
+        .into_response()),
+        Some(Err(reason)) => Err(ApiError::Conflict {
+            code: reason.code(),
+            message: format!("the rating was refused: {reason}"),
+        }),
+        None => {
+            Ok(Pending::new(id.0, &event, location(id), state.config.command_wait).into_response())
+        }
+    }
 }

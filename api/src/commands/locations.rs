@@ -130,7 +130,12 @@ async fn report(
             fields.insert(name.into(), Value::from(value));
         }
     }
-    let event = build::event(EventKind::LocationUpdated, body.occurred_at, fields)?;
+    let event = build::event(
+        EventKind::LocationUpdated,
+        body.occurred_at,
+        fields,
+        &state.config.contract,
+    )?;
     let EventBody::LocationUpdated(fix) = &event.body else {
         return Err(ApiError::Internal(
             "a location.updated command decoded as another kind".into(),

@@ -105,7 +105,12 @@ async fn upsert(
     if let Some(dwell) = body.dwell_seconds {
         fields.insert("dwell_seconds".into(), Value::from(dwell));
     }
-    let event = build::event(EventKind::ZoneUpserted, None, fields)?;
+    let event = build::event(
+        EventKind::ZoneUpserted,
+        None,
+        fields,
+        &state.config.contract,
+    )?;
     let existed = state.read_model.with_state(|s| s.zones.contains_key(&id));
     publish(&state, &event).await?;
     let (event_id, at) = (event.event_id, event.occurred_at);
@@ -183,7 +188,7 @@ async fn delete(
     }
     let mut fields = Map::new();
     fields.insert("zone_id".into(), Value::from(id.to_string()));
-    let event = build::event(EventKind::ZoneDeleted, None, fields)?;
+    let event = build::event(EventKind::ZoneDeleted, None, fields, &state.config.contract)?;
     publish(&state, &event).await?;
     let at = event.occurred_at;
     let settled = settle(&state, |s| match s.zones.get(&id) {
