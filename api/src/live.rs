@@ -129,8 +129,8 @@ pub(crate) fn bounded(ws: WebSocketUpgrade, config: &crate::ApiConfig) -> WebSoc
 /// Whether a read failed because the peer's message or frame was over the size limit.
 pub(crate) fn too_big(error: &axum::Error) -> bool {
     std::error::Error::source(error)
-        .and_then(|source| source.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|error| matches!(error, tungstenite::Error::Capacity(_)))
+        .and_then(|source| source.downcast_ref::<websocket_protocol::Error>())
+        .is_some_and(|error| matches!(error, websocket_protocol::Error::Capacity(_)))
 }
 
 /// Runs one client's session until either side ends it.

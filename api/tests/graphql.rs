@@ -751,7 +751,10 @@ async fn over_deep_and_over_complex_queries_are_refused() {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(server: &Server, query: &str) -> Result<Socket, tungstenite::Error> {
+async fn connect(
+    server: &Server,
+    query: &str,
+) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
     let mut request = format!("ws://{}/graphql/ws{query}", server.addr)
         .into_client_request()
         .unwrap();
@@ -914,7 +917,7 @@ async fn a_subscriber_receives_the_metric_changes_of_each_new_epoch() {
 
     // A bad token on the upgrade itself: 401, no WebSocket.
     match connect(&server, "?access_token=forged").await {
-        Err(tungstenite::Error::Http(response)) => {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status().as_u16(), 401);
         }
         other => panic!("expected 401, got {:?}", other.map(|_| ())),

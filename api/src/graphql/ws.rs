@@ -164,11 +164,11 @@ async fn session(
         let operations = Arc::clone(&operations);
         stream
             .take_while(move |message| {
-                if let Err(error) = message {
-                    if crate::live::too_big(error) {
-                        tracing::info!(%error, "A GraphQL WebSocket peer sent a message over the size limit; closing it with 1009.");
-                        oversized.store(true, Ordering::SeqCst);
-                    }
+                if let Err(error) = message
+                    && crate::live::too_big(error)
+                {
+                    tracing::info!(%error, "A GraphQL WebSocket peer sent a message over the size limit; closing it with 1009.");
+                    oversized.store(true, Ordering::SeqCst);
                 }
                 future::ready(message.is_ok())
             })
@@ -381,10 +381,10 @@ impl Operations {
         if text.starts_with(r#"{"type":"next""#) || text.starts_with(r#"{"type":"data""#) {
             return;
         }
-        if let Ok(Envelope { kind, id: Some(id) }) = serde_json::from_str::<Envelope>(text) {
-            if kind == "complete" {
-                self.open().remove(&id);
-            }
+        if let Ok(Envelope { kind, id: Some(id) }) = serde_json::from_str::<Envelope>(text)
+            && kind == "complete"
+        {
+            self.open().remove(&id);
         }
     }
 }
