@@ -91,12 +91,26 @@ pub(crate) struct ChangeStatus {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Rate {
-    /// An integer from 1 to 5 (any JSON number is taken here, the contract judges it).
+    /// An integer from 1 to 5 (any JSON number is taken here, the contract judges it;
+    /// `5.0` is the integer 5, as JSON Schema has it).
     #[schema(value_type = i32, minimum = 1, maximum = 5)]
     score: serde_json::Number,
     /// Free text.
     #[serde(default)]
     comment: Option<String>,
+}
+
+/// `n` as an integer when it is one written with a fraction (`5.0`): JSON Schema, and so
+/// the OpenAPI document, counts `5.0` as the integer 5, while the event contract wants
+/// integers written as such. Anything else is left for the contract to judge.
+fn integral(n: serde_json::Number) -> serde_json::Number {
+    match n.as_f64() {
+        // Within ±2^53 every integer-valued f64 converts to i64 exactly.
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 => {
+            serde_json::Number::from(f as i64)
+        }
+        _ => n,
+    }
 }
 
 /// What the checks need of a delivery, read under the lock in one go.
@@ -406,7 +420,7 @@ async fn rate(
     let ApiJson(body) = body?;
     let mut fields = Map::new();
     fields.insert("delivery_id".into(), Value::from(id.to_string()));
-    fields.insert("score".into(), Value::Number(body.score));
+    fields.insert("score".into(), Value::Number(integral(body.score)));
     if let Some(comment) = body.comment {
         fields.insert("comment".into(), Value::from(comment));
     }
@@ -428,4 +442,25 @@ async fn rate(
         d.rating.as_ref().is_some_and(|rating| rating.at >= at)
     })
     .await)
+}
+
+#[cfg(test)]
+mod score_tests {
+    use serde_json::{Number, json};
+
+    use super::integral;
+
+    #[test]
+    fn an_integer_written_with_a_fraction_is_an_integer() {
+        let number = |value: serde_json::Value| match value {
+            serde_json::Value::Number(n) => n,
+            other => panic!("{other} is not a number"),
+        };
+        assert_eq!(integral(number(json!(5.0))), Number::from(5));
+        assert_eq!(integral(number(json!(-0.0))), Number::from(0));
+        assert_eq!(integral(number(json!(3))), Number::from(3));
+        // Not integers, or too large to be exact: left for the contract to refuse.
+        assert!(integral(number(json!(4.5))).is_f64());
+        assert!(integral(number(json!(1e300))).is_f64());
+    }
 }
