@@ -80,16 +80,21 @@ impl Default for DemoConfig {
 }
 
 /// What to open, for a person starting the demo, with an admin token to try the API with.
-pub fn banner(addr: SocketAddr, admin_token: &str) -> String {
+/// The map's link carries the token in its fragment (`#access_token=`), which the browser
+/// never sends to the server: the page signs in with it.
+pub fn banner(addr: SocketAddr, metrics_addr: Option<SocketAddr>, admin_token: &str) -> String {
+    let metrics = metrics_addr.unwrap_or(addr);
     format!(
         "DeliverTrack demo is running.\n  \
-         operations map:  http://{addr}/\n  \
-         snapshot (JSON): http://{addr}/api/snapshot\n  \
-         live changes:    ws://{addr}/ws/changes\n  \
+         operations map:  http://{addr}/#access_token={admin_token}\n  \
+         snapshot (JSON): http://{addr}/api/snapshot (with the admin token)\n  \
+         live changes:    ws://{addr}/ws/changes (with the admin token)\n  \
          health:          http://{addr}/healthz\n  \
+         metrics:         http://{metrics}/metrics\n  \
          admin token:     {admin_token}\n  \
-         (send it as `Authorization: Bearer <token>` to the write routes, e.g. POST /deliveries;\n   \
-         it is signed with a random 64-hex-digit secret of this process, not JWT_SECRET)\n\
+         (send it as `Authorization: Bearer <token>`, or `?access_token=` on a WebSocket, to the\n   \
+         read model, the write routes and GraphQL; it is signed with a random 64-hex-digit\n   \
+         secret of this process, not JWT_SECRET)\n\
          Press Ctrl-C to stop."
     )
 }
@@ -107,13 +112,21 @@ pub async fn run_demo(
     let addr = listener
         .local_addr()
         .context("the listener has no local address")?;
+    let metrics_listener = config.pipeline.bind_metrics().await?;
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()
+        .context("the metrics listener has no local address")?;
     let auth = config
         .auth
         .get_or_insert_with(|| crate::auth::random_secret(DEMO_TOKEN_LIFETIME))
         .clone();
     let admin_token = crate::auth::issue_token(&auth, true, Role::Admin, uuid::Uuid::new_v4())?;
-    println!("{}", banner(addr, &admin_token));
-    run_demo_on(listener, config, shutdown).await.map(|_| ())
+    println!("{}", banner(addr, metrics_addr, &admin_token));
+    run_demo_on_with(listener, metrics_listener, config, shutdown)
+        .await
+        .map(|_| ())
 }
 
 /// Runs the demo on an already bound listener (`config.listen` is ignored), so that a
@@ -125,6 +138,17 @@ pub async fn run_demo(
 /// The dataflow did not start or failed, a sink failed, or the API server failed.
 pub async fn run_demo_on(
     listener: TcpListener,
+    config: DemoConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<DriveReport> {
+    let metrics_listener = config.pipeline.bind_metrics().await?;
+    run_demo_on_with(listener, metrics_listener, config, shutdown).await
+}
+
+/// [`run_demo_on`] with the metrics' own listener already bound (`--metrics-listen`).
+async fn run_demo_on_with(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     config: DemoConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<DriveReport> {
@@ -162,6 +186,7 @@ pub async fn run_demo_on(
             .clone()
             .with_auth(crate::auth::authenticator(auth, true)?);
     }
+    service.metrics_listener = metrics_listener;
     let simulator = FleetSimulator::new(simulator_config(&config), now_ms());
     let stopped = service.stop.clone().cancelled_owned();
     let (tick, speed) = (config.tick, config.speed);

@@ -9,7 +9,7 @@ use delivertrack::StoresConfig;
 use delivertrack::auth::issue_token;
 use delivertrack::telemetry::{self, LogFormat};
 use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_migrations, run_pipeline};
-use delivertrack_api::{AuthConfig, Role};
+use delivertrack_api::{AllowedOrigins, ApiConfig, AuthConfig, Role};
 use delivertrack_api::{Quota, RateLimitConfig};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_sinks::{DerivedConfig, MongoConfig, PostgresConfig, RedisConfig};
@@ -166,6 +166,59 @@ struct PipelineArgs {
     /// ... or this many milliseconds after its first event.
     #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_MS", default_value_t = 200)]
     epoch_max_ms: u64,
+    /// Serves /metrics on this address of its own, and not on the API's (keep it off the
+    /// network the API faces). Unset: /metrics is on the API's address.
+    #[arg(long, env = "DELIVERTRACK_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Origins of web pages allowed to open the API's WebSockets besides its own, comma-
+    /// separated (`https://ops.example.com,http://127.0.0.1:3000`), or `*` for any. Unset:
+    /// the API's own origin only; clients that send no Origin (not browsers) always pass.
+    #[arg(long, env = "DELIVERTRACK_ALLOWED_ORIGINS", default_value = "", value_parser = allowed_origins)]
+    allowed_origins: AllowedOrigins,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+/// `--allowed-origins`, as clap parses it.
+fn allowed_origins(text: &str) -> Result<AllowedOrigins, String> {
+    text.parse()
+        .map_err(|error: delivertrack_api::origin::OriginListError| error.to_string())
+}
+
+/// The API's bounds on each client (connections, WebSockets, GraphQL).
+#[derive(Debug, clap::Args)]
+struct HttpArgs {
+    /// A request's headers must arrive within this many seconds of the connection (or of
+    /// their first byte on a kept-alive one); otherwise the connection is closed.
+    #[arg(long, env = "DELIVERTRACK_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    http_header_timeout_secs: u64,
+    /// A kept-alive connection with no request in progress is closed after this many
+    /// seconds.
+    #[arg(long, env = "DELIVERTRACK_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    http_idle_timeout_secs: u64,
+    /// Connections served at once (WebSockets included); more wait in the listen backlog.
+    #[arg(long, env = "DELIVERTRACK_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// The largest WebSocket message or frame a client may send, bytes (a larger one
+    /// closes the session with 1009).
+    #[arg(long, env = "DELIVERTRACK_WS_MAX_MESSAGE_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..))]
+    ws_max_message_bytes: u32,
+    /// Subscriptions open at once on one GraphQL WebSocket.
+    #[arg(long, env = "DELIVERTRACK_GRAPHQL_MAX_SUBSCRIPTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    graphql_max_subscriptions: u32,
+}
+
+impl HttpArgs {
+    fn config(&self) -> ApiConfig {
+        ApiConfig {
+            http_header_timeout: Duration::from_secs(self.http_header_timeout_secs),
+            http_idle_timeout: Duration::from_secs(self.http_idle_timeout_secs),
+            max_connections: self.max_connections as usize,
+            ws_max_message_bytes: self.ws_max_message_bytes as usize,
+            graphql_max_subscriptions: self.graphql_max_subscriptions as usize,
+            ..ApiConfig::default()
+        }
+    }
 }
 
 impl From<PipelineArgs> for PipelineConfig {
@@ -176,6 +229,11 @@ impl From<PipelineArgs> for PipelineConfig {
             default_speed_mps: args.default_speed_mps,
             epoch_max_events: args.epoch_max_events,
             epoch_max_wait: Duration::from_millis(args.epoch_max_ms),
+            metrics_listen: args.metrics_listen,
+            api: ApiConfig {
+                allowed_origins: args.allowed_origins,
+                ..args.http.config()
+            },
             ..PipelineConfig::default()
         }
     }
@@ -275,6 +333,9 @@ struct LimitArgs {
         default_value = "10/h"
     )]
     delivery_creation_limit: Quota,
+    /// Ratings per customer (of all their deliveries together).
+    #[arg(long, env = "DELIVERTRACK_RATING_LIMIT", default_value = "20/h")]
+    rating_limit: Quota,
     /// API keys and their quotas, `key=quota,key=quota` (`X-API-Key` header).
     #[arg(long, env = "DELIVERTRACK_API_KEYS", hide_env_values = true, value_parser = api_keys, default_value = "")]
     api_keys: ApiKeys,
@@ -301,6 +362,7 @@ impl LimitArgs {
         RateLimitConfig {
             location_update: self.location_update_limit,
             delivery_creation: self.delivery_creation_limit,
+            rating: self.rating_limit,
             api_keys: self.api_keys.0,
             api_key_default: self.api_key_default,
             ..RateLimitConfig::default()

@@ -130,12 +130,18 @@ impl std::fmt::Debug for RunHooks {
 pub struct Started {
     /// Where the API listens.
     pub addr: SocketAddr,
+    /// Where `/metrics` is served when it has an address of its own (`--metrics-listen`).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// What to open, for a person starting `run`.
-pub fn banner(addr: SocketAddr, rabbit: &RabbitConfig) -> String {
+pub fn banner(addr: SocketAddr, metrics_addr: Option<SocketAddr>, rabbit: &RabbitConfig) -> String {
+    let metrics = match metrics_addr {
+        Some(metrics) => format!("metrics on http://{metrics}/metrics"),
+        None => "metrics /metrics".to_owned(),
+    };
     format!(
-        "DeliverTrack is running on http://{addr}/ (readiness /readyz, metrics /metrics), \
+        "DeliverTrack is running on http://{addr}/ (readiness /readyz, {metrics}), \
          consuming {queue:?} from {url}. Press Ctrl-C to stop.",
         queue = rabbit.queue,
         url = rabbit.redacted_url(),
@@ -156,7 +162,7 @@ pub async fn run_pipeline(
     let rabbit = config.rabbit.clone();
     let announce = async move {
         if let Ok(started) = started_rx.await {
-            println!("{}", banner(started.addr, &rabbit));
+            println!("{}", banner(started.addr, started.metrics_addr, &rabbit));
         }
     };
     let hooks = RunHooks {
@@ -189,6 +195,12 @@ pub async fn run_pipeline_on(
         .as_ref()
         .map(|auth| crate::auth::authenticator(auth, config.insecure_dev_secret))
         .transpose()?;
+    let metrics_listener = config.pipeline.bind_metrics().await?;
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()
+        .context("the metrics listener has no local address")?;
     let registry = Registry::new();
     let metrics =
         IngestMetrics::register(&registry).context("the ingest metrics could not be registered")?;
@@ -287,6 +299,7 @@ pub async fn run_pipeline_on(
         service.state = service.state.clone().with_records(records);
     }
     service.restore = stores.restore;
+    service.metrics_listener = metrics_listener;
     if let Some(lock) = stores.writer_lock {
         service
             .companions
@@ -300,7 +313,7 @@ pub async fn run_pipeline_on(
     let listener = TcpListener::from_std(listener).context("the API cannot listen")?;
     if let Some(started) = hooks.started {
         // The caller may have stopped listening; nothing depends on it hearing this.
-        let _ = started.send(Started { addr });
+        let _ = started.send(Started { addr, metrics_addr });
     }
     let ran = service.run(listener, shutdown).await;
     publisher.close().await;

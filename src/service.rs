@@ -50,6 +50,9 @@ pub struct PipelineConfig {
     pub api: ApiConfig,
     /// Epoch updates buffered per live WebSocket client before it is resynced.
     pub live_capacity: usize,
+    /// Where `GET /metrics` is served instead of the API's address (`--metrics-listen`);
+    /// `None`: on the API's address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for PipelineConfig {
@@ -62,6 +65,7 @@ impl Default for PipelineConfig {
             epoch_max_wait: Duration::from_millis(200),
             api: ApiConfig::default(),
             live_capacity: ReadModelConfig::default().live_capacity,
+            metrics_listen: None,
         }
     }
 }
@@ -75,6 +79,29 @@ impl PipelineConfig {
         TcpListener::bind(self.listen)
             .await
             .with_context(|| format!("cannot listen on {}", self.listen))
+    }
+
+    /// Binds [`metrics_listen`](Self::metrics_listen), when set.
+    ///
+    /// # Errors
+    /// The address cannot be bound.
+    pub async fn bind_metrics(&self) -> anyhow::Result<Option<TcpListener>> {
+        let Some(addr) = self.metrics_listen else {
+            return Ok(None);
+        };
+        TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .with_context(|| format!("cannot listen on {addr} for the metrics"))
+    }
+
+    /// The API's settings: [`api`](Self::api), with `/metrics` left to its own address
+    /// when one is set.
+    pub fn api_config(&self) -> ApiConfig {
+        ApiConfig {
+            metrics_on_api: self.metrics_listen.is_none(),
+            ..self.api.clone()
+        }
     }
 
     /// The driver's settings: epochs cut by these bounds, the dataflow on these workers.
@@ -127,6 +154,9 @@ pub struct Service<S> {
     /// Where the driver reads the state back from when the system of record refuses an
     /// epoch's data for good (poison isolation); `None`: such a refusal stops the pipeline.
     pub rehydrate: Option<Box<dyn Rehydrate>>,
+    /// Where `GET /metrics` is served apart from the API (`--metrics-listen`), bound by the
+    /// command; `None`: the API serves it.
+    pub metrics_listener: Option<TcpListener>,
 }
 
 impl<S> std::fmt::Debug for Service<S> {
@@ -141,6 +171,7 @@ impl<S> std::fmt::Debug for Service<S> {
             .field("drain_timeout", &self.drain_timeout)
             .field("restore", &self.restore.len())
             .field("rehydrate", &self.rehydrate.is_some())
+            .field("metrics_listener", &self.metrics_listener)
             .finish_non_exhaustive()
     }
 }
@@ -168,7 +199,7 @@ impl<S: Source + 'static> Service<S> {
         let mut driver = config.driver_config();
         driver.metrics = Some(metrics);
         let state = AppState::new(read_model, CancellationToken::new())
-            .with_config(config.api.clone())
+            .with_config(config.api_config())
             .with_readiness(readiness)
             .with_registry(registry);
         Ok(Self {
@@ -181,6 +212,7 @@ impl<S: Source + 'static> Service<S> {
             drain_timeout: None,
             restore: Vec::new(),
             rehydrate: None,
+            metrics_listener: None,
         })
     }
 
@@ -206,8 +238,13 @@ impl<S: Source + 'static> Service<S> {
             drain_timeout,
             restore,
             rehydrate,
+            metrics_listener,
         } = self;
         let api_stop = state.shutdown.clone();
+        // The metrics' own server stops with the API (the same token).
+        let metrics_server = metrics_listener.map(|listener| {
+            tokio::spawn(delivertrack_api::metrics::serve(listener, state.clone()))
+        });
         let mut server = tokio::spawn(delivertrack_api::serve(listener, state));
         let mut driving = tokio::spawn(drive_isolating(
             source,
@@ -292,6 +329,12 @@ impl<S: Source + 'static> Service<S> {
                 .await
                 .context("the API server task panicked")?
                 .context("the API server failed")?;
+        }
+        if let Some(metrics_server) = metrics_server {
+            metrics_server
+                .await
+                .context("the metrics server task panicked")?
+                .context("the metrics server failed")?;
         }
         match early {
             Some(error) => Err(error),

@@ -1765,3 +1765,87 @@ async fn each_rate_limit_is_a_429_with_retry_after_shared_through_redis() {
     running.stop().await;
     delete_keys(&prefix).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ratings_are_rate_limited_per_customer() {
+    use delivertrack_api::{Quota, RateLimitConfig};
+    let rabbit = unique_config("api-rating-limit");
+    let _guard = TopologyGuard::new(&rabbit);
+    let mut config = run_config(rabbit);
+    config.rate_limits = RateLimitConfig {
+        rating: "2/h".parse::<Quota>().unwrap(),
+        ..RateLimitConfig::default()
+    };
+    let running = Running::start(config).await;
+    let admin = token(Role::Admin, Uuid::new_v4());
+    let (customer_id, other_id) = (Uuid::new_v4(), Uuid::new_v4());
+    let customer = token(Role::Customer, customer_id);
+    let other = token(Role::Customer, other_id);
+
+    // A delivered delivery for each customer.
+    let mut delivered = Vec::new();
+    for (owner, owner_token) in [(customer_id, &customer), (other_id, &other)] {
+        let created = running.create_delivery(owner_token, Some(owner)).await;
+        assert_eq!(created.status, 201, "{created:?}");
+        let delivery = id_of(&created);
+        for step in [
+            json!({"status": "assigned", "courier_id": Uuid::new_v4()}),
+            json!({"status": "picked_up"}),
+            json!({"status": "in_transit"}),
+            json!({"status": "delivered"}),
+        ] {
+            let moved = running.set_status(&admin, delivery, step).await;
+            assert_eq!(moved.status, 200, "{moved:?}");
+        }
+        delivered.push(delivery);
+    }
+    let rate = |token: String, delivery: Uuid, score: u8| {
+        let running = &running;
+        async move {
+            running
+                .call(
+                    Method::POST,
+                    &format!("/deliveries/{delivery}/rating"),
+                    Some(&token),
+                    Some(json!({ "score": score })),
+                )
+                .await
+        }
+    };
+
+    // Two ratings an hour per customer, re-ratings included; the third is refused ...
+    for score in [5, 4] {
+        let rated = rate(customer.clone(), delivered[0], score).await;
+        assert_eq!(rated.status, 201, "{rated:?}");
+    }
+    let refused = rate(customer.clone(), delivered[0], 1).await;
+    refused.assert_error(429, "rate_limited");
+    let retry: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((60..=1800).contains(&retry), "retry after {retry} s");
+    // ... also when an admin rates for them: the bound is the customer's.
+    rate(admin.clone(), delivered[0], 1)
+        .await
+        .assert_error(429, "rate_limited");
+    // Another customer is not limited by the first one's ratings.
+    let rated = rate(other.clone(), delivered[1], 3).await;
+    assert_eq!(rated.status, 201, "{rated:?}");
+
+    let metrics = running
+        .http
+        .get(running.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("delivertrack_rate_limited_total{route=\"rating\"} 2"),
+        "{metrics}"
+    );
+    running.stop().await;
+}

@@ -39,6 +39,45 @@ impl Principal {
     }
 }
 
+/// A verified token: whom it speaks for and until when. Long-lived sessions (WebSockets,
+/// GraphQL subscriptions) take it instead of a bare [`Principal`] so that they end when
+/// the token does ([`CLOSE_TOKEN_EXPIRED`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The caller.
+    pub principal: Principal,
+    /// The token's `exp`, Unix seconds.
+    pub expires_at: u64,
+}
+
+impl Grant {
+    /// How long the token has left (zero once expired), measured on the wall clock the
+    /// token's `exp` speaks of.
+    pub fn remaining(&self) -> Duration {
+        until(self.expires_at)
+    }
+
+    /// Resolves when the token expires: the end of a session it opened.
+    pub async fn expired(&self) {
+        tokio::time::sleep(self.remaining()).await;
+    }
+}
+
+/// How long until `expires_at` (a token's `exp`, Unix seconds) on the wall clock; zero
+/// once it has passed.
+pub fn until(expires_at: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(expires_at).saturating_sub(now)
+}
+
+/// WebSocket close code of a session whose token expired (4000–4999 are the
+/// application's; 4401 mirrors HTTP's 401).
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
+/// The close reason that goes with [`CLOSE_TOKEN_EXPIRED`].
+pub const TOKEN_EXPIRED_REASON: &str = "the token has expired";
+
 /// The signing secret and the lifetime of issued tokens.
 #[derive(Clone)]
 pub struct AuthConfig {
@@ -164,14 +203,25 @@ impl Authenticator {
     /// # Errors
     /// [`AuthError::Expired`] or [`AuthError::Invalid`].
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        self.verify_grant(token).map(|grant| grant.principal)
+    }
+
+    /// The principal of a valid token, with its expiry.
+    ///
+    /// # Errors
+    /// [`AuthError::Expired`] or [`AuthError::Invalid`].
+    pub fn verify_grant(&self, token: &str) -> Result<Grant, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
             Ok(data) if data.claims.exp <= jsonwebtoken::get_current_timestamp() => {
                 Err(AuthError::Expired)
             }
-            Ok(data) => Ok(Principal {
-                sub: data.claims.sub,
-                role: data.claims.role,
+            Ok(data) => Ok(Grant {
+                principal: Principal {
+                    sub: data.claims.sub,
+                    role: data.claims.role,
+                },
+                expires_at: data.claims.exp,
             }),
             Err(error) => match error.kind() {
                 ErrorKind::ExpiredSignature => Err(AuthError::Expired),
@@ -186,6 +236,17 @@ impl Authenticator {
     /// # Errors
     /// Any [`AuthError`] but `Secret`.
     pub fn authenticate(&self, parts: &axum::http::request::Parts) -> Result<Principal, AuthError> {
+        self.authenticate_grant(parts).map(|grant| grant.principal)
+    }
+
+    /// [`authenticate`](Self::authenticate), with the token's expiry.
+    ///
+    /// # Errors
+    /// Any [`AuthError`] but `Secret`.
+    pub fn authenticate_grant(
+        &self,
+        parts: &axum::http::request::Parts,
+    ) -> Result<Grant, AuthError> {
         if let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) {
             let value = header.to_str().map_err(|_| AuthError::Malformed)?;
             let token = value
@@ -194,7 +255,7 @@ impl Authenticator {
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
                 .ok_or(AuthError::Malformed)?;
-            return self.verify(token);
+            return self.verify_grant(token);
         }
         let query = parts.uri.query().unwrap_or_default();
         let token = query
@@ -204,7 +265,7 @@ impl Authenticator {
             .map(|(_, value)| value)
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
-        self.verify(token)
+        self.verify_grant(token)
     }
 }
 
@@ -218,6 +279,22 @@ impl axum::extract::FromRequestParts<crate::AppState> for Principal {
         state
             .auth
             .authenticate(parts)
+            .map_err(|error| crate::ApiError::Unauthorized {
+                reason: error.to_string(),
+            })
+    }
+}
+
+impl axum::extract::FromRequestParts<crate::AppState> for Grant {
+    type Rejection = crate::ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &crate::AppState,
+    ) -> Result<Self, Self::Rejection> {
+        state
+            .auth
+            .authenticate_grant(parts)
             .map_err(|error| crate::ApiError::Unauthorized {
                 reason: error.to_string(),
             })

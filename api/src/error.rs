@@ -43,10 +43,17 @@ pub enum ApiError {
         /// Why, without revealing what the caller may not see.
         reason: String,
     },
+    /// `403 origin_not_allowed`: a WebSocket upgrade from a browser page whose `Origin` is
+    /// not on the allow-list ([`crate::origin`]).
+    #[error("WebSocket connections from the origin {origin:?} are not allowed")]
+    OriginNotAllowed {
+        /// The request's `Origin`.
+        origin: String,
+    },
     /// `429 rate_limited`, with `Retry-After`.
     #[error("rate limit exceeded for {limit}; retry in {} s", retry_after.as_secs().max(1))]
     RateLimited {
-        /// Which limit (`location_update`, `delivery_creation`, `api_key`).
+        /// Which limit (`location_update`, `delivery_creation`, `api_key`, `rating`).
         limit: &'static str,
         /// When a retry would pass.
         retry_after: std::time::Duration,
@@ -71,6 +78,13 @@ pub enum ApiError {
     /// `413 payload_too_large`.
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge {
+        /// The limit, bytes.
+        limit: usize,
+    },
+    /// `431 headers_too_large`: the request's head (request line and headers) is larger
+    /// than [`HEADER_LIMIT`](crate::server::HEADER_LIMIT).
+    #[error("the request's headers are larger than {limit} bytes")]
+    HeadersTooLarge {
         /// The limit, bytes.
         limit: usize,
     },
@@ -110,11 +124,12 @@ impl ApiError {
             ApiError::NotFound { .. } | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::InvalidId { .. } | ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::Forbidden { .. } | ApiError::OriginNotAllowed { .. } => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::SourceUnavailable { .. }
             | ApiError::CommandsUnavailable { .. }
             | ApiError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -131,10 +146,12 @@ impl ApiError {
             ApiError::SourceUnavailable { .. } => "source_unavailable",
             ApiError::Unauthorized { .. } => "unauthorized",
             ApiError::Forbidden { .. } => "forbidden",
+            ApiError::OriginNotAllowed { .. } => "origin_not_allowed",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::BadRequest { code, .. } | ApiError::Conflict { code, .. } => code,
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::HeadersTooLarge { .. } => "headers_too_large",
             ApiError::CommandsUnavailable { .. } => "commands_unavailable",
             ApiError::StoreUnavailable { .. } => "store_unavailable",
             ApiError::Internal(_) => "internal",

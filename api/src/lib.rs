@@ -31,7 +31,8 @@
 //! - [`id`] — parsing typed ids out of paths.
 //! - [`health`], [`metrics`], [`snapshot`], [`couriers`], [`deliveries`], [`live`],
 //!   [`map`]: the resources.
-//! - [`server`] — [`serve`], with graceful shutdown.
+//! - [`server`] — [`serve`]: the accept loop, with the connection cap, the header and idle
+//!   timeouts, and graceful shutdown.
 
 pub mod auth;
 pub mod commands;
@@ -45,6 +46,8 @@ pub mod live;
 pub mod map;
 pub mod metrics;
 pub mod openapi;
+pub mod origin;
+pub mod page;
 pub mod rate_limit;
 pub mod readiness;
 pub mod reads;
@@ -58,9 +61,10 @@ use axum::http::StatusCode;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-pub use auth::{AuthConfig, Authenticator, Principal, Role};
+pub use auth::{AuthConfig, Authenticator, Grant, Principal, Role};
 pub use commands::{EventPublisher, PublishError};
 pub use error::{ApiError, ApiJson};
+pub use origin::AllowedOrigins;
 pub use rate_limit::{Limit, Quota, RateLimitConfig, RateLimiter};
 pub use readiness::{Readiness, SourceProbe, SourceStatus};
 pub use server::serve;
@@ -70,10 +74,15 @@ pub use state::{ApiConfig, AppState};
 /// tracing and a request timeout.
 pub fn router(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
+    let metrics = if state.config.metrics_on_api {
+        metrics::router()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(map::router())
+        .merge(metrics)
         .merge(health::router())
-        .merge(metrics::router())
         .merge(snapshot::router())
         .merge(couriers::router())
         .merge(deliveries::router())
@@ -94,6 +103,7 @@ pub fn router(state: AppState) -> Router {
             metrics::track_requests,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(error::BODY_LIMIT))
+        .layer(axum::middleware::from_fn(server::limit_headers))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
@@ -160,23 +170,23 @@ mod tests {
         model
     }
 
+    /// `GET uri` on a router over `model`, as an admin.
     async fn get(model: &ReadModel, uri: &str) -> (u16, Value) {
-        get_with(AppState::new(model.clone(), CancellationToken::new()), uri).await
-    }
-
-    async fn get_raw(state: AppState, uri: &str) -> Response<Body> {
-        router(state)
-            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
-            .await
-            .unwrap()
-    }
-
-    async fn get_with(state: AppState, uri: &str) -> (u16, Value) {
-        let app = router(state);
-        let response: Response<Body> = app
-            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        let state = AppState::new(model.clone(), CancellationToken::new());
+        let token = state.auth.issue(Role::Admin, Uuid::from_u128(5)).unwrap();
+        let response = router(state)
+            .oneshot(
+                Request::get(uri)
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
             .await
             .unwrap();
+        body_of(response).await
+    }
+
+    async fn body_of(response: Response<Body>) -> (u16, Value) {
         let status = response.status().as_u16();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
@@ -187,6 +197,17 @@ mod tests {
             serde_json::from_slice(&bytes).unwrap()
         };
         (status, body)
+    }
+
+    async fn get_raw(state: AppState, uri: &str) -> Response<Body> {
+        router(state)
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn get_with(state: AppState, uri: &str) -> (u16, Value) {
+        body_of(get_raw(state, uri).await).await
     }
 
     #[tokio::test]
@@ -355,5 +376,19 @@ mod tests {
         let page = body.as_str().unwrap();
         assert!(page.contains("/ws/changes") && page.contains("/api/snapshot"));
         assert!(!page.contains("<script src"), "no external scripts");
+    }
+
+    #[tokio::test]
+    async fn metrics_can_leave_the_api_address() {
+        let state =
+            AppState::new(ReadModel::default(), CancellationToken::new()).with_config(ApiConfig {
+                metrics_on_api: false,
+                ..ApiConfig::default()
+            });
+        let (status, body) = get_with(state, "/metrics").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("route_not_found"))
+        );
     }
 }

@@ -27,6 +27,25 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/metrics", get(metrics))
 }
 
+/// Serves `GET /metrics` alone on `listener` (`--metrics-listen`: an address of its own,
+/// which can be kept off the network the API faces) until `state.shutdown` fires; every
+/// other path is `404 route_not_found`. Set [`ApiConfig::metrics_on_api`] to `false` so
+/// that the API's address does not serve it too.
+///
+/// [`ApiConfig::metrics_on_api`]: crate::ApiConfig::metrics_on_api
+///
+/// # Errors
+/// The I/O error that stopped the server.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    let shutdown = state.shutdown.clone();
+    let app = router()
+        .fallback(|| async { ApiError::RouteNotFound })
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
 /// `200` with the text format (`text/plain; version=0.0.4`).
 #[utoipa::path(
     get,

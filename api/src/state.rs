@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AuthConfig, Authenticator};
 use crate::commands::EventPublisher;
 use crate::metrics::ApiMetrics;
+use crate::origin::AllowedOrigins;
 use crate::rate_limit::RateLimiter;
 use crate::readiness::Readiness;
 
@@ -34,6 +35,28 @@ pub struct ApiConfig {
     /// With [`command_publish_timeout`](Self::command_publish_timeout) it must stay below
     /// [`request_timeout`](Self::request_timeout).
     pub command_wait: Duration,
+    /// The origins, besides the API's own, whose pages may open its WebSockets
+    /// (`--allowed-origins`; [`crate::origin`]).
+    pub allowed_origins: AllowedOrigins,
+    /// Whether the API's router serves `GET /metrics`; `false` when `--metrics-listen`
+    /// serves it on an address of its own ([`crate::metrics::serve`]).
+    pub metrics_on_api: bool,
+    /// A request's head (request line and headers) must arrive within this time of the
+    /// connection's accept, or of its first byte on a kept-alive connection; otherwise the
+    /// connection is closed (slow-loris). `--http-header-timeout-secs`.
+    pub http_header_timeout: Duration,
+    /// A kept-alive connection with no request in progress is closed after this long.
+    /// `--http-idle-timeout-secs`.
+    pub http_idle_timeout: Duration,
+    /// Connections served at once (WebSocket sessions included); further ones wait in the
+    /// listen backlog until one closes. `--max-connections`.
+    pub max_connections: usize,
+    /// The largest WebSocket message (and frame) a client may send; a larger one closes the
+    /// session with 1009. `--ws-max-message-bytes`.
+    pub ws_max_message_bytes: usize,
+    /// Subscriptions open at once on one GraphQL WebSocket; the next is refused with
+    /// `TOO_MANY_SUBSCRIPTIONS`. `--graphql-max-subscriptions`.
+    pub graphql_max_subscriptions: usize,
 }
 
 impl Default for ApiConfig {
@@ -44,6 +67,13 @@ impl Default for ApiConfig {
             ws_send_timeout: Duration::from_secs(10),
             command_publish_timeout: Duration::from_secs(4),
             command_wait: Duration::from_secs(5),
+            allowed_origins: AllowedOrigins::SameOrigin,
+            metrics_on_api: true,
+            http_header_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            ws_max_message_bytes: 64 * 1024,
+            graphql_max_subscriptions: 16,
         }
     }
 }

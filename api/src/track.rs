@@ -24,6 +24,12 @@
 //! with code 1000 and reason `delivery ended` (at once, with the snapshot, for a delivery
 //! that had already ended). At server shutdown it closes with 1001.
 //!
+//! A session lasts only as long as the right that opened it: it closes with
+//! [`CLOSE_TOKEN_EXPIRED`] (4401, `the token has expired`) at the token's `exp`, and a
+//! courier's with [`CLOSE_REASSIGNED`] (4403, [`REASSIGNED`]) as soon as the delivery is
+//! assigned to another courier — without the status message that names the new one. A
+//! page of another origin is refused `403 origin_not_allowed` ([`crate::origin`]).
+//!
 //! Client → server: nothing is expected; pongs and any message are signs of life.
 //!
 //! Each session filters the read model's per-epoch broadcast: the publisher never waits
@@ -51,16 +57,26 @@ use futures::stream::SplitSink;
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::auth::Principal;
+use crate::auth::{CLOSE_TOKEN_EXPIRED, Grant, Principal, Role, TOKEN_EXPIRED_REASON};
 use crate::error::{ApiError, ErrorBody};
 use crate::id;
-use crate::live::{duration_millis, millis_since, receive_loop, send};
+use crate::live::{
+    MESSAGE_TOO_BIG, bounded, duration_millis, end_after_receive, millis_since, receive_loop, send,
+};
+use crate::origin::OriginAllowed;
 use crate::reads::access::may_see_delivery;
 use crate::state::AppState;
 
 /// The close reason once the delivery has reached a terminal status.
 pub const DELIVERY_ENDED: &str = "delivery ended";
+
+/// Close code of a courier's session once the delivery is assigned to another courier
+/// (mirrors HTTP's 403: the right to watch it has ended).
+pub const CLOSE_REASSIGNED: u16 = 4403;
+/// The close reason that goes with [`CLOSE_REASSIGNED`].
+pub const REASSIGNED: &str = "the delivery was assigned to another courier";
 
 /// The routes of this module.
 pub fn router() -> Router<AppState> {
@@ -159,22 +175,26 @@ enum TrackMessage {
         a courier is assigned), then `status`, `courier_moved`, `geofence_entered`, \
         `geofence_exited`, `eta` and `eta_cleared`, each with its `epoch`. Closed with 1000 \
         `delivery ended` once the delivery is delivered, failed or cancelled, 1001 at \
-        shutdown. Browsers pass the token as `access_token`.",
+        shutdown, 4401 when the token expires, 4403 for a courier when the delivery is \
+        assigned to another. Browsers pass the token as `access_token`.",
     security(("bearer_jwt" = []), ("access_token" = [])),
     params(("delivery_id" = Uuid, Path, description = "The delivery.")),
     responses(
         (status = 101, description = "Switching to the WebSocket session."),
         (status = 400, description = "`invalid_id`, or `websocket_required`: not a WebSocket upgrade request.", body = ErrorBody),
         (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`origin_not_allowed`: a page of an origin not on the allow-list.", body = ErrorBody),
         (status = 404, description = "`not_found`: no such delivery, or not the caller's.", body = ErrorBody),
     )
 )]
 async fn upgrade(
     State(state): State<AppState>,
-    principal: Principal,
+    _origin: OriginAllowed,
+    grant: Grant,
     path: Result<Path<String>, PathRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let principal = grant.principal;
     let id: DeliveryId = id::parse("delivery", path)?;
     let visible = state
         .read_model
@@ -190,21 +210,29 @@ async fn upgrade(
         code: "websocket_required",
         message: rejection.body_text(),
     })?;
-    Ok(ws.on_upgrade(move |socket| session(socket, state, id)))
+    Ok(bounded(ws, &state.config).on_upgrade(move |socket| session(socket, state, id, grant)))
 }
 
 /// Runs one tracking session until either side ends it.
-async fn session(socket: WebSocket, state: AppState, id: DeliveryId) {
+async fn session(socket: WebSocket, state: AppState, id: DeliveryId, grant: Grant) {
     let _counted = state.metrics.websocket_session();
     let started = Instant::now();
     // Milliseconds since `started` at which the peer last sent anything.
     let heard_from = Arc::new(AtomicU64::new(0));
+    let oversized = CancellationToken::new();
     let (sink, stream) = socket.split();
-    let mut send = tokio::spawn(send_loop(sink, state, id, started, Arc::clone(&heard_from)));
-    let mut receive = tokio::spawn(receive_loop(stream, started, heard_from));
+    let mut send = tokio::spawn(send_loop(
+        sink,
+        state,
+        id,
+        grant,
+        (started, Arc::clone(&heard_from)),
+        oversized.clone(),
+    ));
+    let mut receive = tokio::spawn(receive_loop(stream, started, heard_from, oversized.clone()));
     tokio::select! {
         _ = &mut send => receive.abort(),
-        _ = &mut receive => send.abort(),
+        _ = &mut receive => end_after_receive(send, &oversized).await,
     }
     tracing::debug!(delivery = %id, "A tracking WebSocket session ended.");
 }
@@ -223,10 +251,14 @@ async fn send_loop(
     mut sink: SplitSink<WebSocket, Message>,
     state: AppState,
     id: DeliveryId,
-    started: Instant,
-    heard_from: Arc<AtomicU64>,
+    grant: Grant,
+    (started, heard_from): (Instant, Arc<AtomicU64>),
+    oversized: CancellationToken,
 ) {
-    let end = track(&mut sink, &state, id, started, &heard_from).await;
+    let end = tokio::select! {
+        end = track(&mut sink, &state, id, grant, started, &heard_from) => end,
+        () = oversized.cancelled() => End::Close(close_code::SIZE, MESSAGE_TOO_BIG),
+    };
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
             code,
@@ -245,6 +277,8 @@ async fn send_loop(
 struct Tracker {
     /// The delivery.
     id: DeliveryId,
+    /// Who watches: a courier's session ends when the delivery is no longer theirs.
+    viewer: Principal,
     /// Its courier now: whose moves and zone changes are sent.
     courier: Option<CourierId>,
     /// The last epoch sent (in a snapshot or a change); older updates are skipped.
@@ -257,15 +291,19 @@ async fn track(
     sink: &mut SplitSink<WebSocket, Message>,
     state: &AppState,
     id: DeliveryId,
+    grant: Grant,
     started: Instant,
     heard_from: &AtomicU64,
 ) -> End {
+    let viewer = grant.principal;
+    let expired = grant.expired();
+    tokio::pin!(expired);
     let timeout = state.config.ws_send_timeout;
     let ping_every = state.config.ws_ping_interval;
     // Subscribe before taking the snapshot: every later epoch is then either in the
     // snapshot or received below (those already in it are skipped by epoch).
     let mut updates = state.read_model.subscribe();
-    let mut tracker = match resync(sink, state, id, "connected", timeout).await {
+    let mut tracker = match resync(sink, state, id, viewer, "connected", timeout).await {
         Ok(tracker) => tracker,
         Err(end) => return end,
     };
@@ -274,6 +312,9 @@ async fn track(
         tokio::select! {
             () = state.shutdown.cancelled() => {
                 return End::Close(close_code::AWAY, "the server is shutting down");
+            }
+            () = &mut expired => {
+                return End::Close(CLOSE_TOKEN_EXPIRED, TOKEN_EXPIRED_REASON);
             }
             _ = ping.tick() => {
                 let silent = millis_since(started).saturating_sub(heard_from.load(Ordering::Relaxed));
@@ -300,17 +341,18 @@ async fn track(
                     match step.then {
                         Then::Continue => {}
                         Then::Resync => {
-                            tracker = match resync(sink, state, id, "courier_changed", timeout).await {
+                            tracker = match resync(sink, state, id, viewer, "courier_changed", timeout).await {
                                 Ok(tracker) => tracker,
                                 Err(end) => return end,
                             };
                         }
                         Then::Close(reason) => return End::Close(close_code::NORMAL, reason),
+                        Then::Revoked => return End::Close(CLOSE_REASSIGNED, REASSIGNED),
                     }
                 }
                 Err(RecvError::Lagged(missed)) => {
                     tracing::info!(missed, delivery = %id, "A tracking WebSocket client fell behind; sending it a fresh snapshot.");
-                    tracker = match resync(sink, state, id, "lagged", timeout).await {
+                    tracker = match resync(sink, state, id, viewer, "lagged", timeout).await {
                         Ok(tracker) => tracker,
                         Err(end) => return end,
                     };
@@ -324,19 +366,25 @@ async fn track(
 }
 
 /// Sends a fresh snapshot of the delivery and returns the tracker that follows from it;
-/// the end of the session when the delivery is gone or has ended, or the peer is gone.
+/// the end of the session when the delivery is gone or has ended, the viewer may no longer
+/// see it, or the peer is gone.
 async fn resync(
     sink: &mut SplitSink<WebSocket, Message>,
     state: &AppState,
     id: DeliveryId,
+    viewer: Principal,
     reason: &'static str,
     timeout: Duration,
 ) -> Result<Tracker, End> {
     let Some(current) = current(state, id) else {
         return Err(End::Close(close_code::NORMAL, "delivery removed"));
     };
+    if !may_see_delivery(&viewer, &current.delivery.details) {
+        return Err(End::Close(CLOSE_REASSIGNED, REASSIGNED));
+    }
     let tracker = Tracker {
         id,
+        viewer,
         courier: current.delivery.details.courier_id,
         last: current.epoch,
     };
@@ -397,6 +445,9 @@ enum Then {
     Resync,
     /// Close normally with this reason.
     Close(&'static str),
+    /// The viewer (a courier) lost the delivery to another courier: close with
+    /// [`CLOSE_REASSIGNED`].
+    Revoked,
 }
 
 /// One epoch, as far as the tracked delivery is concerned.
@@ -500,6 +551,16 @@ fn step(tracker: &Tracker, update: &EpochUpdate) -> Step {
                 then: Then::Close(DELIVERY_ENDED),
             };
         }
+        Some(TrackMessage::Status { courier_id, .. })
+            if tracker.viewer.role == Role::Courier
+                && courier_id.is_none_or(|courier| courier.0 != tracker.viewer.sub) =>
+        {
+            // Not theirs any more: not even the status that names the new courier.
+            return Step {
+                messages: Vec::new(),
+                then: Then::Revoked,
+            };
+        }
         Some(TrackMessage::Status { courier_id, .. }) if *courier_id != tracker.courier => {
             // The new courier's position and zones come with the fresh snapshot.
             return Step {
@@ -547,6 +608,10 @@ mod tests {
     fn tracker(courier: Option<CourierId>) -> Tracker {
         Tracker {
             id: DELIVERY,
+            viewer: Principal {
+                sub: Uuid::from_u128(99),
+                role: Role::Admin,
+            },
             courier,
             last: Some(1),
         }
@@ -672,5 +737,44 @@ mod tests {
 
         let nothing = step(&tracker(None), &update(vec![moved(COURIER), moved(OTHER)]));
         assert_eq!((nothing.messages.len(), nothing.then), (0, Then::Continue));
+    }
+
+    #[test]
+    fn a_courier_loses_the_stream_when_the_delivery_goes_to_another() {
+        let as_courier = |courier: CourierId| Tracker {
+            viewer: Principal {
+                sub: courier.0,
+                role: Role::Courier,
+            },
+            ..tracker(Some(courier))
+        };
+        let reassigned = step(
+            &as_courier(COURIER),
+            &update(vec![moved(OTHER), status(Status::Assigned, Some(OTHER))]),
+        );
+        assert_eq!(reassigned.then, Then::Revoked);
+        assert!(
+            reassigned.messages.is_empty(),
+            "the new courier is not named"
+        );
+        // Their own progress goes on as before.
+        let own = step(
+            &as_courier(COURIER),
+            &update(vec![status(Status::PickedUp, Some(COURIER))]),
+        );
+        assert_eq!((own.messages.len(), own.then), (1, Then::Continue));
+        // Customers and admins follow the new courier.
+        let customer = Tracker {
+            viewer: Principal {
+                sub: Uuid::from_u128(7),
+                role: Role::Customer,
+            },
+            ..tracker(Some(COURIER))
+        };
+        let followed = step(
+            &customer,
+            &update(vec![status(Status::Assigned, Some(OTHER))]),
+        );
+        assert_eq!(followed.then, Then::Resync);
     }
 }

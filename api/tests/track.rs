@@ -431,9 +431,10 @@ async fn the_gauge_counts_both_websockets_and_silent_peers_are_pinged() {
     )
     .await
     .unwrap();
-    let (mut changes, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/changes"))
-        .await
-        .unwrap();
+    let (mut changes, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/changes?access_token={admin}"))
+            .await
+            .unwrap();
     gauge_reaches(&state, 2).await;
     let text = prometheus::TextEncoder::new()
         .encode_to_string(&registry.gather())

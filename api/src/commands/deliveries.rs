@@ -387,7 +387,8 @@ async fn change_status(
     tag = "commands",
     summary = "Rate a delivery",
     description = "Customers rate their own deliveries, admins any; couriers may not. The \
-        delivery must be delivered or failed.",
+        delivery must be delivered or failed. Counted against the delivery's customer's \
+        `rating` limit (20 per hour by default).",
     security(("bearer_jwt" = []), ("access_token" = [])),
     params(("id" = Uuid, Path, description = "The delivery.")),
     request_body = Rate,
@@ -404,6 +405,9 @@ async fn change_status(
         (status = 409, description = "`not_rateable`: the delivery is neither delivered nor failed.", body = ErrorBody),
         (status = 413, response = crate::openapi::PayloadTooLarge),
         (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 429, description = "`rate_limited`: the customer's `rating` limit, or the \
+            API key's; retry after `Retry-After` seconds.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry would pass."))),
         (status = 503, description = "`commands_unavailable`: the event could not be published; nothing was accepted.", body = ErrorBody),
     )
 )]
@@ -436,6 +440,12 @@ async fn rate(
             ),
         });
     }
+    // Counted only for a rating that would be published, against the delivery's customer
+    // (an admin's rating too: the bound is on how often one delivery history is re-rated).
+    state
+        .limiter
+        .check(Limit::Rating, &current.customer.to_string())
+        .await?;
     publish(&state, &event).await?;
     let at = event.occurred_at;
     Ok(answer(&state, id, &event, StatusCode::CREATED, move |d| {

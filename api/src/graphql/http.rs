@@ -1,10 +1,9 @@
 //! `POST /graphql` (queries) and `GET /graphql` (the GraphiQL page).
 
-use async_graphql::http::GraphiQLSource;
 use async_graphql::{Request, Variables};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 
@@ -92,10 +91,39 @@ pub(super) struct PageQuery {
     access_token: Option<String>,
 }
 
-/// The GraphiQL page. It needs no token; `?access_token=...` presets a valid one for the
-/// page's queries (the `Authorization` header) and subscriptions (the connection-init
-/// payload). Any other is ignored: only a token that verifies, which holds nothing but
-/// base64url and dots, is ever written into the page.
+/// The GraphiQL page: its assets pinned by version and subresource integrity, its one
+/// inline script static (so that the Content-Security-Policy allows it by hash).
+const GRAPHIQL_PAGE: &str = include_str!("graphiql.html");
+
+/// Where a verified token is written into the page (a `<meta>` element the script reads).
+const TOKEN_SLOT: &str = "<!--ACCESS_TOKEN-->";
+
+/// The external files of [`GRAPHIQL_PAGE`], each exactly as its `src` / `href` names it.
+const GRAPHIQL_SCRIPTS: [&str; 3] = [
+    "https://unpkg.com/react@18.3.1/umd/react.production.min.js",
+    "https://unpkg.com/react-dom@18.3.1/umd/react-dom.production.min.js",
+    "https://unpkg.com/graphiql@4.1.2/graphiql.min.js",
+];
+const GRAPHIQL_STYLES: [&str; 1] = ["https://unpkg.com/graphiql@4.1.2/graphiql.min.css"];
+
+/// The page's Content-Security-Policy: its inline script and style by hash, the pinned
+/// files of unpkg.com, fonts inlined by the stylesheet.
+static GRAPHIQL_POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    crate::page::policy(
+        GRAPHIQL_PAGE,
+        crate::page::Sources {
+            scripts: &GRAPHIQL_SCRIPTS,
+            styles: &GRAPHIQL_STYLES,
+            fonts: &["data:", "https://unpkg.com/graphiql@4.1.2/"],
+        },
+    )
+});
+
+/// The GraphiQL page. It needs no token; `?access_token=...` (or a `#access_token=`
+/// fragment, which never reaches the server) presets one for the page's queries (the
+/// `Authorization` header) and subscriptions (the connection-init payload). A query token
+/// that does not verify is ignored: only a valid token, which holds nothing but base64url
+/// and dots, is ever written into the page.
 #[utoipa::path(
     get,
     path = "/graphql",
@@ -103,30 +131,28 @@ pub(super) struct PageQuery {
     tag = "graphql",
     summary = "The GraphiQL page",
     description = "Needs no token; a valid `access_token` presets it for the page's queries \
-        and subscriptions (an invalid one is ignored).",
+        and subscriptions (an invalid one is ignored). Its assets are pinned by version and \
+        subresource integrity; sent with a Content-Security-Policy (`frame-ancestors 'none'`) \
+        and `X-Content-Type-Options: nosniff`.",
     params(("access_token" = Option<String>, Query, description = "A token to preset in the page.")),
     responses((status = 200, description = "The page.", body = String, content_type = "text/html"))
 )]
 pub(super) async fn graphiql(
     State(state): State<AppState>,
     query: Result<Query<PageQuery>, QueryRejection>,
-) -> Html<String> {
-    let bearer = query
+) -> Response {
+    let token = query
         .ok()
         .and_then(|Query(q)| q.access_token)
-        .filter(|token| state.auth.verify(token).is_ok())
-        .map(|token| format!("Bearer {token}"));
-    let page = GraphiQLSource::build()
-        .title("DeliverTrack analytics")
-        .endpoint("/graphql")
-        .subscription_endpoint("/graphql/ws");
-    let page = match &bearer {
-        Some(bearer) => page
-            .header("Authorization", bearer)
-            .ws_connection_param("Authorization", bearer),
-        None => page,
+        .filter(|token| state.auth.verify(token).is_ok());
+    let slot = match &token {
+        Some(token) => format!(r#"<meta name="delivertrack-access-token" content="{token}">"#),
+        None => String::new(),
     };
-    Html(page.finish())
+    crate::page::html(
+        GRAPHIQL_PAGE.replacen(TOKEN_SLOT, &slot, 1),
+        &GRAPHIQL_POLICY,
+    )
 }
 
 #[cfg(test)]
