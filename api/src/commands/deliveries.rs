@@ -74,16 +74,66 @@ pub(crate) struct CreateDelivery {
     customer_id: Option<String>,
 }
 
-/// The body of `PUT /deliveries/{id}/status`.
-#[derive(Debug, Deserialize, ToSchema)]
+/// The body of `PUT /deliveries/{id}/status`, as the document gives it: one of two shapes,
+/// since `courier_id` goes with `assigned` and with nothing else (schema only; the handler
+/// reads [`ChangeStatus`] and answers the codes of its own checks).
+#[derive(serde::Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub(crate) enum ChangeStatusBody {
+    /// Assign the delivery to a courier.
+    Assign(AssignCourier),
+    /// Any other step.
+    Step(NextStep),
+}
+
+/// `{"status": "assigned", "courier_id": ...}`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct AssignCourier {
+    /// `assigned`.
+    #[schema(value_type = String, pattern = "^assigned$", example = "assigned")]
+    status: String,
+    /// The courier.
+    #[schema(value_type = uuid::Uuid)]
+    courier_id: String,
+}
+
+/// `{"status": ...}` for every status but `assigned`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct NextStep {
+    /// The new status.
+    status: NextStatus,
+}
+
+/// The statuses set without a courier.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub(crate) enum NextStatus {
+    /// Picked up at the pickup point.
+    PickedUp,
+    /// On the way.
+    InTransit,
+    /// Handed over.
+    Delivered,
+    /// Could not be delivered.
+    Failed,
+    /// Called off.
+    Cancelled,
+}
+
+/// The body of `PUT /deliveries/{id}/status` as the handler reads it.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ChangeStatus {
     /// The new status.
-    #[schema(value_type = crate::openapi::schemas::Status)]
     status: String,
     /// The courier: given exactly with `assigned`.
     #[serde(default)]
-    #[schema(format = Uuid)]
     courier_id: Option<String>,
 }
 
@@ -95,8 +145,13 @@ pub(crate) struct Rate {
     /// `5.0` is the integer 5, as JSON Schema has it).
     #[schema(value_type = i32, minimum = 1, maximum = 5)]
     score: serde_json::Number,
-    /// Free text.
+    /// Free text: at most 2 000 characters, no control character but line feed,
+    /// carriage return and tab.
     #[serde(default)]
+    #[schema(
+        max_length = 2000,
+        pattern = "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$"
+    )]
     comment: Option<String>,
 }
 
@@ -290,7 +345,7 @@ async fn create(
         current status.",
     security(("bearer_jwt" = []), ("access_token" = [])),
     params(("id" = Uuid, Path, description = "The delivery.")),
-    request_body = ChangeStatus,
+    request_body = ChangeStatusBody,
     responses(
         (status = 200, description = "Applied: the delivery as the read model holds it.",
             body = DeliveryWritten, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
