@@ -125,6 +125,9 @@ install_packages() {
     fi
     # Debian packages the tests need:
     need_apt prometheus # the dashboard test (tests/dashboards.rs) evaluates every panel
+    # schemathesis for tests/conformance.rs, in target/conformance-venv (kept between runs)
+    need_apt python3-venv
+    scripts/conformance.sh --install
     #   need_apt postgresql-15-postgis-3      (PostGIS geofence baseline)
     info "cargo-nextest: $(cargo nextest --version 2>/dev/null | head -n1)"
 }

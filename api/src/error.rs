@@ -228,19 +228,32 @@ where
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
         use axum::extract::rejection::JsonRejection;
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
-            Err(JsonRejection::BytesRejection(rejection)) => {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    Err(ApiError::PayloadTooLarge { limit: BODY_LIMIT })
-                } else {
-                    Err(ApiError::BadRequest {
-                        code: "malformed_body",
-                        message: rejection.body_text(),
-                    })
-                }
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(bytes) => bytes,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::PayloadTooLarge { limit: BODY_LIMIT });
             }
+            Err(rejection) => {
+                return Err(ApiError::BadRequest {
+                    code: "malformed_body",
+                    message: rejection.body_text(),
+                });
+            }
+        };
+        // serde reads a struct from a JSON array as well (`[null, null]` was a courier
+        // profile), so every body must be an object before its fields are read.
+        let first = bytes.iter().find(|byte| !byte.is_ascii_whitespace());
+        if first.is_some_and(|byte| *byte != b'{') {
+            return Err(ApiError::BadRequest {
+                code: "malformed_json",
+                message: "the body must be a JSON object".into(),
+            });
+        }
+        match Json::<T>::from_bytes(&bytes) {
+            Ok(Json(value)) => Ok(ApiJson(value)),
             Err(JsonRejection::JsonDataError(error)) => {
                 let text = error.body_text();
                 let code = if text.contains("unknown field") {
@@ -268,5 +281,125 @@ where
     }
 }
 
+/// Is the request's `Content-Type` JSON (`application/json`, or `application/*+json`), as
+/// axum's `Json` requires?
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json") || subtype.to_ascii_lowercase().ends_with("+json"))
+}
+
 /// The largest request body accepted, bytes (the router's body limit).
 pub const BODY_LIMIT: usize = 64 * 1024;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use axum::Router;
+    use axum::body::Body;
+    use axum::http::Request;
+    use axum::routing::put;
+    use serde::Deserialize;
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Profile {
+        name: Option<String>,
+        vehicle_type: Option<String>,
+    }
+
+    async fn put_body(content_type: &str, body: &'static str) -> (u16, Value) {
+        let app = Router::new().route(
+            "/",
+            put(|ApiJson(_profile): ApiJson<Profile>| async { StatusCode::NO_CONTENT }),
+        );
+        let request = Request::put("/")
+            .header("content-type", content_type)
+            .body(Body::from(body))
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_body_must_be_an_object() {
+        for body in [
+            "[null, null]",
+            "[]",
+            " [\"a\", \"b\"]",
+            "null",
+            "1",
+            "\"x\"",
+            "true",
+        ] {
+            let (status, answer) = put_body("application/json", body).await;
+            assert_eq!(
+                (status, answer["error"]["code"].as_str()),
+                (400, Some("malformed_json")),
+                "{body}: {answer}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn objects_media_types_and_field_errors_keep_their_answers() {
+        assert_eq!(put_body("application/json", "{}").await.0, 204);
+        assert_eq!(
+            put_body("application/merge-patch+json", " {\"name\": null}")
+                .await
+                .0,
+            204
+        );
+        assert_eq!(
+            put_body("Application/JSON; charset=utf-8", "{}").await.0,
+            204
+        );
+        let code = |answer: (u16, Value)| {
+            (
+                answer.0,
+                answer.1["error"]["code"].as_str().map(str::to_owned),
+            )
+        };
+        assert_eq!(
+            code(put_body("text/plain", "{}").await),
+            (415, Some("unsupported_media_type".into()))
+        );
+        assert_eq!(
+            code(put_body("application/json", "{\"colour\": 1}").await),
+            (400, Some("unknown_field".into()))
+        );
+        assert_eq!(
+            code(put_body("application/json", "{\"name\": 1}").await),
+            (400, Some("malformed_json".into()))
+        );
+        assert_eq!(
+            code(put_body("application/json", "{\"name\": \"a\", \"name\": \"b\"}").await),
+            (400, Some("malformed_json".into()))
+        );
+        assert_eq!(
+            code(put_body("application/json", "{").await),
+            (400, Some("malformed_json".into()))
+        );
+    }
+}

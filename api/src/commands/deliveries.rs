@@ -76,16 +76,66 @@ pub(crate) struct CreateDelivery {
     customer_id: Option<String>,
 }
 
-/// The body of `PUT /deliveries/{id}/status`.
-#[derive(Debug, Deserialize, ToSchema)]
+/// The body of `PUT /deliveries/{id}/status`, as the document gives it: one of two shapes,
+/// since `courier_id` goes with `assigned` and with nothing else (schema only; the handler
+/// reads [`ChangeStatus`] and answers the codes of its own checks).
+#[derive(serde::Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub(crate) enum ChangeStatusBody {
+    /// Assign the delivery to a courier.
+    Assign(AssignCourier),
+    /// Any other step.
+    Step(NextStep),
+}
+
+/// `{"status": "assigned", "courier_id": ...}`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct AssignCourier {
+    /// `assigned`.
+    #[schema(value_type = String, pattern = "^assigned$", example = "assigned")]
+    status: String,
+    /// The courier.
+    #[schema(value_type = uuid::Uuid)]
+    courier_id: String,
+}
+
+/// `{"status": ...}` for every status but `assigned`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct NextStep {
+    /// The new status.
+    status: NextStatus,
+}
+
+/// The statuses set without a courier.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub(crate) enum NextStatus {
+    /// Picked up at the pickup point.
+    PickedUp,
+    /// On the way.
+    InTransit,
+    /// Handed over.
+    Delivered,
+    /// Could not be delivered.
+    Failed,
+    /// Called off.
+    Cancelled,
+}
+
+/// The body of `PUT /deliveries/{id}/status` as the handler reads it.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ChangeStatus {
     /// The new status.
-    #[schema(value_type = crate::openapi::schemas::Status)]
     status: String,
     /// The courier: given exactly with `assigned`.
     #[serde(default)]
-    #[schema(format = Uuid)]
     courier_id: Option<String>,
 }
 
@@ -93,12 +143,31 @@ pub(crate) struct ChangeStatus {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Rate {
-    /// An integer from 1 to 5 (any JSON number is taken here, the contract judges it).
+    /// An integer from 1 to 5 (any JSON number is taken here, the contract judges it;
+    /// `5.0` is the integer 5, as JSON Schema has it).
     #[schema(value_type = i32, minimum = 1, maximum = 5)]
     score: serde_json::Number,
-    /// Free text.
+    /// Free text: at most 2 000 characters, no control character but line feed,
+    /// carriage return and tab.
     #[serde(default)]
+    #[schema(
+        max_length = 2000,
+        pattern = "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$"
+    )]
     comment: Option<String>,
+}
+
+/// `n` as an integer when it is one written with a fraction (`5.0`): JSON Schema, and so
+/// the OpenAPI document, counts `5.0` as the integer 5, while the event contract wants
+/// integers written as such. Anything else is left for the contract to judge.
+fn integral(n: serde_json::Number) -> serde_json::Number {
+    match n.as_f64() {
+        // Within ±2^53 every integer-valued f64 converts to i64 exactly.
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 => {
+            serde_json::Number::from(f as i64)
+        }
+        _ => n,
+    }
 }
 
 /// What the checks need of a delivery, read under the lock in one go.
@@ -283,7 +352,7 @@ async fn create(
         current status.",
     security(("bearer_jwt" = []), ("access_token" = [])),
     params(("id" = Uuid, Path, description = "The delivery.")),
-    request_body = ChangeStatus,
+    request_body = ChangeStatusBody,
     responses(
         (status = 200, description = "Applied: the delivery as the read model holds it.",
             body = DeliveryWritten, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
@@ -423,7 +492,7 @@ async fn rate(
     let ApiJson(body) = body?;
     let mut fields = Map::new();
     fields.insert("delivery_id".into(), Value::from(id.to_string()));
-    fields.insert("score".into(), Value::Number(body.score));
+    fields.insert("score".into(), Value::Number(integral(body.score)));
     if let Some(comment) = body.comment {
         fields.insert("comment".into(), Value::from(comment));
     }
@@ -481,5 +550,26 @@ async fn rate(
         None => {
             Ok(Pending::new(id.0, &event, location(id), state.config.command_wait).into_response())
         }
+    }
+}
+
+#[cfg(test)]
+mod score_tests {
+    use serde_json::{Number, json};
+
+    use super::integral;
+
+    #[test]
+    fn an_integer_written_with_a_fraction_is_an_integer() {
+        let number = |value: serde_json::Value| match value {
+            serde_json::Value::Number(n) => n,
+            other => panic!("{other} is not a number"),
+        };
+        assert_eq!(integral(number(json!(5.0))), Number::from(5));
+        assert_eq!(integral(number(json!(-0.0))), Number::from(0));
+        assert_eq!(integral(number(json!(3))), Number::from(3));
+        // Not integers, or too large to be exact: left for the contract to refuse.
+        assert!(integral(number(json!(4.5))).is_f64());
+        assert!(integral(number(json!(1e300))).is_f64());
     }
 }

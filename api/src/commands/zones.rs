@@ -34,7 +34,12 @@ pub fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpsertZone {
-    /// Display name.
+    /// Display name: at most 200 characters, not blank, no control character.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000\\uFEFF][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     name: String,
     /// GeoJSON Polygon or MultiPolygon (`[lon, lat]` positions, closed rings, a valid simple
     /// feature); the contract validates it.
@@ -42,7 +47,7 @@ pub(crate) struct UpsertZone {
     geometry: Value,
     /// How long a courier must stay inside before counting as inside, seconds; 0 when absent.
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 86400)]
     dwell_seconds: Option<f64>,
 }
 
