@@ -125,6 +125,7 @@ install_packages() {
     fi
     # Debian packages the tests need:
     need_apt prometheus # the dashboard test (tests/dashboards.rs) evaluates every panel
+    need_apt chromium   # the map page in a browser (tests/demo.rs), under its CSP
     #   need_apt postgresql-15-postgis-3      (PostGIS geofence baseline)
     info "cargo-nextest: $(cargo nextest --version 2>/dev/null | head -n1)"
 }
