@@ -459,7 +459,7 @@ async fn the_role_and_ownership_matrix() {
     let d1 = id_of(&created);
     assert_eq!(
         created.headers.get("location").unwrap(),
-        &format!("/api/deliveries/{d1}")
+        &format!("/deliveries/{d1}")
     );
     let d2_answer = running.create_delivery(&customer2, None).await;
     assert_eq!(
