@@ -125,6 +125,7 @@ install_packages() {
     fi
     # Debian packages the tests need:
     need_apt prometheus # the dashboard test (tests/dashboards.rs) evaluates every panel
+    need_apt chromium   # the map page in a browser (tests/demo.rs), under its CSP
     # schemathesis for tests/conformance.rs, in target/conformance-venv (kept between runs)
     need_apt python3-venv
     scripts/conformance.sh --install

@@ -96,6 +96,10 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The service's token secret; the load signs an admin token with it (the read model and
+/// its change stream are the admins').
+const JWT_SECRET: &str = "a-secret-for-the-dashboard-test-only";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_expression_is_valid_and_returns_series() {
     let prometheus = prometheus_bin();
@@ -121,7 +125,7 @@ async fn every_dashboard_expression_is_valid_and_returns_series() {
         .args(["--database-url", &database_url, "--redis-prefix", &prefix])
         .args(["--derived-exchange", &derived, "--epoch-max-ms", "50"])
         .env("RABBITMQ_URL", &rabbit.url)
-        .env("JWT_SECRET", "a-secret-for-the-dashboard-test-only")
+        .env("JWT_SECRET", JWT_SECRET)
         .env_remove("DATABASE_URL")
         .env_remove("MONGO_URI")
         .stdout(Stdio::piped())
@@ -166,9 +170,18 @@ async fn every_dashboard_expression_is_valid_and_returns_series() {
     declare_topology(publisher.channel(), &rabbit)
         .await
         .unwrap();
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/changes"))
-        .await
-        .unwrap();
+    let admin_token = delivertrack_api::Authenticator::new(&delivertrack_api::AuthConfig {
+        secret: JWT_SECRET.to_owned(),
+        expiry: Duration::from_secs(3600),
+    })
+    .unwrap()
+    .issue(delivertrack_api::Role::Admin, Uuid::new_v4())
+    .unwrap();
+    let (ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/ws/changes?access_token={admin_token}"
+    ))
+    .await
+    .unwrap();
     let mut simulator = FleetSimulator::new(
         SimulatorConfig {
             couriers: 30,
@@ -193,7 +206,11 @@ async fn every_dashboard_expression_is_valid_and_returns_series() {
             .unwrap();
         sent += part.len();
         for path in ["/healthz", "/readyz", "/api/snapshot", "/no-such-route"] {
-            let _ = client.get(format!("http://{addr}{path}")).send().await;
+            let _ = client
+                .get(format!("http://{addr}{path}"))
+                .bearer_auth(&admin_token)
+                .send()
+                .await;
         }
         sleep(Duration::from_millis(700)).await;
     }

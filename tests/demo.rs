@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use delivertrack::{DemoConfig, PipelineConfig, run_demo_on};
+use delivertrack_api::{AuthConfig, Authenticator, Role};
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -15,6 +16,37 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
+
+/// The secret the in-process demos of these tests sign their tokens with.
+fn auth_config() -> AuthConfig {
+    AuthConfig {
+        secret: "demo-test-secret-0f3c9a7e5b1d48e2a6c4".to_owned(),
+        expiry: Duration::from_secs(3600),
+    }
+}
+
+/// A token of `role` for the in-process demos.
+fn token(role: Role) -> String {
+    Authenticator::new(&auth_config())
+        .unwrap()
+        .issue(role, uuid::Uuid::new_v4())
+        .unwrap()
+}
+
+/// An HTTP client that sends an admin's token with every request (the read model is
+/// theirs).
+fn admin_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", token(Role::Admin)).parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
 
 /// A small city that moves fast: many fixes and deliveries within seconds.
 fn small_demo() -> DemoConfig {
@@ -31,6 +63,7 @@ fn small_demo() -> DemoConfig {
         speed: 20.0,
         tick: Duration::from_millis(50),
         seed: 7,
+        auth: Some(auth_config()),
         ..DemoConfig::default()
     }
 }
@@ -84,10 +117,7 @@ async fn the_demo_serves_snapshots_and_live_changes_and_stops_cleanly() {
         let _ = stop_rx.await;
     }));
 
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let client = admin_client();
     let base = format!("http://{addr}");
 
     let health = client.get(format!("{base}/healthz")).send().await.unwrap();
@@ -164,9 +194,11 @@ async fn the_demo_serves_snapshots_and_live_changes_and_stops_cleanly() {
     );
 
     // The live stream: a snapshot, then epochs in increasing order after it.
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/changes"))
-        .await
-        .unwrap();
+    let admin = token(Role::Admin);
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/changes?access_token={admin}"))
+            .await
+            .unwrap();
     let first = next_json(&mut socket).await;
     assert_eq!(first["type"], "snapshot");
     assert_eq!(first["reason"], "connected");
@@ -275,13 +307,24 @@ async fn the_demo_binary_prints_where_to_look_and_exits_0_on_sigint() {
         .unwrap_or_else(|| panic!("no address in the banner:\n{banner}"));
     assert_ne!(addr.port(), 0, "the banner names the port actually bound");
     for place in [
-        format!("http://{addr}/"),
+        format!("http://{addr}/#access_token="),
         format!("http://{addr}/api/snapshot"),
         format!("ws://{addr}/ws/changes"),
         format!("http://{addr}/healthz"),
     ] {
         assert!(banner.contains(&place), "{place} missing from:\n{banner}");
     }
+    // The map's link carries the banner's admin token, which opens the read model.
+    let admin_token = banner
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("admin token:"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no admin token in the banner:\n{banner}"))
+        .to_owned();
+    assert!(
+        banner.contains(&format!("http://{addr}/#access_token={admin_token}")),
+        "{banner}"
+    );
 
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -303,6 +346,15 @@ async fn the_demo_binary_prints_where_to_look_and_exits_0_on_sigint() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     eprintln!("spawn to /healthz 200: {healthy:?}");
+    let status = |token: Option<String>| {
+        let mut request = client.get(format!("http://{addr}/api/snapshot"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some(admin_token.clone())).await, 200);
 
     // SIGINT is what Ctrl-C in a terminal sends.
     let pid = child.id().expect("the demo is still running").to_string();
@@ -475,6 +527,117 @@ async fn the_demo_counts_the_dataflows_refusals_of_api_commands() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    stop_tx.send(()).unwrap();
+    timeout(Duration::from_secs(30), demo)
+        .await
+        .expect("the demo stops within 30 s")
+        .unwrap()
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// The map page in a real browser
+// ---------------------------------------------------------------------------------------
+
+/// Debian's `chromium` (or `CHROMIUM`), if installed (`scripts/test.sh` installs it).
+fn chromium() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("CHROMIUM") {
+        return Some(path.into());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|dir| ["chromium", "chromium-browser"].map(|name| dir.join(name)))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The DOM of `url` after headless Chromium ran the page for a few (virtual) seconds, and
+/// what the browser logged (CSP refusals among it).
+async fn render(browser: &std::path::Path, url: &str) -> (String, String) {
+    let profile = std::env::temp_dir().join(format!("dt-chromium-{}", uuid::Uuid::new_v4()));
+    let output = timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new(browser)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--enable-logging=stderr", "--virtual-time-budget=8000"])
+            .args(["--dump-dom", url])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium renders the page within 90 s")
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&profile);
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The text of the element with this `id` in a dumped DOM.
+fn text_of(dom: &str, id: &str) -> String {
+    let marker = format!("id=\"{id}\"");
+    dom.split_once(&marker)
+        .and_then(|(_, rest)| rest.split_once('>'))
+        .and_then(|(_, rest)| rest.split_once('<'))
+        .map(|(text, _)| text.trim().to_owned())
+        .unwrap_or_else(|| panic!("no element #{id} in:\n{dom}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_map_page_signs_in_with_its_fragment_and_draws_live_data_in_a_browser() {
+    let Some(browser) = chromium() else {
+        eprintln!("SKIPPED: no chromium on the PATH (scripts/test.sh installs Debian's chromium)");
+        return;
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let demo = tokio::spawn(run_demo_on(listener, small_demo(), async {
+        let _ = stop_rx.await;
+    }));
+    eventually(
+        &admin_client(),
+        &format!("http://{addr}/api/snapshot"),
+        Duration::from_secs(30),
+        |s, body| s == 200 && body["counts"]["couriers"].as_u64().unwrap_or(0) > 0,
+    )
+    .await;
+
+    // Signed in from the fragment: the snapshot and the live stream under the page's
+    // Content-Security-Policy, which must let its own inline script and style run.
+    let (dom, log) = render(
+        &browser,
+        &format!("http://{addr}/#access_token={}", token(Role::Admin)),
+    )
+    .await;
+    assert_eq!(text_of(&dom, "status"), "live", "{dom}\n{log}");
+    let couriers: u64 = text_of(&dom, "couriers").parse().unwrap_or(0);
+    assert_eq!(couriers, 20, "{dom}");
+    assert_eq!(text_of(&dom, "zones"), "4", "{dom}");
+    assert!(text_of(&dom, "epoch").parse::<u64>().is_ok(), "{dom}");
+    assert!(dom.contains("class=\"dot live\""), "{dom}");
+    assert!(
+        !log.contains("Content Security Policy"),
+        "the page breaks none of its own policy:\n{log}"
+    );
+
+    // No token: the sign-in form and no data. Another role's token: refused.
+    let (dom, _) = render(&browser, &format!("http://{addr}/")).await;
+    assert_eq!(text_of(&dom, "status"), "sign in with an admin token");
+    assert_eq!(text_of(&dom, "couriers"), "–");
+    assert!(dom.contains("<form id=\"signin\">"), "the form is shown: {dom}");
+    let (dom, _) = render(
+        &browser,
+        &format!("http://{addr}/#access_token={}", token(Role::Customer)),
+    )
+    .await;
+    assert_eq!(
+        text_of(&dom, "status"),
+        "this token is not an admin's: sign in again"
+    );
+    assert_eq!(text_of(&dom, "couriers"), "–");
 
     stop_tx.send(()).unwrap();
     timeout(Duration::from_secs(30), demo)

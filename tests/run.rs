@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use delivertrack::{DriveReport, PipelineConfig, RunConfig, RunHooks, run_pipeline_on};
+use delivertrack_api::{AuthConfig, Authenticator, Role};
 use delivertrack_dataflow::{CourierId, EpochOutput, Event, EventBody};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_ingest::rabbitmq::dead_letter::{HEADER_REASON, HEADER_ROUTING_KEY, HEADER_STAGE};
@@ -38,6 +39,25 @@ use support::{Database, eventually, now_ms, publisher, ready_messages, scrape};
 
 /// How long any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The JWT secret of every pipeline these tests run, in process and as the binary.
+const JWT_SECRET: &str = "run-test-jwt-key-7c1d-5e9a0b3f8c27d4";
+
+/// The tokens' settings of [`JWT_SECRET`].
+fn auth_config() -> AuthConfig {
+    AuthConfig {
+        secret: JWT_SECRET.to_owned(),
+        expiry: Duration::from_secs(3600),
+    }
+}
+
+/// A token of `role` signed with [`JWT_SECRET`].
+fn token(role: Role) -> String {
+    Authenticator::new(&auth_config())
+        .unwrap()
+        .issue(role, uuid::Uuid::new_v4())
+        .unwrap()
+}
 
 // ---------------------------------------------------------------------------------------
 // Harness
@@ -79,6 +99,7 @@ fn run_config(rabbit: RabbitConfig) -> RunConfig {
         },
         rabbit,
         shutdown_timeout: Duration::from_secs(30),
+        auth: Some(auth_config()),
         ..RunConfig::default()
     }
 }
@@ -109,8 +130,14 @@ async fn start(config: RunConfig, extra_sinks: Vec<Box<dyn Sink>>) -> Running {
     }
 }
 
+/// `GET url` as an admin (the read model is theirs; public routes ignore the token).
 async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
-    let response = client.get(url).send().await.unwrap();
+    let response = client
+        .get(url)
+        .bearer_auth(token(Role::Admin))
+        .send()
+        .await
+        .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
@@ -1255,6 +1282,136 @@ async fn the_binary_commits_and_acknowledges_its_open_epoch_on_sigterm() {
     database.drop_now().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_model_is_for_admins_only() {
+    let config = unique_config("admin-only");
+    let _cleanup = TopologyGuard::new(&config);
+    let publisher = publisher(&config).await;
+    let running = start(run_config(config.clone()), Vec::new()).await;
+    let client = reqwest::Client::new();
+    let events = location_events(3, 3, now_ms());
+    publisher
+        .publish_events(&config.exchange, &events, 1)
+        .await
+        .unwrap();
+    wait_for_state(&client, &running, &expected(&events)).await;
+    let courier = match &events[0].body {
+        EventBody::LocationUpdated(fix) => fix.courier_id,
+        other => panic!("a location update, not {other:?}"),
+    };
+
+    let get = |path: String, token: Option<String>| {
+        let client = client.clone();
+        let url = running.url(&path);
+        async move {
+            let mut request = client.get(url);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, body["error"]["code"].as_str().map(str::to_owned))
+        }
+    };
+    for path in [
+        "/api/snapshot".to_owned(),
+        format!("/api/couriers/{courier}"),
+        format!("/api/deliveries/{}", uuid::Uuid::new_v4()),
+    ] {
+        assert_eq!(
+            get(path.clone(), None).await,
+            (401, Some("unauthorized".into())),
+            "{path}"
+        );
+        for role in [Role::Customer, Role::Courier] {
+            assert_eq!(
+                get(path.clone(), Some(token(role))).await,
+                (403, Some("forbidden".into())),
+                "{path} as {role:?}"
+            );
+        }
+    }
+    assert_eq!(
+        get("/api/snapshot".into(), Some(token(Role::Admin))).await.0,
+        200
+    );
+    assert_eq!(
+        get(format!("/api/couriers/{courier}"), Some(token(Role::Admin)))
+            .await
+            .0,
+        200
+    );
+    // The change stream, as the map page opens it.
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/ws/changes", running.addr))
+        .await
+        .err();
+    assert!(
+        matches!(&refused, Some(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 401),
+        "{refused:?}"
+    );
+    let admin = token(Role::Admin);
+    tokio_tungstenite::connect_async(format!(
+        "ws://{}/ws/changes?access_token={admin}",
+        running.addr
+    ))
+    .await
+    .expect("an admin opens the change stream");
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(get(path.into(), None).await.0, 200, "{path} stays public");
+    }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_listen_serves_the_metrics_apart_from_the_api() {
+    let config = unique_config("metrics-listen");
+    let _cleanup = TopologyGuard::new(&config);
+    let _publisher = publisher(&config).await;
+    // A free port for the metrics (the binary's banner names the API's).
+    let metrics_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let (child, addr) = spawn_binary(
+        &config,
+        &[
+            "--metrics-listen",
+            &metrics_addr.to_string(),
+            "--no-postgres",
+            "--no-redis",
+            "--no-mongo",
+            "--no-derived",
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let answer = |url: String| {
+        let client = client.clone();
+        async move {
+            let response = client.get(url).send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        }
+    };
+    let (status, text) = answer(format!("http://{metrics_addr}/metrics")).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("delivertrack_messages_in_flight") && text.contains("delivertrack_websocket_connections"),
+        "the pipeline's and the API's metrics: {text}"
+    );
+    let (status, text) = answer(format!("http://{addr}/metrics")).await;
+    assert_eq!(status, 404, "not on the API's address: {text}");
+    assert!(text.contains("route_not_found"), "{text}");
+    // The metrics address serves nothing else.
+    let (status, _) = answer(format!("http://{metrics_addr}/api/snapshot")).await;
+    assert_eq!(status, 404);
+    let (status, _) = answer(format!("http://{addr}/healthz")).await;
+    assert_eq!(status, 200);
+    let (status, stderr, _) = terminate(child).await;
+    assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
+}
+
 /// Starts the real binary on this test's topology with `args` added, and returns it once
 /// its banner says where it listens.
 async fn spawn_binary(config: &RabbitConfig, args: &[&str]) -> (tokio::process::Child, SocketAddr) {
@@ -1266,7 +1423,7 @@ async fn spawn_binary(config: &RabbitConfig, args: &[&str]) -> (tokio::process::
         .args(args)
         .args(["--log-format", "json"])
         .env("RABBITMQ_URL", &config.url)
-        .env("JWT_SECRET", "run-test-jwt-key-7c1d-5e9a0b3f8c27d4")
+        .env("JWT_SECRET", JWT_SECRET)
         .env("RUST_LOG", "info")
         .env_remove("DATABASE_URL")
         .env_remove("MONGO_URI")

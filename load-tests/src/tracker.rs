@@ -5,7 +5,8 @@
 //!   picks a live delivery of the fleet (one assigned at least 600 ms ago, so the read
 //!   model has it), connects with that customer's token, follows its courier's
 //!   moves until the session closes with the delivery's end, and picks the next one.
-//! - [`WsMode::Changes`]: `GET /ws/changes`, every change of every epoch. Tracker `j` of
+//! - [`WsMode::Changes`]: `GET /ws/changes` with an admin's token (the stream is the
+//!   admins'), every change of every epoch. Tracker `j` of
 //!   `M` follows the couriers `c` with `c mod M = j` (or, with more trackers than couriers,
 //!   courier `j mod N`), so every courier is followed.
 //!
@@ -306,8 +307,13 @@ async fn changes_tracker(
             c % m == j
         }
     };
-    let Some(socket) = connect(ctx, handshakes, &ctx.target.ws("/ws/changes"), read_buffer).await
-    else {
+    // The change stream is the admins': the harness signs an admin token.
+    let Some(token) = ctx.tokens.as_ref().and_then(|tokens| tokens.admin().ok()) else {
+        ctx.recorder.error("ws_changes_without_token");
+        return;
+    };
+    let url = ctx.target.ws(&format!("/ws/changes?access_token={token}"));
+    let Some(socket) = connect(ctx, handshakes, &url, read_buffer).await else {
         return;
     };
     ctx.recorder.ws_opened();

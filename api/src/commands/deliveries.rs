@@ -193,7 +193,7 @@ fn not_found(id: DeliveryId) -> ApiError {
 }
 
 fn location(id: DeliveryId) -> String {
-    format!("/api/deliveries/{id}")
+    format!("/deliveries/{id}")
 }
 
 /// The delivery as the read model holds it, if `ready` says the write is visible.
@@ -269,9 +269,9 @@ async fn answer(
     request_body = CreateDelivery,
     responses(
         (status = 201, description = "Created and applied: the delivery as the read model holds it.",
-            body = DeliveryWritten, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+            body = DeliveryWritten, headers(("Location" = String, description = "`/deliveries/{id}`"))),
         (status = 202, description = "Published and confirmed, not applied within the bound.",
-            body = Pending, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+            body = Pending, headers(("Location" = String, description = "`/deliveries/{id}`"))),
         (status = 400, description = "`malformed_json`, `unknown_field`, `missing_field` (an \
             admin without `customer_id`), `invalid_coordinates`, `invalid_value`, \
             `timestamp_in_future`, ...: the event contract's codes.", body = ErrorBody),
@@ -355,9 +355,9 @@ async fn create(
     request_body = ChangeStatusBody,
     responses(
         (status = 200, description = "Applied: the delivery as the read model holds it.",
-            body = DeliveryWritten, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+            body = DeliveryWritten, headers(("Location" = String, description = "`/deliveries/{id}`"))),
         (status = 202, description = "Published and confirmed, not applied within the bound.",
-            body = Pending, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+            body = Pending, headers(("Location" = String, description = "`/deliveries/{id}`"))),
         (status = 400, description = "`invalid_id`, `invalid_status`, `courier_not_allowed` \
             (`courier_id` with another status), `courier_required`, `malformed_json`, \
             `unknown_field`, ...", body = ErrorBody),
@@ -461,9 +461,9 @@ async fn change_status(
     request_body = Rate,
     responses(
         (status = 201, description = "Applied: the delivery, with its `rating`.",
-            body = DeliveryWritten, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+            body = DeliveryWritten, headers(("Location" = String, description = "`/deliveries/{id}`"))),
         (status = 202, description = "Published and confirmed, not applied within the bound.",
-            body = Pending, headers(("Location" = String, description = "`/api/deliveries/{id}`"))),
+            body = Pending, headers(("Location" = String, description = "`/deliveries/{id}`"))),
         (status = 400, description = "`invalid_id`, `invalid_score`, `string_too_long`, \
             `malformed_json`, `unknown_field`, ...", body = ErrorBody),
         (status = 401, response = crate::openapi::Unauthorized),

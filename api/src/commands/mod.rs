@@ -159,7 +159,7 @@ mod tests {
         assert_eq!(body["id"], json!(created.delivery_id));
         assert_eq!(
             location.as_deref(),
-            Some(format!("/api/deliveries/{}", created.delivery_id).as_str())
+            Some(format!("/deliveries/{}", created.delivery_id).as_str())
         );
     }
 
