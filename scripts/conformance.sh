@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Tests the API from outside against its own OpenAPI document: schemathesis (PyPI) reads
 # GET /openapi.json of a running `delivertrack run` and sends what the document allows and
-# what it forbids, with an admin, a customer and a courier token in turn, every check on
-# (every check): no server error, every answer conforming to the document (status,
+# what it forbids, with an admin, a customer and a courier token in turn, every check on:
+# no server error, every answer conforming to the document (status,
 # content type, headers, body), bad input refused, good input accepted, and 401 without a
 # token. Any failure makes the script exit 1. (Every check is schemathesis's default; the
 # exceptions in the config file would not apply under `--checks all`.)
