@@ -31,9 +31,10 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root="$PWD"
 
 SCHEMATHESIS_VERSION=4.32.5
-venv="${CONFORMANCE_VENV:-target/conformance-venv}"
+venv="$(realpath -m "${CONFORMANCE_VENV:-target/conformance-venv}")"
 config="scripts/conformance/schemathesis.toml"
 
 install() {
@@ -67,6 +68,7 @@ if [[ -z "${DELIVERTRACK_BIN:-}" ]]; then
     cargo build --quiet --bin delivertrack
     DELIVERTRACK_BIN=target/debug/delivertrack
 fi
+DELIVERTRACK_BIN="$(realpath "$DELIVERTRACK_BIN")"
 
 run_pid=""
 work=""
@@ -139,10 +141,13 @@ for role in admin customer courier; do
     echo "==> schemathesis as $role for ${seconds}s against $url/openapi.json" >&2
     report="target/conformance/$role"
     mkdir -p "$report"
-    if ! "$venv/bin/st" --config-file "$config" run "$url/openapi.json" \
+    # Run from the report directory: schemathesis and hypothesis keep their caches
+    # (.schemathesis/, .hypothesis/) in the working directory.
+    bearer="$(token "$role")"
+    if ! (cd "$report" && "$venv/bin/st" --config-file "$root/$config" run "$url/openapi.json" \
         --max-time "$seconds" --workers 1 \
-        --header "Authorization: Bearer $(token "$role")" \
-        --report junit --report-dir "$report"; then
+        --header "Authorization: Bearer $bearer" \
+        --report junit --report-dir .); then
         failed+=("$role")
     fi
 done
