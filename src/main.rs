@@ -179,7 +179,8 @@ struct PipelineArgs {
 
 /// `--allowed-origins`, as clap parses it.
 fn allowed_origins(text: &str) -> Result<AllowedOrigins, String> {
-    text.parse().map_err(|error: delivertrack_api::origin::OriginListError| error.to_string())
+    text.parse()
+        .map_err(|error: delivertrack_api::origin::OriginListError| error.to_string())
 }
 
 impl From<PipelineArgs> for PipelineConfig {

@@ -162,10 +162,7 @@ pub async fn run_pipeline(
     let rabbit = config.rabbit.clone();
     let announce = async move {
         if let Ok(started) = started_rx.await {
-            println!(
-                "{}",
-                banner(started.addr, started.metrics_addr, &rabbit)
-            );
+            println!("{}", banner(started.addr, started.metrics_addr, &rabbit));
         }
     };
     let hooks = RunHooks {

@@ -253,7 +253,13 @@ mod tests {
     fn same_origin_no_origin_and_listed_origins_pass_others_do_not() {
         let same = AllowedOrigins::SameOrigin;
         assert!(check(&same, &headers("127.0.0.1:8080", None)).is_ok());
-        assert!(check(&same, &headers("127.0.0.1:8080", Some("http://127.0.0.1:8080"))).is_ok());
+        assert!(
+            check(
+                &same,
+                &headers("127.0.0.1:8080", Some("http://127.0.0.1:8080"))
+            )
+            .is_ok()
+        );
         assert!(check(&same, &headers("ops.example", Some("https://ops.example"))).is_ok());
         assert!(check(&same, &headers("[::1]:8080", Some("http://[::1]:8080"))).is_ok());
         for refused in [
@@ -270,7 +276,13 @@ mod tests {
         }
         let listed: AllowedOrigins = "https://ops.example".parse().unwrap();
         assert!(check(&listed, &headers("api:8080", Some("https://ops.example"))).is_ok());
-        assert!(check(&listed, &headers("api:8080", Some("https://ops.example:443"))).is_ok());
+        assert!(
+            check(
+                &listed,
+                &headers("api:8080", Some("https://ops.example:443"))
+            )
+            .is_ok()
+        );
         assert!(check(&listed, &headers("api:8080", Some("http://ops.example"))).is_err());
         assert!(check(&listed, &headers("api:8080", Some("http://api:8080"))).is_ok());
         assert!(check(&AllowedOrigins::Any, &headers("api:8080", Some("null"))).is_ok());

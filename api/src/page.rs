@@ -81,7 +81,7 @@ fn inline_hashes(page: &str, tag: &str) -> Vec<String> {
         // `<scripts>` or `<style-x>` are other tags; `src=` loads a file, hashed by SRI.
         let is_tag = attributes.is_empty() || attributes.starts_with(char::is_whitespace);
         if is_tag && !attributes.contains("src=") {
-            let digest = Sha256::digest(body[..body_end].as_bytes());
+            let digest = Sha256::digest(&body.as_bytes()[..body_end]);
             hashes.push(format!(
                 "'sha256-{}'",
                 base64::engine::general_purpose::STANDARD.encode(digest)

@@ -746,7 +746,10 @@ mod tests {
             &update(vec![moved(OTHER), status(Status::Assigned, Some(OTHER))]),
         );
         assert_eq!(reassigned.then, Then::Revoked);
-        assert!(reassigned.messages.is_empty(), "the new courier is not named");
+        assert!(
+            reassigned.messages.is_empty(),
+            "the new courier is not named"
+        );
         // Their own progress goes on as before.
         let own = step(
             &as_courier(COURIER),
@@ -761,7 +764,10 @@ mod tests {
             },
             ..tracker(Some(COURIER))
         };
-        let followed = step(&customer, &update(vec![status(Status::Assigned, Some(OTHER))]));
+        let followed = step(
+            &customer,
+            &update(vec![status(Status::Assigned, Some(OTHER))]),
+        );
         assert_eq!(followed.then, Then::Resync);
     }
 }

@@ -47,9 +47,7 @@ async fn open(
 ) -> Result<Socket, Refused> {
     let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
     for (name, value) in headers {
-        request
-            .headers_mut()
-            .insert(*name, value.parse().unwrap());
+        request.headers_mut().insert(*name, value.parse().unwrap());
     }
     match tokio_tungstenite::connect_async(request).await {
         Ok((socket, _)) => Ok(socket),
@@ -87,8 +85,9 @@ async fn next(socket: &mut Socket, within: Duration) -> Received {
         match message {
             Message::Text(text) => return Received::Json(serde_json::from_str(&text).unwrap()),
             Message::Close(frame) => {
-                let (code, reason) =
-                    frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                    (u16::from(f.code), f.reason.to_string())
+                });
                 return Received::Close(code, reason);
             }
             Message::Ping(_) | Message::Pong(_) => {}
@@ -172,7 +171,9 @@ async fn the_change_stream_is_for_admins_only() {
         Some(Refused(401, Some("unauthorized".into())))
     );
     assert_eq!(
-        open(addr, "/ws/changes?access_token=forged", &[]).await.err(),
+        open(addr, "/ws/changes?access_token=forged", &[])
+            .await
+            .err(),
         Some(Refused(401, Some("unauthorized".into())))
     );
     for who in [&customer, &courier] {
@@ -257,7 +258,12 @@ async fn websocket_upgrades_check_the_origin() {
             &[bearer(&admin), ("origin", origin.to_owned())],
         )
         .await;
-        assert_eq!(answer.is_ok(), passes, "{origin} with {allowed}: {:?}", answer.err());
+        assert_eq!(
+            answer.is_ok(),
+            passes,
+            "{origin} with {allowed}: {:?}",
+            answer.err()
+        );
         state.shutdown.cancel();
     }
 }
@@ -291,20 +297,29 @@ async fn websocket_sessions_close_when_their_token_expires() {
 
     let mut tracking = open(
         addr,
-        &format!("/ws/track/{}?access_token={owner}", tracked.details.delivery_id),
+        &format!(
+            "/ws/track/{}?access_token={owner}",
+            tracked.details.delivery_id
+        ),
         &[],
     )
     .await
     .unwrap();
     let mut changes = open(addr, "/ws/changes", &[bearer(&admin)]).await.unwrap();
-    let mut lasts = open(addr, "/ws/changes", &[bearer(&lasting)]).await.unwrap();
+    let mut lasts = open(addr, "/ws/changes", &[bearer(&lasting)])
+        .await
+        .unwrap();
     let opened = tokio::time::Instant::now();
     for socket in [&mut tracking, &mut changes] {
         let (seen, code, reason) = until_closed(socket, EXPIRY_PATIENCE).await;
         assert_eq!(seen[0]["type"], "snapshot");
         assert_eq!((code, reason.as_str()), (4401, "the token has expired"));
     }
-    assert!(opened.elapsed() <= SHORT + Duration::from_millis(500), "{:?}", opened.elapsed());
+    assert!(
+        opened.elapsed() <= SHORT + Duration::from_millis(500),
+        "{:?}",
+        opened.elapsed()
+    );
     // A token that lasts keeps its session open past that.
     match next(&mut lasts, Duration::from_secs(10)).await {
         Received::Json(message) => assert_eq!(message["type"], "snapshot"),
@@ -371,7 +386,10 @@ async fn a_couriers_tracking_closes_when_the_delivery_goes_to_another_courier() 
     let addr = serve(state.clone()).await;
     // One of our customer's own deliveries, still unassigned, and two located couriers.
     let id = DeliveryId(Uuid::from_u128(0xd0_0002));
-    assert_eq!(fleet.model.delivery(id).unwrap().details.status, Status::Created);
+    assert_eq!(
+        fleet.model.delivery(id).unwrap().details.status,
+        Status::Created
+    );
     let (first, second): (CourierId, CourierId) = fleet.model.with_state(|read| {
         let mut couriers = read.couriers.keys().copied();
         (couriers.next().unwrap(), couriers.next().unwrap())
@@ -415,7 +433,9 @@ async fn a_couriers_tracking_closes_when_the_delivery_goes_to_another_courier() 
         (4403, "the delivery was assigned to another courier")
     );
     assert!(
-        !seen.iter().any(|m| m.to_string().contains(&second.to_string())),
+        !seen
+            .iter()
+            .any(|m| m.to_string().contains(&second.to_string())),
         "the first courier is not told who has it now: {seen:?}"
     );
     // The customer follows the new courier.
@@ -458,28 +478,43 @@ async fn page(addr: SocketAddr, path: &str) -> (String, reqwest::header::HeaderM
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn html_pages_send_a_content_security_policy_and_nosniff() {
-    let state = AppState::new(delivertrack_sinks::ReadModel::default(), CancellationToken::new());
+    let state = AppState::new(
+        delivertrack_sinks::ReadModel::default(),
+        CancellationToken::new(),
+    );
     let addr = serve(state.clone()).await;
     for path in ["/", "/graphql"] {
         let (body, headers) = page(addr, path).await;
         let policy = headers["content-security-policy"].to_str().unwrap();
         assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
         assert!(
-            headers["content-type"].to_str().unwrap().starts_with("text/html"),
+            headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html"),
             "{path}"
         );
         assert!(!policy.contains("unsafe-inline"), "{path}: {policy}");
         assert!(!policy.contains("unsafe-eval"), "{path}: {policy}");
-        assert!(policy.contains("frame-ancestors 'none'"), "{path}: {policy}");
+        assert!(
+            policy.contains("frame-ancestors 'none'"),
+            "{path}: {policy}"
+        );
         assert!(policy.starts_with("default-src 'none'"), "{path}: {policy}");
         // Every inline block is allowed by its own hash, so the page runs as written.
         let scripts = inline_hashes(&body, "script");
         let styles = inline_hashes(&body, "style");
         assert!(!scripts.is_empty() && !styles.is_empty(), "{path}");
         for hash in scripts.iter().chain(&styles) {
-            assert!(policy.contains(hash.as_str()), "{path}: {hash} missing from {policy}");
+            assert!(
+                policy.contains(hash.as_str()),
+                "{path}: {hash} missing from {policy}"
+            );
         }
-        assert!(!body.contains(" style=\""), "{path}: no inline style attribute");
+        assert!(
+            !body.contains(" style=\""),
+            "{path}: no inline style attribute"
+        );
     }
 
     // GraphiQL's assets: pinned versions, each with its integrity, each (and nothing else
@@ -512,9 +547,19 @@ async fn html_pages_send_a_content_security_policy_and_nosniff() {
         assert!(tag.contains("crossorigin=\"anonymous\""), "{tag}");
         assert!(policy.contains(url), "{url} missing from {policy}");
     }
-    assert_eq!(body.matches("https://unpkg.com/").count(), 4, "no other asset");
-    assert!(!policy.contains("https://unpkg.com "), "only the exact files: {policy}");
-    assert!(!policy.contains("https://unpkg.com;"), "only the exact files: {policy}");
+    assert_eq!(
+        body.matches("https://unpkg.com/").count(),
+        4,
+        "no other asset"
+    );
+    assert!(
+        !policy.contains("https://unpkg.com "),
+        "only the exact files: {policy}"
+    );
+    assert!(
+        !policy.contains("https://unpkg.com;"),
+        "only the exact files: {policy}"
+    );
 
     // A valid token is preset (in an element, not the script, whose hash stays put).
     let admin = token(&state, Role::Admin, Uuid::new_v4());

@@ -147,5 +147,8 @@ pub(super) async fn graphiql(
         Some(token) => format!(r#"<meta name="delivertrack-access-token" content="{token}">"#),
         None => String::new(),
     };
-    crate::page::html(GRAPHIQL_PAGE.replacen(TOKEN_SLOT, &slot, 1), &GRAPHIQL_POLICY)
+    crate::page::html(
+        GRAPHIQL_PAGE.replacen(TOKEN_SLOT, &slot, 1),
+        &GRAPHIQL_POLICY,
+    )
 }

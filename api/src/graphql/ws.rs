@@ -41,9 +41,7 @@ use futures::{SinkExt, StreamExt, future};
 use tokio::time::Instant;
 
 use super::AnalyticsSchema;
-use crate::auth::{
-    AuthError, Authenticator, CLOSE_TOKEN_EXPIRED, Grant, TOKEN_EXPIRED_REASON,
-};
+use crate::auth::{AuthError, Authenticator, CLOSE_TOKEN_EXPIRED, Grant, TOKEN_EXPIRED_REASON};
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
@@ -281,7 +279,9 @@ fn init_principal(
                 .map(str::trim)
                 .filter(|token| !token.is_empty())
                 .ok_or_else(|| AuthError::Malformed.to_string())?;
-            auth.verify_grant(token).map(Some).map_err(|e| e.to_string())
+            auth.verify_grant(token)
+                .map(Some)
+                .map_err(|e| e.to_string())
         }
         Some(_) => Err(AuthError::Malformed.to_string()),
         None if upgraded_with_token => Ok(None),

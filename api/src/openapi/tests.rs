@@ -872,7 +872,14 @@ async fn real_answers_are_as_documented() {
             None,
             400,
         ),
-        ("GET", "/api/snapshot".into(), "/api/snapshot", None, None, 401),
+        (
+            "GET",
+            "/api/snapshot".into(),
+            "/api/snapshot",
+            None,
+            None,
+            401,
+        ),
         (
             "GET",
             "/api/snapshot".into(),
