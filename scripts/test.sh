@@ -126,6 +126,9 @@ install_packages() {
     # Debian packages the tests need:
     need_apt prometheus # the dashboard test (tests/dashboards.rs) evaluates every panel
     need_apt chromium   # the map page in a browser (tests/demo.rs), under its CSP
+    # schemathesis for tests/conformance.rs, in target/conformance-venv (kept between runs)
+    need_apt python3-venv
+    scripts/conformance.sh --install
     #   need_apt postgresql-15-postgis-3      (PostGIS geofence baseline)
     info "cargo-nextest: $(cargo nextest --version 2>/dev/null | head -n1)"
 }

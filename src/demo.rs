@@ -13,7 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use delivertrack_api::{AuthConfig, Readiness, Role};
-use delivertrack_ingest::{FleetSimulator, SimulatorConfig, in_process, run_simulator};
+use delivertrack_ingest::{
+    FleetSimulator, IngestMetrics, SimulatorConfig, in_process, run_simulator,
+};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 
@@ -155,6 +157,11 @@ async fn run_demo_on_with(
         .context("the listener has no local address")?;
     let (sender, source) = in_process(config.channel_capacity);
     let registry = Registry::new();
+    // The counters of `run`'s source: what was handed to the dataflow, and what the
+    // dataflow refused (an illegal transition sent through the API, a stale fix).
+    let ingest =
+        IngestMetrics::register(&registry).context("the ingest metrics could not be registered")?;
+    let source = source.counted_in(ingest);
     let metrics = DriverMetrics::register(&registry)
         .context("the driver's metrics could not be registered")?;
     let mut service = Service::assemble(

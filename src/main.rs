@@ -11,6 +11,7 @@ use delivertrack::telemetry::{self, LogFormat};
 use delivertrack::{DemoConfig, PipelineConfig, RunConfig, run_demo, run_migrations, run_pipeline};
 use delivertrack_api::{AllowedOrigins, ApiConfig, AuthConfig, Role};
 use delivertrack_api::{Quota, RateLimitConfig};
+use delivertrack_dataflow::contract::ContractLimits;
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_sinks::{DerivedConfig, MongoConfig, PostgresConfig, RedisConfig};
 
@@ -175,6 +176,17 @@ struct PipelineArgs {
     /// the API's own origin only; clients that send no Origin (not browsers) always pass.
     #[arg(long, env = "DELIVERTRACK_ALLOWED_ORIGINS", default_value = "", value_parser = allowed_origins)]
     allowed_origins: AllowedOrigins,
+    /// The oldest an event may be, seconds: an `occurred_at` further behind the clock is
+    /// refused as `timestamp_too_old` (RabbitMQ input and the API's commands alike; events
+    /// read back from PostgreSQL are not held to it).
+    #[arg(long, env = "DELIVERTRACK_MAX_EVENT_AGE_SECS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(1..))]
+    max_event_age_secs: u64,
+    /// The fastest a courier moves, m/s: a fix whose implied speed from the courier's
+    /// previous accepted fix is higher is refused as `implausible_jump`.
+    #[arg(long, env = "DELIVERTRACK_MAX_COURIER_SPEED_MPS", default_value_t = 70.0, value_parser = max_courier_speed)]
+    max_courier_speed_mps: f64,
+    #[command(flatten)]
+    http: HttpArgs,
 }
 
 /// `--allowed-origins`, as clap parses it.
@@ -183,8 +195,46 @@ fn allowed_origins(text: &str) -> Result<AllowedOrigins, String> {
         .map_err(|error: delivertrack_api::origin::OriginListError| error.to_string())
 }
 
+/// The API's bounds on each client (connections, WebSockets, GraphQL).
+#[derive(Debug, clap::Args)]
+struct HttpArgs {
+    /// A request's headers must arrive within this many seconds of the connection (or of
+    /// their first byte on a kept-alive one); otherwise the connection is closed.
+    #[arg(long, env = "DELIVERTRACK_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    http_header_timeout_secs: u64,
+    /// A kept-alive connection with no request in progress is closed after this many
+    /// seconds.
+    #[arg(long, env = "DELIVERTRACK_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    http_idle_timeout_secs: u64,
+    /// Connections served at once (WebSockets included); more wait in the listen backlog.
+    #[arg(long, env = "DELIVERTRACK_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// The largest WebSocket message or frame a client may send, bytes (a larger one
+    /// closes the session with 1009).
+    #[arg(long, env = "DELIVERTRACK_WS_MAX_MESSAGE_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..))]
+    ws_max_message_bytes: u32,
+    /// Subscriptions open at once on one GraphQL WebSocket.
+    #[arg(long, env = "DELIVERTRACK_GRAPHQL_MAX_SUBSCRIPTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    graphql_max_subscriptions: u32,
+}
+
+impl HttpArgs {
+    fn config(&self) -> ApiConfig {
+        ApiConfig {
+            http_header_timeout: Duration::from_secs(self.http_header_timeout_secs),
+            http_idle_timeout: Duration::from_secs(self.http_idle_timeout_secs),
+            max_connections: self.max_connections as usize,
+            ws_max_message_bytes: self.ws_max_message_bytes as usize,
+            graphql_max_subscriptions: self.graphql_max_subscriptions as usize,
+            ..ApiConfig::default()
+        }
+    }
+}
+
 impl From<PipelineArgs> for PipelineConfig {
     fn from(args: PipelineArgs) -> Self {
+        let max_event_age_ms =
+            i64::try_from(args.max_event_age_secs.saturating_mul(1_000)).unwrap_or(i64::MAX);
         PipelineConfig {
             listen: args.listen,
             workers: args.workers,
@@ -194,8 +244,10 @@ impl From<PipelineArgs> for PipelineConfig {
             metrics_listen: args.metrics_listen,
             api: ApiConfig {
                 allowed_origins: args.allowed_origins,
-                ..ApiConfig::default()
+                ..args.http.config()
             },
+            contract: ContractLimits::with_max_event_age_ms(max_event_age_ms),
+            max_courier_speed_mps: args.max_courier_speed_mps,
             ..PipelineConfig::default()
         }
     }
@@ -295,6 +347,9 @@ struct LimitArgs {
         default_value = "10/h"
     )]
     delivery_creation_limit: Quota,
+    /// Ratings per customer (of all their deliveries together).
+    #[arg(long, env = "DELIVERTRACK_RATING_LIMIT", default_value = "20/h")]
+    rating_limit: Quota,
     /// API keys and their quotas, `key=quota,key=quota` (`X-API-Key` header).
     #[arg(long, env = "DELIVERTRACK_API_KEYS", hide_env_values = true, value_parser = api_keys, default_value = "")]
     api_keys: ApiKeys,
@@ -321,6 +376,7 @@ impl LimitArgs {
         RateLimitConfig {
             location_update: self.location_update_limit,
             delivery_creation: self.delivery_creation_limit,
+            rating: self.rating_limit,
             api_keys: self.api_keys.0,
             api_key_default: self.api_key_default,
             ..RateLimitConfig::default()
@@ -408,6 +464,20 @@ fn positive_speed(text: &str) -> Result<f64, String> {
     } else {
         Err(format!(
             "{speed} m/s is not a usable speed (0 < speed < 150)"
+        ))
+    }
+}
+
+/// A maximum courier speed in m/s: finite and above 0.
+fn max_courier_speed(text: &str) -> Result<f64, String> {
+    let speed: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if speed.is_finite() && speed > 0.0 {
+        Ok(speed)
+    } else {
+        Err(format!(
+            "{speed} m/s is not a usable maximum speed (above 0)"
         ))
     }
 }
@@ -536,5 +606,72 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("Ctrl-C received."),
         () = terminate => tracing::info!("SIGTERM received."),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// The contract's and the dataflow's bounds, as flags of `demo` and `run` with their
+    /// variables, reach the pipeline's configuration.
+    #[test]
+    fn the_bounds_are_flags_with_their_variables() {
+        for command in ["demo", "run"] {
+            let cli = Cli::command();
+            let sub = cli.find_subcommand(command).unwrap();
+            for (flag, env) in [
+                ("max_event_age_secs", "DELIVERTRACK_MAX_EVENT_AGE_SECS"),
+                (
+                    "max_courier_speed_mps",
+                    "DELIVERTRACK_MAX_COURIER_SPEED_MPS",
+                ),
+            ] {
+                let arg = sub
+                    .get_arguments()
+                    .find(|arg| arg.get_id() == flag)
+                    .unwrap_or_else(|| panic!("{command} has --{flag}"));
+                assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env));
+            }
+        }
+        let parse = |args: &[&str]| {
+            let mut all = vec!["delivertrack", "demo"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).map(|cli| cli.command) {
+                Ok(Command::Demo(args)) => Ok(PipelineConfig::from(args.pipeline)),
+                Ok(_) => unreachable!(),
+                Err(error) => Err(error),
+            }
+        };
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(defaults.contract.max_event_age_ms, 7 * 24 * 3_600_000);
+        assert!((defaults.max_courier_speed_mps - 70.0).abs() < f64::EPSILON);
+        let set = parse(&[
+            "--max-event-age-secs",
+            "3600",
+            "--max-courier-speed-mps",
+            "25.5",
+        ])
+        .unwrap();
+        assert_eq!(
+            set.contract,
+            ContractLimits::with_max_event_age_ms(3_600_000)
+        );
+        assert!((set.max_courier_speed_mps - 25.5).abs() < f64::EPSILON);
+        assert_eq!(
+            set.driver_config().dataflow.max_courier_speed_mps,
+            set.max_courier_speed_mps
+        );
+        for bad in [
+            ["--max-event-age-secs", "0"],
+            ["--max-courier-speed-mps", "0"],
+            ["--max-courier-speed-mps", "-3"],
+            ["--max-courier-speed-mps", "NaN"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -256,7 +256,8 @@ pub async fn run_pipeline_on(
 
     let url = config.rabbit.redacted_url();
     let source = tokio::select! {
-        connected = RabbitSource::connect(config.rabbit.clone(), metrics) => {
+        // The source decodes with the pipeline's contract limits, as the API's commands do.
+        connected = RabbitSource::connect(RabbitConfig { limits: config.pipeline.contract, ..config.rabbit.clone() }, metrics) => {
             connected.with_context(|| format!("RabbitMQ at {url} cannot be reached"))?
         }
         () = &mut shutdown => {

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use delivertrack_api::{ApiConfig, AppState, Readiness};
-use delivertrack_dataflow::pipeline::DataflowConfig;
+use delivertrack_dataflow::contract::ContractLimits;
+use delivertrack_dataflow::pipeline::{DEFAULT_MAX_COURIER_SPEED_MPS, DataflowConfig};
 use delivertrack_dataflow::restore::Restore;
 use delivertrack_ingest::{EpochPolicy, Source};
 use delivertrack_sinks::{ReadModel, ReadModelConfig, ReadModelSink, Sink};
@@ -46,8 +47,14 @@ pub struct PipelineConfig {
     pub epoch_max_events: usize,
     /// ... or this long after its first event, whichever comes first.
     pub epoch_max_wait: Duration,
-    /// API limits and timings.
+    /// API limits and timings (its contract limits are replaced by [`contract`](Self::contract)).
     pub api: ApiConfig,
+    /// The event contract's limits (`--max-event-age-secs`): what `run`'s RabbitMQ source
+    /// decodes with, and the API's commands alike.
+    pub contract: ContractLimits,
+    /// The fastest a courier moves between two fixes, m/s (`--max-courier-speed-mps`); a
+    /// faster fix is refused as `implausible_jump`.
+    pub max_courier_speed_mps: f64,
     /// Epoch updates buffered per live WebSocket client before it is resynced.
     pub live_capacity: usize,
     /// Where `GET /metrics` is served instead of the API's address (`--metrics-listen`);
@@ -64,6 +71,8 @@ impl Default for PipelineConfig {
             epoch_max_events: 5_000,
             epoch_max_wait: Duration::from_millis(200),
             api: ApiConfig::default(),
+            contract: ContractLimits::default(),
+            max_courier_speed_mps: DEFAULT_MAX_COURIER_SPEED_MPS,
             live_capacity: ReadModelConfig::default().live_capacity,
             metrics_listen: None,
         }
@@ -100,6 +109,7 @@ impl PipelineConfig {
     pub fn api_config(&self) -> ApiConfig {
         ApiConfig {
             metrics_on_api: self.metrics_listen.is_none(),
+            contract: self.contract,
             ..self.api.clone()
         }
     }
@@ -114,6 +124,7 @@ impl PipelineConfig {
             dataflow: DataflowConfig {
                 workers: self.workers.max(1),
                 default_speed_mps: self.default_speed_mps,
+                max_courier_speed_mps: self.max_courier_speed_mps,
                 ..DataflowConfig::default()
             },
             ..DriverConfig::default()

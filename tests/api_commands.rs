@@ -243,7 +243,11 @@ fn new_delivery(customer: Option<Uuid>) -> Value {
     let mut body = json!({
         "pickup": {"lat": 52.52, "lon": 13.40},
         "dropoff": {"lat": 52.50, "lon": 13.45},
-        "promised_by": "2026-12-01T12:00:00Z",
+        // An hour from now: a promise within seven days of the event, whenever this runs.
+        "promised_by": humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() + Duration::from_secs(3_600)
+        )
+        .to_string(),
     });
     if let Some(customer) = customer {
         body["customer_id"] = json!(customer);
@@ -1071,6 +1075,165 @@ async fn bad_input_is_a_4xx_with_a_stable_code_never_a_500() {
     running.stop().await;
 }
 
+/// What the stores cannot hold is refused before it is published: a rating comment or a
+/// zone name with a NUL, a lone surrogate escape in a body, a fix from year 1, a promise a
+/// month away — each a `400` with the contract's code. And a delivery takes five ratings:
+/// the sixth is published, refused by the pipeline and answered `409 too_many_ratings`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_the_stores_cannot_hold_is_a_400_and_a_sixth_rating_a_409() {
+    let rabbit = unique_config("api-contract");
+    let _cleanup = TopologyGuard::new(&rabbit);
+    // Events up to an hour old (`--max-event-age-secs 3600`): the API decodes with the
+    // pipeline's limits.
+    let mut config = run_config(rabbit);
+    config.pipeline.contract =
+        delivertrack_dataflow::contract::ContractLimits::with_max_event_age_ms(3_600_000);
+    let running = Running::start(config).await;
+    let admin = token(Role::Admin, Uuid::new_v4());
+    let customer = Uuid::new_v4();
+    let customer_token = token(Role::Customer, customer);
+    let courier = Uuid::new_v4();
+
+    let created = running.create_delivery(&customer_token, None).await;
+    assert_eq!(created.status, 201, "{created:?}");
+    let delivery = id_of(&created);
+    for step in [
+        json!({"status": "assigned", "courier_id": courier}),
+        json!({"status": "picked_up"}),
+        json!({"status": "in_transit"}),
+        json!({"status": "delivered"}),
+    ] {
+        let answer = running.set_status(&admin, delivery, step.clone()).await;
+        assert_eq!(answer.status, 200, "{step}: {answer:?}");
+    }
+    let rating_path = format!("/deliveries/{delivery}/rating");
+    let rate = |body: Value| {
+        running.call(
+            Method::POST,
+            &rating_path,
+            Some(&customer_token),
+            Some(body),
+        )
+    };
+
+    // A NUL in a rating's comment and in a zone's name.
+    let answer = rate(json!({"score": 5, "comment": "a\u{0}b"})).await;
+    answer.assert_error(400, "control_character");
+    assert!(
+        answer.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("comment")),
+        "{answer:?}"
+    );
+    let zone_path = format!("/zones/{}", Uuid::new_v4());
+    running
+        .call(
+            Method::PUT,
+            &zone_path,
+            Some(&admin),
+            Some(square("Mi\u{0}tte")),
+        )
+        .await
+        .assert_error(400, "control_character");
+    // Line breaks are fine in a comment, not in a name.
+    running
+        .call(
+            Method::PUT,
+            &zone_path,
+            Some(&admin),
+            Some(square("Mitte\nOst")),
+        )
+        .await
+        .assert_error(400, "control_character");
+
+    // A lone surrogate escape: not JSON a Rust string can hold; named, with its own code.
+    let json_headers = [
+        ("authorization", format!("Bearer {customer_token}")),
+        ("content-type", "application/json".into()),
+    ];
+    let json_headers: Vec<(&str, &str)> =
+        json_headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let answer = running
+        .raw(
+            Method::POST,
+            &rating_path,
+            &json_headers,
+            br#"{"score": 5, "comment": "a\ud800b"}"#.to_vec(),
+        )
+        .await;
+    answer.assert_error(400, "invalid_unicode");
+    assert!(
+        answer.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("comment")),
+        "{answer:?}"
+    );
+
+    // Timestamps bounded in the past as in the future.
+    running
+        .call(
+            Method::POST,
+            "/locations",
+            Some(&admin),
+            Some(json!({"courier_id": courier, "lat": 52.5, "lon": 13.4,
+                "occurred_at": "0001-01-01T00:00:00Z"})),
+        )
+        .await
+        .assert_error(400, "timestamp_too_old");
+    let two_hours_ago = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() - Duration::from_secs(2 * 3_600),
+    )
+    .to_string();
+    running
+        .call(
+            Method::POST,
+            "/locations",
+            Some(&admin),
+            Some(json!({"courier_id": courier, "lat": 52.5, "lon": 13.4,
+                "occurred_at": two_hours_ago})),
+        )
+        .await
+        .assert_error(400, "timestamp_too_old");
+    let mut far_promise = new_delivery(None);
+    far_promise["promised_by"] = json!(
+        humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() + Duration::from_secs(30 * 86_400)
+        )
+        .to_string()
+    );
+    running
+        .call(
+            Method::POST,
+            "/deliveries",
+            Some(&customer_token),
+            Some(far_promise),
+        )
+        .await
+        .assert_error(400, "timestamp_in_future");
+
+    // Five ratings are taken, each replacing the one before; the sixth is refused.
+    for score in 1..=5 {
+        let answer = rate(json!({"score": score, "comment": "Line one,\nline two"})).await;
+        assert_eq!(answer.status, 201, "rating {score}: {answer:?}");
+        assert_eq!(answer.body["rating"]["score"], score, "{answer:?}");
+    }
+    let answer = rate(json!({"score": 1})).await;
+    answer.assert_error(409, "too_many_ratings");
+    let delivery_now = running
+        .call(
+            Method::GET,
+            &format!("/deliveries/{delivery}"),
+            Some(&customer_token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        delivery_now.body["rating"]["score"], 5,
+        "the refused rating changed nothing: {delivery_now:?}"
+    );
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_is_readable_at_once_and_a_status_change_travels_through_rabbitmq() {
     const DELIVERIES: usize = 20;
@@ -1775,4 +1938,88 @@ async fn each_rate_limit_is_a_429_with_retry_after_shared_through_redis() {
     }
     running.stop().await;
     delete_keys(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ratings_are_rate_limited_per_customer() {
+    use delivertrack_api::{Quota, RateLimitConfig};
+    let rabbit = unique_config("api-rating-limit");
+    let _guard = TopologyGuard::new(&rabbit);
+    let mut config = run_config(rabbit);
+    config.rate_limits = RateLimitConfig {
+        rating: "2/h".parse::<Quota>().unwrap(),
+        ..RateLimitConfig::default()
+    };
+    let running = Running::start(config).await;
+    let admin = token(Role::Admin, Uuid::new_v4());
+    let (customer_id, other_id) = (Uuid::new_v4(), Uuid::new_v4());
+    let customer = token(Role::Customer, customer_id);
+    let other = token(Role::Customer, other_id);
+
+    // A delivered delivery for each customer.
+    let mut delivered = Vec::new();
+    for (owner, owner_token) in [(customer_id, &customer), (other_id, &other)] {
+        let created = running.create_delivery(owner_token, Some(owner)).await;
+        assert_eq!(created.status, 201, "{created:?}");
+        let delivery = id_of(&created);
+        for step in [
+            json!({"status": "assigned", "courier_id": Uuid::new_v4()}),
+            json!({"status": "picked_up"}),
+            json!({"status": "in_transit"}),
+            json!({"status": "delivered"}),
+        ] {
+            let moved = running.set_status(&admin, delivery, step).await;
+            assert_eq!(moved.status, 200, "{moved:?}");
+        }
+        delivered.push(delivery);
+    }
+    let rate = |token: String, delivery: Uuid, score: u8| {
+        let running = &running;
+        async move {
+            running
+                .call(
+                    Method::POST,
+                    &format!("/deliveries/{delivery}/rating"),
+                    Some(&token),
+                    Some(json!({ "score": score })),
+                )
+                .await
+        }
+    };
+
+    // Two ratings an hour per customer, re-ratings included; the third is refused ...
+    for score in [5, 4] {
+        let rated = rate(customer.clone(), delivered[0], score).await;
+        assert_eq!(rated.status, 201, "{rated:?}");
+    }
+    let refused = rate(customer.clone(), delivered[0], 1).await;
+    refused.assert_error(429, "rate_limited");
+    let retry: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((60..=1800).contains(&retry), "retry after {retry} s");
+    // ... also when an admin rates for them: the bound is the customer's.
+    rate(admin.clone(), delivered[0], 1)
+        .await
+        .assert_error(429, "rate_limited");
+    // Another customer is not limited by the first one's ratings.
+    let rated = rate(other.clone(), delivered[1], 3).await;
+    assert_eq!(rated.status, 201, "{rated:?}");
+
+    let metrics = running
+        .http
+        .get(running.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("delivertrack_rate_limited_total{route=\"rating\"} 2"),
+        "{metrics}"
+    );
+    running.stop().await;
 }

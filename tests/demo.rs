@@ -397,6 +397,145 @@ async fn the_demo_binary_prints_where_to_look_and_exits_0_on_sigint() {
     }
 }
 
+/// A delivery the dataflow refuses to move: two operators set an in-transit delivery
+/// `delivered` and `failed` at the same moment. The API checks each against the read model,
+/// where both are legal, and sends both on; the dataflow applies the first and refuses the
+/// second (`illegal_transition`). `demo` counts that refusal in
+/// `delivertrack_events_rejected_total{reason}` as `run` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_counts_the_dataflows_refusals_of_api_commands() {
+    use delivertrack_api::{AuthConfig, Authenticator, Role};
+    use serde_json::json;
+    use uuid::Uuid;
+
+    let auth = AuthConfig {
+        secret: "demo-refusals-test-secret-0c41b7e2d9a8".to_owned(),
+        expiry: Duration::from_secs(3600),
+    };
+    let admin = Authenticator::new(&auth)
+        .unwrap()
+        .issue(Role::Admin, Uuid::new_v4())
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let config = DemoConfig {
+        auth: Some(auth),
+        ..small_demo()
+    };
+    let demo = tokio::spawn(run_demo_on(listener, config, async {
+        let _ = stop_rx.await;
+    }));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let base = format!("http://{addr}");
+    eventually(
+        &client,
+        &format!("{base}/readyz"),
+        Duration::from_secs(30),
+        |s, _| s == 200,
+    )
+    .await;
+    let put_status = |id: String, body: Value| {
+        let request = client
+            .put(format!("{base}/deliveries/{id}/status"))
+            .bearer_auth(&admin)
+            .json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+
+    // Both commands must pass the API's check before the first is applied; that is a
+    // race the test usually wins at once, so it tries a few deliveries.
+    let mut conflicts = 0;
+    for _ in 0..10 {
+        let created = client
+            .post(format!("{base}/deliveries"))
+            .bearer_auth(&admin)
+            .json(&json!({
+                "customer_id": Uuid::new_v4(),
+                "pickup": {"lat": 52.52, "lon": 13.40},
+                "dropoff": {"lat": 52.53, "lon": 13.41},
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status().as_u16(), 201);
+        let id = created.json::<Value>().await.unwrap()["delivery_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        for body in [
+            json!({"status": "assigned", "courier_id": Uuid::new_v4()}),
+            json!({"status": "picked_up"}),
+            json!({"status": "in_transit"}),
+        ] {
+            let (status, answer) = put_status(id.clone(), body).await;
+            assert_eq!(status, 200, "{answer}");
+        }
+        let (delivered, failed) = tokio::join!(
+            put_status(id.clone(), json!({"status": "delivered"})),
+            put_status(id.clone(), json!({"status": "failed"})),
+        );
+        let passed = |status: u16| status == 200 || status == 202;
+        if passed(delivered.0) && passed(failed.0) {
+            conflicts += 1;
+            break;
+        }
+        // One was refused by the API itself (409): it saw the other applied first.
+        assert!(
+            [delivered.0, failed.0].contains(&409),
+            "{delivered:?} {failed:?}"
+        );
+    }
+    assert!(
+        conflicts > 0,
+        "no two commands passed the API's check together"
+    );
+
+    let line = "delivertrack_events_rejected_total{reason=\"illegal_transition\"}";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let count = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|rest| rest.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if count >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refusal was never counted: no {line} in\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    stop_tx.send(()).unwrap();
+    timeout(Duration::from_secs(30), demo)
+        .await
+        .expect("the demo stops within 30 s")
+        .unwrap()
+        .unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // The map page in a real browser
 // ---------------------------------------------------------------------------------------

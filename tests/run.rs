@@ -378,7 +378,7 @@ async fn every_malformed_message_is_dead_lettered_with_its_reason() {
     off_the_map["lat"] = Value::from(123.0);
     let unknown_delivery = serde_json::json!({
         "v": 1, "kind": "status.changed", "event_id": uuid::Uuid::new_v4(),
-        "occurred_at": "2026-01-01T00:00:00Z", "delivery_id": uuid::Uuid::new_v4(),
+        "occurred_at": good_json(0)["occurred_at"], "delivery_id": uuid::Uuid::new_v4(),
         "status": "cancelled"
     });
     // (routing key, payload, the reason expected in the dead letter)
@@ -505,6 +505,252 @@ async fn every_malformed_message_is_dead_lettered_with_its_reason() {
         6.0,
         "four bad messages, one bad element, one refused by the dataflow: {series:?}"
     );
+    running.stop().await;
+}
+
+/// The bounds of the contract (control characters, lone surrogates, long strings, old
+/// timestamps) and of the dataflow (an implausible jump, a sixth rating) are dead-lettered
+/// with their reasons and counted, and the pipeline goes on: the jump moved nothing, the
+/// fixes after it are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_stores_cannot_hold_and_what_no_courier_does_are_dead_lettered() {
+    use delivertrack_dataflow::contract::encode_event;
+    use delivertrack_dataflow::geometry::GeoPoint;
+    use serde_json::json;
+
+    let config = unique_config("bounds");
+    let _cleanup = TopologyGuard::new(&config);
+    let publisher = publisher(&config).await;
+    // Events up to an hour old (`--max-event-age-secs 3600`), to see the flag's limit
+    // reach the source.
+    let mut run = run_config(config.clone());
+    run.pipeline.contract =
+        delivertrack_dataflow::contract::ContractLimits::with_max_event_age_ms(3_600_000);
+    let running = start(run, Vec::new()).await;
+    let client = reqwest::Client::new();
+    let publish = |key: &'static str, payload: Vec<u8>| {
+        let publisher = &publisher;
+        let exchange = config.exchange.clone();
+        async move {
+            publisher
+                .publish_raw(&exchange, key, &payload)
+                .await
+                .unwrap();
+        }
+    };
+    let json = |value: Value| serde_json::to_vec(&value).unwrap();
+    let stamp = |ms: i64| {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap());
+        humantime::format_rfc3339_millis(at).to_string()
+    };
+    let now = now_ms();
+
+    // A courier's two fixes, a jump 25 km away one second later, and a fix 11 m from the
+    // last good one a second after that.
+    let mut fixes = location_events(1, 2, now - 1_000);
+    let jump = Event {
+        event_id: delivertrack_dataflow::EventId(uuid::Uuid::new_v4()),
+        occurred_at: now,
+        body: match &fixes[1].body {
+            EventBody::LocationUpdated(fix) => {
+                EventBody::LocationUpdated(delivertrack_dataflow::event::LocationUpdated {
+                    position: GeoPoint::from_degrees(52.70, 13.65),
+                    ..fix.clone()
+                })
+            }
+            _ => unreachable!(),
+        },
+    };
+    let after = Event {
+        event_id: delivertrack_dataflow::EventId(uuid::Uuid::new_v4()),
+        occurred_at: now + 1_000,
+        body: match &fixes[1].body {
+            EventBody::LocationUpdated(fix) => {
+                EventBody::LocationUpdated(delivertrack_dataflow::event::LocationUpdated {
+                    position: GeoPoint::from_degrees(
+                        fix.position.lat() + 0.0001,
+                        fix.position.lon(),
+                    ),
+                    ..fix.clone()
+                })
+            }
+            _ => unreachable!(),
+        },
+    };
+    publish(
+        "location.updated",
+        json(json!([encode_event(&fixes[0]), encode_event(&fixes[1])])),
+    )
+    .await;
+    publish("location.updated", json(encode_event(&jump))).await;
+    publish("location.updated", json(encode_event(&after))).await;
+    fixes.push(after);
+
+    // A delivery that ends delivered, rated six times.
+    let delivery = uuid::Uuid::new_v4();
+    let event = |kind: &str, n: i64, fields: Value| {
+        let mut event = json!({"v": 1, "kind": kind, "event_id": uuid::Uuid::new_v4(),
+            "occurred_at": stamp(now - 10_000 + n * 10), "delivery_id": delivery});
+        event
+            .as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        event
+    };
+    publish(
+        "delivery.created",
+        json(event(
+            "delivery.created",
+            0,
+            json!({"customer_id": uuid::Uuid::new_v4(),
+            "pickup": {"lat": 52.5, "lon": 13.4}, "dropoff": {"lat": 52.51, "lon": 13.41}}),
+        )),
+    )
+    .await;
+    for (n, status) in ["assigned", "picked_up", "in_transit", "delivered"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut fields = json!({"status": status});
+        if status == "assigned" {
+            fields["courier_id"] = json!(uuid::Uuid::new_v4());
+        }
+        publish(
+            "status.changed",
+            json(event("status.changed", 1 + n as i64, fields)),
+        )
+        .await;
+    }
+    for n in 0..6 {
+        publish(
+            "delivery.rated",
+            json(event("delivery.rated", 10 + n, json!({"score": 1 + n % 5}))),
+        )
+        .await;
+    }
+
+    // What the contract refuses: (routing key, payload, reason).
+    let contract: Vec<(&'static str, Vec<u8>, &str)> = vec![
+        (
+            "delivery.rated",
+            json(event(
+                "delivery.rated",
+                20,
+                json!({"score": 5, "comment": "a\u{0}b"}),
+            )),
+            "control_character",
+        ),
+        (
+            "zone.deleted",
+            serde_json::to_string(&json!({"v": 1, "kind": "zone.deleted",
+                "event_id": uuid::Uuid::new_v4(), "occurred_at": stamp(now),
+                "zone_id": "@@@"}))
+            .unwrap()
+            .replace("@@@", "\\ud800")
+            .into_bytes(),
+            "invalid_unicode",
+        ),
+        (
+            "location.updated",
+            {
+                let mut fix = encode_event(&fixes[0]);
+                fix["courier_id"] = json!("x".repeat(1 << 20));
+                json(fix)
+            },
+            "string_too_long",
+        ),
+        (
+            "zone.deleted",
+            json(
+                json!({"v": 1, "kind": "zone.deleted", "event_id": uuid::Uuid::new_v4(),
+                "occurred_at": "0001-01-01T00:00:00Z", "zone_id": uuid::Uuid::new_v4()}),
+            ),
+            "timestamp_too_old",
+        ),
+        (
+            "zone.deleted",
+            json(
+                json!({"v": 1, "kind": "zone.deleted", "event_id": uuid::Uuid::new_v4(),
+                "occurred_at": stamp(now - 2 * 3_600_000), "zone_id": uuid::Uuid::new_v4()}),
+            ),
+            "timestamp_too_old",
+        ),
+    ];
+    for (key, payload, _) in &contract {
+        publish(key, payload.clone()).await;
+    }
+
+    let dead = eventually("every refused event is dead-lettered", PATIENCE, || async {
+        let ready = ready_messages(&publisher, &config.dead_letter_queue).await;
+        (ready >= 7).then_some(ready)
+    })
+    .await;
+    let mut reasons = Vec::new();
+    for _ in 0..dead {
+        let message = publisher
+            .channel()
+            .basic_get(
+                config.dead_letter_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+            .expect("a dead letter");
+        let headers = message.delivery.properties.headers().clone().unwrap();
+        let text = |name: &str| match headers.inner().get(name) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("header {name} is {other:?}"),
+        };
+        reasons.push((text(HEADER_REASON), text(HEADER_STAGE)));
+        message
+            .delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    reasons.sort();
+    let mut expected_reasons: Vec<(String, String)> = contract
+        .iter()
+        .map(|(_, _, reason)| ((*reason).to_owned(), "decode".to_owned()))
+        .chain([
+            ("implausible_jump".to_owned(), "dataflow".to_owned()),
+            ("too_many_ratings".to_owned(), "dataflow".to_owned()),
+        ])
+        .collect();
+    expected_reasons.sort();
+    assert_eq!(reasons, expected_reasons);
+
+    // The pipeline went on: the courier is at the fix after the jump, with the distance of
+    // the good fixes only.
+    wait_for_state(&client, &running, &expected(&fixes)).await;
+    all_acknowledged(
+        &client,
+        &running,
+        &publisher,
+        &config.queue,
+        "everything is acknowledged",
+    )
+    .await;
+    eventually("every refusal is counted by reason", PATIENCE, || async {
+        let series = metrics(&client, &running).await;
+        let count = |reason: &str| {
+            series
+                .get(&format!(
+                    "delivertrack_events_rejected_total{{reason=\"{reason}\"}}"
+                ))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        expected_reasons
+            .iter()
+            .all(|(reason, _)| {
+                let expected = expected_reasons.iter().filter(|(r, _)| r == reason).count();
+                count(reason) == expected as f64
+            })
+            .then_some(())
+    })
+    .await;
     running.stop().await;
 }
 

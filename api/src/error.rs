@@ -53,7 +53,7 @@ pub enum ApiError {
     /// `429 rate_limited`, with `Retry-After`.
     #[error("rate limit exceeded for {limit}; retry in {} s", retry_after.as_secs().max(1))]
     RateLimited {
-        /// Which limit (`location_update`, `delivery_creation`, `api_key`).
+        /// Which limit (`location_update`, `delivery_creation`, `api_key`, `rating`).
         limit: &'static str,
         /// When a retry would pass.
         retry_after: std::time::Duration,
@@ -78,6 +78,13 @@ pub enum ApiError {
     /// `413 payload_too_large`.
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge {
+        /// The limit, bytes.
+        limit: usize,
+    },
+    /// `431 headers_too_large`: the request's head (request line and headers) is larger
+    /// than [`HEADER_LIMIT`](crate::server::HEADER_LIMIT).
+    #[error("the request's headers are larger than {limit} bytes")]
+    HeadersTooLarge {
         /// The limit, bytes.
         limit: usize,
     },
@@ -122,6 +129,7 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::SourceUnavailable { .. }
             | ApiError::CommandsUnavailable { .. }
             | ApiError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -143,6 +151,7 @@ impl ApiError {
             ApiError::BadRequest { code, .. } | ApiError::Conflict { code, .. } => code,
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::HeadersTooLarge { .. } => "headers_too_large",
             ApiError::CommandsUnavailable { .. } => "commands_unavailable",
             ApiError::StoreUnavailable { .. } => "store_unavailable",
             ApiError::Internal(_) => "internal",
@@ -204,8 +213,9 @@ impl IntoResponse for ApiError {
 
 /// A JSON body whose every rejection is an [`ApiError`] of the one JSON shape:
 /// `malformed_json` (syntax, wrong types, missing fields), `unknown_field`,
-/// `payload_too_large` (413), `unsupported_media_type` (415). Request types use
-/// `#[serde(deny_unknown_fields)]`.
+/// `invalid_unicode` (a lone surrogate escape such as `"\ud800"`, or bytes that are not
+/// UTF-8, in a string: the message names the field), `payload_too_large` (413),
+/// `unsupported_media_type` (415). Request types use `#[serde(deny_unknown_fields)]`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -218,19 +228,32 @@ where
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
         use axum::extract::rejection::JsonRejection;
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
-            Err(JsonRejection::BytesRejection(rejection)) => {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    Err(ApiError::PayloadTooLarge { limit: BODY_LIMIT })
-                } else {
-                    Err(ApiError::BadRequest {
-                        code: "malformed_body",
-                        message: rejection.body_text(),
-                    })
-                }
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(bytes) => bytes,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::PayloadTooLarge { limit: BODY_LIMIT });
             }
+            Err(rejection) => {
+                return Err(ApiError::BadRequest {
+                    code: "malformed_body",
+                    message: rejection.body_text(),
+                });
+            }
+        };
+        // serde reads a struct from a JSON array as well (`[null, null]` was a courier
+        // profile), so every body must be an object before its fields are read.
+        let first = bytes.iter().find(|byte| !byte.is_ascii_whitespace());
+        if first.is_some_and(|byte| *byte != b'{') {
+            return Err(ApiError::BadRequest {
+                code: "malformed_json",
+                message: "the body must be a JSON object".into(),
+            });
+        }
+        match Json::<T>::from_bytes(&bytes) {
+            Ok(Json(value)) => Ok(ApiJson(value)),
             Err(JsonRejection::JsonDataError(error)) => {
                 let text = error.body_text();
                 let code = if text.contains("unknown field") {
@@ -243,13 +266,140 @@ where
                     message: text,
                 })
             }
-            Err(other) => Err(ApiError::BadRequest {
-                code: "malformed_json",
-                message: other.body_text(),
-            }),
+            Err(other) => {
+                // The text names the field (`comment: lone leading surrogate in hex escape
+                // at line 1 column 30`): the same stable code the event contract gives it.
+                let message = other.body_text();
+                let code = if delivertrack_dataflow::contract::is_not_unicode_error(&message) {
+                    "invalid_unicode"
+                } else {
+                    "malformed_json"
+                };
+                Err(ApiError::BadRequest { code, message })
+            }
         }
     }
 }
 
+/// Is the request's `Content-Type` JSON (`application/json`, or `application/*+json`), as
+/// axum's `Json` requires?
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json") || subtype.to_ascii_lowercase().ends_with("+json"))
+}
+
 /// The largest request body accepted, bytes (the router's body limit).
 pub const BODY_LIMIT: usize = 64 * 1024;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use axum::Router;
+    use axum::body::Body;
+    use axum::http::Request;
+    use axum::routing::put;
+    use serde::Deserialize;
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Profile {
+        name: Option<String>,
+        vehicle_type: Option<String>,
+    }
+
+    async fn put_body(content_type: &str, body: &'static str) -> (u16, Value) {
+        let app = Router::new().route(
+            "/",
+            put(|ApiJson(_profile): ApiJson<Profile>| async { StatusCode::NO_CONTENT }),
+        );
+        let request = Request::put("/")
+            .header("content-type", content_type)
+            .body(Body::from(body))
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_body_must_be_an_object() {
+        for body in [
+            "[null, null]",
+            "[]",
+            " [\"a\", \"b\"]",
+            "null",
+            "1",
+            "\"x\"",
+            "true",
+        ] {
+            let (status, answer) = put_body("application/json", body).await;
+            assert_eq!(
+                (status, answer["error"]["code"].as_str()),
+                (400, Some("malformed_json")),
+                "{body}: {answer}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn objects_media_types_and_field_errors_keep_their_answers() {
+        assert_eq!(put_body("application/json", "{}").await.0, 204);
+        assert_eq!(
+            put_body("application/merge-patch+json", " {\"name\": null}")
+                .await
+                .0,
+            204
+        );
+        assert_eq!(
+            put_body("Application/JSON; charset=utf-8", "{}").await.0,
+            204
+        );
+        let code = |answer: (u16, Value)| {
+            (
+                answer.0,
+                answer.1["error"]["code"].as_str().map(str::to_owned),
+            )
+        };
+        assert_eq!(
+            code(put_body("text/plain", "{}").await),
+            (415, Some("unsupported_media_type".into()))
+        );
+        assert_eq!(
+            code(put_body("application/json", "{\"colour\": 1}").await),
+            (400, Some("unknown_field".into()))
+        );
+        assert_eq!(
+            code(put_body("application/json", "{\"name\": 1}").await),
+            (400, Some("malformed_json".into()))
+        );
+        assert_eq!(
+            code(put_body("application/json", "{\"name\": \"a\", \"name\": \"b\"}").await),
+            (400, Some("malformed_json".into()))
+        );
+        assert_eq!(
+            code(put_body("application/json", "{").await),
+            (400, Some("malformed_json".into()))
+        );
+    }
+}

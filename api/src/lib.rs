@@ -36,7 +36,8 @@
 //! - [`page`] — the HTML pages' Content-Security-Policy and security headers.
 //! - [`health`], [`metrics`], [`snapshot`], [`couriers`], [`deliveries`], [`live`],
 //!   [`map`]: the resources.
-//! - [`server`] — [`serve`], with graceful shutdown.
+//! - [`server`] — [`serve`]: the accept loop, with the connection cap, the header and idle
+//!   timeouts, and graceful shutdown.
 
 pub mod auth;
 pub mod commands;
@@ -107,6 +108,7 @@ pub fn router(state: AppState) -> Router {
             metrics::track_requests,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(error::BODY_LIMIT))
+        .layer(axum::middleware::from_fn(server::limit_headers))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,

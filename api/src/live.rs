@@ -24,6 +24,7 @@
 //!
 //! [`ReadModelConfig::live_capacity`]: delivertrack_sinks::ReadModelConfig::live_capacity
 //! [`ApiConfig::ws_send_timeout`]: crate::ApiConfig::ws_send_timeout
+//! [`ApiConfig::ws_max_message_bytes`]: crate::ApiConfig::ws_max_message_bytes
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,7 @@ use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{CLOSE_TOKEN_EXPIRED, Grant, TOKEN_EXPIRED_REASON};
 use crate::error::{ApiError, ErrorBody};
@@ -101,7 +103,34 @@ async fn upgrade(
         code: "websocket_required",
         message: rejection.body_text(),
     })?;
-    Ok(ws.on_upgrade(move |socket| session(socket, state, grant)))
+    Ok(bounded(ws, &state.config).on_upgrade(move |socket| session(socket, state, grant)))
+}
+
+/// The size of each WebSocket session's read and write buffers, bytes: an idle session
+/// costs little (tungstenite's default is 128 KiB each, allocated up front for reading).
+/// A larger message still goes through: the buffers grow for it.
+pub const WS_BUFFER_BYTES: usize = 4 * 1024;
+
+/// The close reason of a message over [`ApiConfig::ws_max_message_bytes`], sent with
+/// code 1009.
+///
+/// [`ApiConfig::ws_max_message_bytes`]: crate::ApiConfig::ws_max_message_bytes
+pub const MESSAGE_TOO_BIG: &str = "message too big";
+
+/// `ws` with the API's WebSocket bounds: the largest message and frame a client may send,
+/// and small buffers.
+pub(crate) fn bounded(ws: WebSocketUpgrade, config: &crate::ApiConfig) -> WebSocketUpgrade {
+    ws.max_message_size(config.ws_max_message_bytes)
+        .max_frame_size(config.ws_max_message_bytes)
+        .read_buffer_size(WS_BUFFER_BYTES)
+        .write_buffer_size(WS_BUFFER_BYTES)
+}
+
+/// Whether a read failed because the peer's message or frame was over the size limit.
+pub(crate) fn too_big(error: &axum::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<websocket_protocol::Error>())
+        .is_some_and(|error| matches!(error, websocket_protocol::Error::Capacity(_)))
 }
 
 /// Runs one client's session until either side ends it.
@@ -110,6 +139,7 @@ async fn session(socket: WebSocket, state: AppState, grant: Grant) {
     let started = Instant::now();
     // Milliseconds since `started` at which the peer last sent anything.
     let heard_from = Arc::new(AtomicU64::new(0));
+    let oversized = CancellationToken::new();
     let (sink, stream) = socket.split();
     let mut send = tokio::spawn(send_loop(
         sink,
@@ -117,22 +147,48 @@ async fn session(socket: WebSocket, state: AppState, grant: Grant) {
         grant,
         started,
         Arc::clone(&heard_from),
+        oversized.clone(),
     ));
-    let mut receive = tokio::spawn(receive_loop(stream, started, heard_from));
+    let mut receive = tokio::spawn(receive_loop(stream, started, heard_from, oversized.clone()));
     tokio::select! {
         _ = &mut send => receive.abort(),
-        _ = &mut receive => send.abort(),
+        _ = &mut receive => end_after_receive(send, &oversized).await,
     }
     tracing::debug!("A live WebSocket session ended.");
 }
 
-/// Reads until the peer closes, noting when it was last heard from.
+/// The receiving half ended: the sending half closes with 1009 if the peer sent a message
+/// too big (bounded by its send timeout), and is stopped otherwise.
+pub(crate) async fn end_after_receive(
+    send: tokio::task::JoinHandle<()>,
+    oversized: &CancellationToken,
+) {
+    if oversized.is_cancelled() {
+        let _ = send.await;
+    } else {
+        send.abort();
+    }
+}
+
+/// Reads until the peer closes, noting when it was last heard from; a message over the
+/// size limit cancels `oversized` (the sending half then closes with 1009).
 pub(crate) async fn receive_loop(
     mut stream: SplitStream<WebSocket>,
     started: Instant,
     heard_from: Arc<AtomicU64>,
+    oversized: CancellationToken,
 ) {
-    while let Some(Ok(message)) = stream.next().await {
+    while let Some(message) = stream.next().await {
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                if too_big(&error) {
+                    tracing::info!(%error, "A WebSocket peer sent a message over the size limit; closing it with 1009.");
+                    oversized.cancel();
+                }
+                break;
+            }
+        };
         heard_from.store(millis_since(started), Ordering::Relaxed);
         if let Message::Close(_) = message {
             break;
@@ -155,8 +211,9 @@ async fn send_loop(
     grant: Grant,
     started: Instant,
     heard_from: Arc<AtomicU64>,
+    oversized: CancellationToken,
 ) {
-    let end = stream_changes(&mut sink, &state, grant, started, &heard_from).await;
+    let end = stream_changes(&mut sink, &state, grant, started, &heard_from, &oversized).await;
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
             code,
@@ -176,6 +233,7 @@ async fn stream_changes(
     grant: Grant,
     started: Instant,
     heard_from: &AtomicU64,
+    oversized: &CancellationToken,
 ) -> End {
     let expired = grant.expired();
     tokio::pin!(expired);
@@ -197,6 +255,7 @@ async fn stream_changes(
             () = &mut expired => {
                 return End::Close(CLOSE_TOKEN_EXPIRED, TOKEN_EXPIRED_REASON);
             }
+            () = oversized.cancelled() => return End::Close(close_code::SIZE, MESSAGE_TOO_BIG),
             _ = ping.tick() => {
                 let silent = millis_since(started).saturating_sub(heard_from.load(Ordering::Relaxed));
                 if silent > 2 * duration_millis(ping_every) + duration_millis(timeout) {

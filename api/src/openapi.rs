@@ -92,7 +92,7 @@ pub const ACCESS_TOKEN: &str = "access_token";
         crate::metrics::metrics,
         openapi_json,
     ),
-    components(responses(Unauthorized, PayloadTooLarge, UnsupportedMediaType, RateLimited)),
+    components(responses(Unauthorized, PayloadTooLarge, UnsupportedMediaType, RateLimited, HeadersTooLarge)),
     modifiers(&SecuritySchemes, &ApiKeyLimits),
     tags(
         (name = "commands", description = "Writes: each command becomes one event of the \
@@ -142,6 +142,16 @@ pub struct UnsupportedMediaType(ErrorBody);
 #[allow(dead_code)]
 pub struct RateLimited(ErrorBody);
 
+/// `431 headers_too_large`.
+#[derive(Debug, ToResponse)]
+#[response(
+    description = "`headers_too_large`: the request line and headers together are larger than \
+        64 KiB (any route). Over 128 KiB the connection is answered `431` without a body and \
+        closed before the head is read in full."
+)]
+#[allow(dead_code)]
+pub struct HeadersTooLarge(ErrorBody);
+
 /// Adds the security schemes the operations refer to.
 #[derive(Debug)]
 struct SecuritySchemes;
@@ -173,8 +183,8 @@ impl Modify for SecuritySchemes {
     }
 }
 
-/// Adds `429` to every operation that does not document it already: the per-API-key limit
-/// applies to every route.
+/// Adds `429` and `431` to every operation that does not document them already: the
+/// per-API-key limit and the header size limit apply to every route.
 #[derive(Debug)]
 struct ApiKeyLimits;
 
@@ -194,11 +204,13 @@ impl Modify for ApiKeyLimits {
             .into_iter()
             .flatten()
             {
-                operation
-                    .responses
-                    .responses
+                let responses = &mut operation.responses.responses;
+                responses
                     .entry("429".to_owned())
                     .or_insert_with(|| RefOr::Ref(Ref::from_response_name("RateLimited")));
+                responses
+                    .entry("431".to_owned())
+                    .or_insert_with(|| RefOr::Ref(Ref::from_response_name("HeadersTooLarge")));
             }
         }
     }

@@ -6,6 +6,7 @@
 //! |---|---|---|---|
 //! | `location_update` | courier | `1/s` | the location route, `state.limiter.check(Limit::LocationUpdate, &courier_id.to_string())` |
 //! | `delivery_creation` | customer | `10/h` | the delivery creation route, `check(Limit::DeliveryCreation, &customer_id.to_string())` |
+//! | `rating` | customer (the delivery's) | `20/h` | the rating route, `check(Limit::Rating, &customer_id.to_string())` |
 //! | `api_key` | API key | per key, configured | [`api_key_layer`], on every route |
 //!
 //! A [`Quota`] of `n/period` lets a burst of `n` requests through at once and then one every
@@ -286,23 +287,27 @@ pub enum Limit {
     DeliveryCreation,
     /// Every call made with an API key, per key.
     ApiKey,
+    /// Ratings, per customer (the rated delivery's customer, whoever sends the rating).
+    Rating,
 }
 
 impl Limit {
     /// Every limit.
-    pub const ALL: [Limit; 3] = [
+    pub const ALL: [Limit; 4] = [
         Limit::LocationUpdate,
         Limit::DeliveryCreation,
         Limit::ApiKey,
+        Limit::Rating,
     ];
 
-    /// `location_update`, `delivery_creation`, `api_key`: the `limit` of the error, the
+    /// `location_update`, `delivery_creation`, `api_key`, `rating`: the `limit` of the error, the
     /// `route` label of the metric and a part of the storage key.
     pub const fn as_str(self) -> &'static str {
         match self {
             Limit::LocationUpdate => "location_update",
             Limit::DeliveryCreation => "delivery_creation",
             Limit::ApiKey => "api_key",
+            Limit::Rating => "rating",
         }
     }
 }
@@ -323,6 +328,9 @@ pub struct RateLimitConfig {
     pub location_update: Quota,
     /// Per customer (`DELIVERTRACK_DELIVERY_CREATION_LIMIT`, default `10/h`).
     pub delivery_creation: Quota,
+    /// Per customer (`DELIVERTRACK_RATING_LIMIT`, default `20/h`): a customer's ratings of
+    /// all their deliveries together.
+    pub rating: Quota,
     /// The one quota shared by all API keys not listed in [`api_keys`](Self::api_keys)
     /// (`DELIVERTRACK_API_KEY_DEFAULT`). `None`: an unlisted key is refused `401` (while
     /// some key is listed).
@@ -348,6 +356,7 @@ impl Default for RateLimitConfig {
         Self {
             location_update: Quota::per_second(1),
             delivery_creation: Quota::per_hour(10),
+            rating: Quota::per_hour(20),
             api_key_default: None,
             api_keys: HashMap::new(),
             key_prefix: "delivertrack:ratelimit:".to_owned(),
@@ -418,6 +427,7 @@ impl RateLimitConfig {
         match limit {
             Limit::LocationUpdate => Some(self.location_update),
             Limit::DeliveryCreation => Some(self.delivery_creation),
+            Limit::Rating => Some(self.rating),
             Limit::ApiKey => None,
         }
     }
@@ -655,6 +665,7 @@ impl RateLimiter {
         let quota = match limit {
             Limit::LocationUpdate => self.inner.config.location_update,
             Limit::DeliveryCreation => self.inner.config.delivery_creation,
+            Limit::Rating => self.inner.config.rating,
             Limit::ApiKey => return self.check_api_key(key).await,
         };
         self.enforce(limit, key, quota).await
@@ -1293,6 +1304,9 @@ mod tests {
     #[test]
     fn limits_have_stable_names() {
         let names: Vec<_> = Limit::ALL.iter().map(|l| l.as_str()).collect();
-        assert_eq!(names, ["location_update", "delivery_creation", "api_key"]);
+        assert_eq!(
+            names,
+            ["location_update", "delivery_creation", "api_key", "rating"]
+        );
     }
 }

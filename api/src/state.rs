@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use delivertrack_dataflow::contract::ContractLimits;
 use delivertrack_sinks::ReadModel;
 use prometheus::Registry;
 use sqlx::PgPool;
@@ -41,6 +42,26 @@ pub struct ApiConfig {
     /// Whether the API's router serves `GET /metrics`; `false` when `--metrics-listen`
     /// serves it on an address of its own ([`crate::metrics::serve`]).
     pub metrics_on_api: bool,
+    /// A request's head (request line and headers) must arrive within this time of the
+    /// connection's accept, or of its first byte on a kept-alive connection; otherwise the
+    /// connection is closed (slow-loris). `--http-header-timeout-secs`.
+    pub http_header_timeout: Duration,
+    /// A kept-alive connection with no request in progress is closed after this long.
+    /// `--http-idle-timeout-secs`.
+    pub http_idle_timeout: Duration,
+    /// Connections served at once (WebSocket sessions included); further ones wait in the
+    /// listen backlog until one closes. `--max-connections`.
+    pub max_connections: usize,
+    /// The largest WebSocket message (and frame) a client may send; a larger one closes the
+    /// session with 1009. `--ws-max-message-bytes`.
+    pub ws_max_message_bytes: usize,
+    /// Subscriptions open at once on one GraphQL WebSocket; the next is refused with
+    /// `TOO_MANY_SUBSCRIPTIONS`. `--graphql-max-subscriptions`.
+    pub graphql_max_subscriptions: usize,
+    /// The event contract's limits a command's event is decoded with: the same as the
+    /// pipeline's source applies (`--max-event-age-secs`), so that the API never publishes
+    /// an event ingest would dead-letter at decoding.
+    pub contract: ContractLimits,
 }
 
 impl Default for ApiConfig {
@@ -53,6 +74,12 @@ impl Default for ApiConfig {
             command_wait: Duration::from_secs(5),
             allowed_origins: AllowedOrigins::SameOrigin,
             metrics_on_api: true,
+            http_header_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            ws_max_message_bytes: 64 * 1024,
+            graphql_max_subscriptions: 16,
+            contract: ContractLimits::default(),
         }
     }
 }

@@ -57,11 +57,14 @@ use futures::stream::SplitSink;
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{CLOSE_TOKEN_EXPIRED, Grant, Principal, Role, TOKEN_EXPIRED_REASON};
 use crate::error::{ApiError, ErrorBody};
 use crate::id;
-use crate::live::{duration_millis, millis_since, receive_loop, send};
+use crate::live::{
+    MESSAGE_TOO_BIG, bounded, duration_millis, end_after_receive, millis_since, receive_loop, send,
+};
 use crate::origin::OriginAllowed;
 use crate::reads::access::may_see_delivery;
 use crate::state::AppState;
@@ -207,7 +210,7 @@ async fn upgrade(
         code: "websocket_required",
         message: rejection.body_text(),
     })?;
-    Ok(ws.on_upgrade(move |socket| session(socket, state, id, grant)))
+    Ok(bounded(ws, &state.config).on_upgrade(move |socket| session(socket, state, id, grant)))
 }
 
 /// Runs one tracking session until either side ends it.
@@ -216,19 +219,20 @@ async fn session(socket: WebSocket, state: AppState, id: DeliveryId, grant: Gran
     let started = Instant::now();
     // Milliseconds since `started` at which the peer last sent anything.
     let heard_from = Arc::new(AtomicU64::new(0));
+    let oversized = CancellationToken::new();
     let (sink, stream) = socket.split();
     let mut send = tokio::spawn(send_loop(
         sink,
         state,
         id,
         grant,
-        started,
-        Arc::clone(&heard_from),
+        (started, Arc::clone(&heard_from)),
+        oversized.clone(),
     ));
-    let mut receive = tokio::spawn(receive_loop(stream, started, heard_from));
+    let mut receive = tokio::spawn(receive_loop(stream, started, heard_from, oversized.clone()));
     tokio::select! {
         _ = &mut send => receive.abort(),
-        _ = &mut receive => send.abort(),
+        _ = &mut receive => end_after_receive(send, &oversized).await,
     }
     tracing::debug!(delivery = %id, "A tracking WebSocket session ended.");
 }
@@ -248,10 +252,13 @@ async fn send_loop(
     state: AppState,
     id: DeliveryId,
     grant: Grant,
-    started: Instant,
-    heard_from: Arc<AtomicU64>,
+    (started, heard_from): (Instant, Arc<AtomicU64>),
+    oversized: CancellationToken,
 ) {
-    let end = track(&mut sink, &state, id, grant, started, &heard_from).await;
+    let end = tokio::select! {
+        end = track(&mut sink, &state, id, grant, started, &heard_from) => end,
+        () = oversized.cancelled() => End::Close(close_code::SIZE, MESSAGE_TOO_BIG),
+    };
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
             code,

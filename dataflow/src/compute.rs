@@ -32,12 +32,27 @@ use crate::operators::zones::upsert_zones;
 use crate::restore::{Input, Restore};
 
 /// What the computation needs to know.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct ComputeConfig {
     /// ETA speeds.
     pub eta: EtaConfig,
     /// Fixes in the speed estimate window.
     pub speed_window: usize,
+    /// The fastest a courier moves between two fixes, mm/s; a faster fix is refused as an
+    /// implausible jump.
+    pub max_courier_speed_mm_s: u32,
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        Self {
+            eta: EtaConfig::default(),
+            speed_window: 0,
+            max_courier_speed_mm_s: crate::pipeline::mps_to_mm_s(
+                crate::pipeline::DEFAULT_MAX_COURIER_SPEED_MPS,
+            ),
+        }
+    }
 }
 
 /// Every collection the dataflow maintains.
@@ -123,7 +138,12 @@ pub fn delivery_tracking<'scope>(
     };
 
     let (zones, zone_rejections) = upsert_zones(zone_events);
-    let tracked = track_couriers(locations, zones.clone(), config.speed_window);
+    let tracked = track_couriers(
+        locations,
+        zones.clone(),
+        config.speed_window,
+        config.max_courier_speed_mm_s,
+    );
     let (couriers, inside, location_rejections) =
         (tracked.couriers, tracked.inside, tracked.rejections);
     let (deliveries, delivery_rejections) = upsert_deliveries(delivery_events);

@@ -43,14 +43,24 @@ pub const CONTENT_TYPE: &str = "application/json";
 pub const MAX_NAME_CHARS: usize = 200;
 /// Longest rating `comment`, in characters.
 pub const MAX_COMMENT_CHARS: usize = 2_000;
-/// Most positions (over all rings) in one zone geometry: validation is superlinear in it.
-pub const MAX_ZONE_POSITIONS: usize = 10_000;
+/// Most positions (over all rings) in one zone geometry. Validation (geo's OGC check) is
+/// quadratic in a ring's positions and runs on the ingest's thread: a ring of 2 000 costs
+/// about 40 ms in a release build, one of 10 000 (the former limit) 1.3 s, so a broker
+/// full of such zones stalled consumption for minutes.
+pub const MAX_ZONE_POSITIONS: usize = 2_000;
 /// Highest accepted `speed_mps` (540 km/h: nothing on a delivery round goes faster).
 pub const MAX_SPEED_MPS: f64 = 150.0;
 /// Highest accepted `accuracy_m` (100 km: beyond that a fix says nothing).
 pub const MAX_ACCURACY_M: f64 = 100_000.0;
 /// Highest accepted `dwell_seconds` (one day).
 pub const MAX_DWELL_SECONDS: f64 = 86_400.0;
+/// Longest value of every other string field (identifiers, timestamps, kinds, statuses,
+/// `geometry.type`), in characters: the longest valid one (an RFC 3339 timestamp with
+/// nanoseconds and an offset) has 35.
+pub const MAX_SHORT_STRING_CHARS: usize = 64;
+/// Seven days, ms: the default bound on the age of `occurred_at`, and how far `promised_by`
+/// may lie from `occurred_at` either way.
+pub const SEVEN_DAYS_MS: i64 = 7 * 24 * 3_600_000;
 
 /// Longest free-text detail copied into an error (error texts travel in message headers).
 const MAX_DETAIL_CHARS: usize = 200;
@@ -60,6 +70,12 @@ const MAX_QUOTE_CHARS: usize = 64;
 /// the repeated key. It starts with NUL, so no sane producer sends it, and if one does the
 /// event is still refused.
 const DUPLICATE_KEY_MARKER: &str = "\u{0}duplicate";
+/// What a lone surrogate escape (`"\ud800"`, which no Rust string can hold) is replaced by
+/// before the payload is parsed again, so that the event holding it is refused by name. It
+/// is the noncharacter U+FFFF, which Unicode reserves for such internal use; every
+/// noncharacter is refused in input ([`is_noncharacter`]), so a producer cannot send one to
+/// be mistaken for anything.
+const LONE_SURROGATE_ESCAPE_MARK: &[u8] = b"\\uffff";
 
 /// The fields every event carries.
 const ENVELOPE_FIELDS: [&str; 4] = ["v", "kind", "event_id", "occurred_at"];
@@ -71,16 +87,51 @@ pub struct ContractLimits {
     /// so some skew is normal; an event from far in the future would pin last-writer-wins
     /// state forever.
     pub max_future_skew_ms: i64,
+    /// How far `occurred_at` may lie behind the receiver's clock, ms. Late input is normal
+    /// (a device that was offline), but an event from long ago would open an hour bucket,
+    /// a delivery or a dwell clock that nothing current can close, and a timestamp such as
+    /// `0001-01-01T00:00:00Z` is beyond what every store holds the same way.
+    pub max_event_age_ms: i64,
+    /// How far `promised_by` may lie from its event's `occurred_at`, either way, ms: a
+    /// promise years away would skew the on-time rate and the delay notifications forever.
+    pub max_promise_offset_ms: i64,
     /// Most events in one array message: bounds the memory one message can claim.
     pub max_events_per_message: usize,
 }
 
 impl Default for ContractLimits {
-    /// Five minutes of clock skew, 10 000 events per message.
+    /// Five minutes of clock skew, events up to seven days old, promises within seven days
+    /// of their event, 10 000 events per message.
     fn default() -> Self {
         Self {
             max_future_skew_ms: 300_000,
+            max_event_age_ms: SEVEN_DAYS_MS,
+            max_promise_offset_ms: SEVEN_DAYS_MS,
             max_events_per_message: 10_000,
+        }
+    }
+}
+
+impl ContractLimits {
+    /// The limits of `run`'s input with a maximum event age (`--max-event-age-secs`), the
+    /// others as by default.
+    pub fn with_max_event_age_ms(max_event_age_ms: i64) -> Self {
+        Self {
+            max_event_age_ms,
+            ..Self::default()
+        }
+    }
+
+    /// The limits for reading back events that were accepted once (hydration from the
+    /// event log, replays): no bound in time at all, since an event stored a month ago was
+    /// judged against the clock of its day and must still load. Everything that does not
+    /// depend on the clock (strings, ranges, geometry) is judged as for new input.
+    pub fn replay() -> Self {
+        Self {
+            max_future_skew_ms: i64::MAX,
+            max_event_age_ms: i64::MAX,
+            max_promise_offset_ms: i64::MAX,
+            ..Self::default()
         }
     }
 }
@@ -217,19 +268,61 @@ pub enum DecodeErrorReason {
         /// The limit.
         max: usize,
     },
-    /// `occurred_at` lies further ahead of the receiver's clock than the allowed skew.
-    #[error("occurred_at is {ahead_ms} ms in the future, more than the allowed {max_skew_ms} ms")]
+    /// A control character (Unicode category Cc: U+0000–U+001F, U+007F–U+009F) in a string
+    /// field; only a rating's `comment` may hold line feeds, carriage returns and tabs.
+    /// PostgreSQL cannot store NUL in text at all, and the others have no business in ids,
+    /// names or timestamps.
+    #[error("`{field}` holds the control character U+{code_point:04X} at character {position}")]
+    ControlCharacter {
+        /// The field.
+        field: Box<str>,
+        /// The character, as a code point.
+        code_point: u32,
+        /// Its position in the string, in characters from 0.
+        position: usize,
+    },
+    /// Text that is not Unicode: a lone surrogate escape (`"\ud800"` without its pair) or a
+    /// noncharacter (U+FFFE, U+FFFF, U+FDD0–U+FDEF, ...), in a string or a key, or bytes
+    /// that are not UTF-8 inside a string.
+    #[error("`{at}` holds a lone surrogate escape or a noncharacter, which is not Unicode text")]
+    InvalidUnicode {
+        /// The field (or key) holding it, or the position in the payload when no event can
+        /// be read.
+        at: Box<str>,
+    },
+    /// A timestamp further ahead of its reference than allowed: `occurred_at` ahead of the
+    /// receiver's clock, `promised_by` ahead of `occurred_at`.
+    #[error(
+        "`{field}` is {ahead_ms} ms ahead of {reference}, more than the allowed {max_skew_ms} ms"
+    )]
     TimestampInFuture {
+        /// The field.
+        field: Box<str>,
+        /// What it is compared with (`the receiver's clock`, `occurred_at`).
+        reference: &'static str,
         /// How far ahead, ms.
         ahead_ms: i64,
-        /// The allowed skew, ms.
+        /// The allowed distance, ms.
         max_skew_ms: i64,
+    },
+    /// A timestamp further behind its reference than allowed: `occurred_at` older than the
+    /// maximum event age, `promised_by` before `occurred_at` by more than the bound.
+    #[error("`{field}` is {age_ms} ms behind {reference}, more than the allowed {max_age_ms} ms")]
+    TimestampTooOld {
+        /// The field.
+        field: Box<str>,
+        /// What it is compared with (`the receiver's clock`, `occurred_at`).
+        reference: &'static str,
+        /// How far behind, ms.
+        age_ms: i64,
+        /// The allowed distance, ms.
+        max_age_ms: i64,
     },
 }
 
 impl DecodeErrorReason {
     /// Every code [`code`](Self::code) can return.
-    pub const ALL_CODES: [&'static str; 20] = [
+    pub const ALL_CODES: [&'static str; 23] = [
         "bad_json",
         "not_an_object",
         "empty_array",
@@ -249,7 +342,10 @@ impl DecodeErrorReason {
         "courier_required",
         "score_out_of_range",
         "string_too_long",
+        "control_character",
+        "invalid_unicode",
         "timestamp_in_future",
+        "timestamp_too_old",
     ];
 
     /// A stable snake_case code, for metric labels and dead-letter headers.
@@ -274,7 +370,10 @@ impl DecodeErrorReason {
             DecodeErrorReason::CourierRequired => "courier_required",
             DecodeErrorReason::ScoreOutOfRange { .. } => "score_out_of_range",
             DecodeErrorReason::StringTooLong { .. } => "string_too_long",
+            DecodeErrorReason::ControlCharacter { .. } => "control_character",
+            DecodeErrorReason::InvalidUnicode { .. } => "invalid_unicode",
             DecodeErrorReason::TimestampInFuture { .. } => "timestamp_in_future",
+            DecodeErrorReason::TimestampTooOld { .. } => "timestamp_too_old",
         }
     }
 }
@@ -362,11 +461,18 @@ pub fn decode_message(
     let mut decoded = DecodedMessage::default();
     let value = match parse_strict(payload) {
         Ok(value) => value,
+        // A lone surrogate escape fails the whole parse; marked, the payload parses and
+        // only the events holding one are refused (`invalid_unicode`, naming the field).
         Err(error) => {
-            decoded
-                .errors
-                .push(DecodeError::message(json_error_reason(payload, &error)));
-            return decoded;
+            match mark_lone_surrogates(payload).and_then(|marked| parse_strict(&marked).ok()) {
+                Some(value) => value,
+                None => {
+                    decoded
+                        .errors
+                        .push(DecodeError::message(json_error_reason(payload, &error)));
+                    return decoded;
+                }
+            }
         }
     };
     match value {
@@ -546,6 +652,8 @@ fn decode_object(
 ) -> Result<Event, Reason> {
     let fields = Fields { object, parent: "" };
     fields.check_duplicates()?;
+    // Before any field is read, so that whatever field holds it, the reason is the same.
+    check_unicode(object, "")?;
 
     // The version first: it decides what every other field means.
     match fields.get("v") {
@@ -573,13 +681,13 @@ fn decode_object(
 
     let event_id = EventId(fields.uuid("event_id")?);
     let occurred_at = fields.timestamp("occurred_at")?;
-    let ahead_ms = occurred_at.saturating_sub(now);
-    if ahead_ms > limits.max_future_skew_ms {
-        return Err(Reason::TimestampInFuture {
-            ahead_ms,
-            max_skew_ms: limits.max_future_skew_ms,
-        });
-    }
+    within(
+        "occurred_at",
+        occurred_at,
+        (now, "the receiver's clock"),
+        limits.max_future_skew_ms,
+        limits.max_event_age_ms,
+    )?;
 
     let body = match kind {
         EventKind::LocationUpdated => EventBody::LocationUpdated(LocationUpdated {
@@ -628,7 +736,19 @@ fn decode_object(
             customer_id: CustomerId(fields.uuid("customer_id")?),
             pickup: fields.nested("pickup")?.position("lat", "lon")?,
             dropoff: fields.nested("dropoff")?.position("lat", "lon")?,
-            promised_by: fields.optional_timestamp("promised_by")?,
+            promised_by: fields
+                .optional_timestamp("promised_by")?
+                .map(|promised_by| {
+                    within(
+                        "promised_by",
+                        promised_by,
+                        (occurred_at, "occurred_at"),
+                        limits.max_promise_offset_ms,
+                        limits.max_promise_offset_ms,
+                    )
+                    .map(|()| promised_by)
+                })
+                .transpose()?,
         }),
         EventKind::StatusChanged => {
             let delivery_id = DeliveryId(fields.uuid("delivery_id")?);
@@ -654,11 +774,11 @@ fn decode_object(
         EventKind::DeliveryRated => EventBody::DeliveryRated(DeliveryRated {
             delivery_id: DeliveryId(fields.uuid("delivery_id")?),
             score: fields.score("score")?,
-            comment: fields.optional_string("comment", MAX_COMMENT_CHARS)?,
+            comment: fields.optional_string("comment", MAX_COMMENT_CHARS, COMMENT_WHITESPACE)?,
         }),
         EventKind::ZoneUpserted => {
             let zone_id = ZoneId(fields.uuid("zone_id")?);
-            let name = fields.string("name", MAX_NAME_CHARS)?;
+            let name = fields.string("name", MAX_NAME_CHARS, &[])?;
             if name.trim().is_empty() {
                 return Err(Reason::InvalidValue {
                     field: "name".into(),
@@ -762,11 +882,21 @@ impl<'a> Fields<'a> {
         self.get(name).ok_or_else(|| self.missing(name))
     }
 
+    /// A string field of at most [`MAX_SHORT_STRING_CHARS`] characters, none of them a
+    /// control character.
     fn str(&self, name: &str) -> Result<&'a str, Reason> {
+        self.text(name, MAX_SHORT_STRING_CHARS, &[])
+    }
+
+    /// A string field of at most `max_chars` characters, with no control character but
+    /// those `allowed`.
+    fn text(&self, name: &str, max_chars: usize, allowed: &[char]) -> Result<&'a str, Reason> {
         let value = self.require(name)?;
-        value
+        let text = value
             .as_str()
-            .ok_or_else(|| self.invalid(name, "a string", quote(value)))
+            .ok_or_else(|| self.invalid(name, "a string", quote(value)))?;
+        check_text(|| self.path(name), text, max_chars, allowed)?;
+        Ok(text)
     }
 
     fn uuid(&self, name: &str) -> Result<Uuid, Reason> {
@@ -819,22 +949,18 @@ impl<'a> Fields<'a> {
         self.get(name).map(|_| self.number(name)).transpose()
     }
 
-    fn string(&self, name: &str, max_chars: usize) -> Result<String, Reason> {
-        let text = self.str(name)?;
-        let chars = text.chars().count();
-        if chars > max_chars {
-            return Err(Reason::StringTooLong {
-                field: self.path(name).into(),
-                chars,
-                max: max_chars,
-            });
-        }
-        Ok(text.to_owned())
+    fn string(&self, name: &str, max_chars: usize, allowed: &[char]) -> Result<String, Reason> {
+        self.text(name, max_chars, allowed).map(str::to_owned)
     }
 
-    fn optional_string(&self, name: &str, max_chars: usize) -> Result<Option<String>, Reason> {
+    fn optional_string(
+        &self,
+        name: &str,
+        max_chars: usize,
+        allowed: &[char],
+    ) -> Result<Option<String>, Reason> {
         self.get(name)
-            .map(|_| self.string(name, max_chars))
+            .map(|_| self.string(name, max_chars, allowed))
             .transpose()
     }
 
@@ -877,6 +1003,106 @@ impl<'a> Fields<'a> {
         check_lon(self.path(lon), lon_value)?;
         Ok(GeoPoint::from_degrees(lat_value, lon_value))
     }
+}
+
+/// The control characters a rating's `comment` may hold: it is free text of several lines.
+const COMMENT_WHITESPACE: &[char] = &['\n', '\r', '\t'];
+
+/// Refuses a string of more than `max_chars` characters, or one holding a control
+/// character (Unicode category Cc) other than those `allowed`.
+fn check_text(
+    field: impl Fn() -> String,
+    text: &str,
+    max_chars: usize,
+    allowed: &[char],
+) -> Result<(), Reason> {
+    let mut chars = 0;
+    let mut control = None;
+    for (position, c) in text.chars().enumerate() {
+        chars += 1;
+        if control.is_none() && c.is_control() && !allowed.contains(&c) {
+            control = Some((position, c));
+        }
+    }
+    if chars > max_chars {
+        return Err(Reason::StringTooLong {
+            field: field().into(),
+            chars,
+            max: max_chars,
+        });
+    }
+    match control {
+        Some((position, c)) => Err(Reason::ControlCharacter {
+            field: field().into(),
+            code_point: u32::from(c),
+            position,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A Unicode noncharacter (U+FDD0–U+FDEF, and the last two code points of every plane):
+/// reserved for a process's internal use, never to be interchanged. U+FFFF is this
+/// module's mark of a lone surrogate escape.
+fn is_noncharacter(c: char) -> bool {
+    let c = u32::from(c);
+    (0xFDD0..=0xFDEF).contains(&c) || c & 0xFFFE == 0xFFFE
+}
+
+/// Refuses an object (`parent` names it: `""` for the event, `"pickup."`) any of whose keys
+/// or strings, at any depth, holds a noncharacter — a marked lone surrogate among them.
+fn check_unicode(object: &Map<String, Value>, parent: &str) -> Result<(), Reason> {
+    for (key, value) in object {
+        let path = || format!("{parent}{}", shorten(key, MAX_QUOTE_CHARS).escape_debug());
+        if key.chars().any(is_noncharacter) {
+            return Err(Reason::InvalidUnicode { at: path().into() });
+        }
+        check_value_unicode(value, &path)?;
+    }
+    Ok(())
+}
+
+fn check_value_unicode(value: &Value, path: &dyn Fn() -> String) -> Result<(), Reason> {
+    match value {
+        Value::String(text) if text.chars().any(is_noncharacter) => {
+            Err(Reason::InvalidUnicode { at: path().into() })
+        }
+        Value::Array(items) => items
+            .iter()
+            .try_for_each(|item| check_value_unicode(item, path)),
+        Value::Object(object) => check_unicode(object, &format!("{}.", path())),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a timestamp `field` = `at` further than `max_ahead` ms ahead of or `max_behind`
+/// ms behind its reference (its time and its name in the error).
+fn within(
+    field: &str,
+    at: UnixMillis,
+    (reference, reference_name): (UnixMillis, &'static str),
+    max_ahead: i64,
+    max_behind: i64,
+) -> Result<(), Reason> {
+    let ahead_ms = at.saturating_sub(reference);
+    if ahead_ms > max_ahead {
+        return Err(Reason::TimestampInFuture {
+            field: field.into(),
+            reference: reference_name,
+            ahead_ms,
+            max_skew_ms: max_ahead,
+        });
+    }
+    let age_ms = reference.saturating_sub(at);
+    if age_ms > max_behind {
+        return Err(Reason::TimestampTooOld {
+            field: field.into(),
+            reference: reference_name,
+            age_ms,
+            max_age_ms: max_behind,
+        });
+    }
+    Ok(())
 }
 
 fn in_range(field: &str, value: f64, ok: bool, range: &'static str) -> Result<f64, Reason> {
@@ -925,8 +1151,14 @@ fn parse_uuid(text: &str) -> Option<Uuid> {
 }
 
 /// Parses a GeoJSON Polygon or MultiPolygon (`[lon, lat]` positions), rounds it to the
-/// 1e-7 degree grid and validates it as an OGC simple feature.
-fn decode_geometry(value: &Value) -> Result<ZoneShape, Reason> {
+/// 1e-7 degree grid and validates it as an OGC simple feature: the `geometry` field of
+/// `zone.upserted`. Public for the fuzz target and its regression test.
+///
+/// Never panics, whatever the value.
+///
+/// # Errors
+/// The reason the geometry is refused (`invalid_polygon`, `out_of_range`, ...).
+pub fn decode_geometry(value: &Value) -> Result<ZoneShape, DecodeErrorReason> {
     let Value::Object(object) = value else {
         return Err(Reason::InvalidValue {
             field: "geometry".into(),
@@ -934,11 +1166,14 @@ fn decode_geometry(value: &Value) -> Result<ZoneShape, Reason> {
             found: quote(value).into(),
         });
     };
-    Fields {
+    let fields = Fields {
         object,
         parent: "geometry.",
+    };
+    fields.only(&[&["type", "coordinates", "bbox"]])?;
+    if let Some(Value::String(_)) = object.get("type") {
+        fields.str("type")?;
     }
-    .only(&[&["type", "coordinates", "bbox"]])?;
 
     let geometry = geojson::Geometry::from_json_value(value.clone()).map_err(|error| {
         Reason::InvalidPolygon {
@@ -1160,11 +1395,74 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 }
 
+/// `payload` with every lone surrogate escape inside a string (`\ud800`–`\udfff` not
+/// part of a pair) replaced by [`LONE_SURROGATE_ESCAPE_MARK`]; `None` when it holds none.
+/// No Rust string can hold a lone surrogate, so serde_json refuses the whole payload for
+/// one; marked, it parses, and the event holding the mark is refused as `invalid_unicode`
+/// with the field's name while the others of its message go on.
+fn mark_lone_surrogates(payload: &[u8]) -> Option<Vec<u8>> {
+    let code_unit = |at: usize| -> Option<u16> {
+        match payload.get(at..at.checked_add(6)?)? {
+            [b'\\', b'u', hex @ ..] => u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok(),
+            _ => None,
+        }
+    };
+    let high = 0xD800..0xDC00_u16;
+    let low = 0xDC00..0xE000_u16;
+    let mut marked = Vec::new();
+    let mut copied = 0;
+    let mut in_string = false;
+    let mut at = 0;
+    while let Some(&byte) = payload.get(at) {
+        match (in_string, byte) {
+            (false, b'"') => in_string = true,
+            (false, _) => {}
+            (true, b'"') => in_string = false,
+            (true, b'\\') => {
+                let lone = match code_unit(at) {
+                    Some(unit) if high.contains(&unit) => match code_unit(at + 6) {
+                        Some(next) if low.contains(&next) => {
+                            at += 12;
+                            continue;
+                        }
+                        _ => true,
+                    },
+                    Some(unit) => low.contains(&unit),
+                    None => false,
+                };
+                if lone {
+                    marked.extend_from_slice(payload.get(copied..at).unwrap_or_default());
+                    marked.extend_from_slice(LONE_SURROGATE_ESCAPE_MARK);
+                    at += 6;
+                    copied = at;
+                } else {
+                    // Any other escape: skip the escaped character (it may be a quote).
+                    at += 2;
+                }
+                continue;
+            }
+            (true, _) => {}
+        }
+        at += 1;
+    }
+    if marked.is_empty() {
+        return None;
+    }
+    marked.extend_from_slice(payload.get(copied..).unwrap_or_default());
+    Some(marked)
+}
+
 /// A parse error as a reason: numbers JSON cannot hold (`1e400`, `NaN`, `Infinity`) get
-/// their own code, since they are a common producer bug; everything else is `bad_json`.
+/// their own code, since they are a common producer bug, as does text that is not Unicode
+/// (bytes that are not UTF-8 in a string, a surrogate escape that cannot be marked);
+/// everything else is `bad_json`.
 fn json_error_reason(payload: &[u8], error: &serde_json::Error) -> Reason {
     let message = error.to_string();
-    if message.starts_with("number out of range")
+    if is_not_unicode_error(&message) {
+        Reason::InvalidUnicode {
+            at: format!("line {} column {}", error.line(), error.column()).into(),
+        }
+    } else if message.starts_with("number out of range")
         || non_finite_literal_at(payload, error.line(), error.column())
     {
         Reason::NonFiniteNumber {
@@ -1175,6 +1473,16 @@ fn json_error_reason(payload: &[u8], error: &serde_json::Error) -> Reason {
             detail: shorten(&message, MAX_DETAIL_CHARS).into(),
         }
     }
+}
+
+/// Is this serde_json error message about text that is not Unicode — bytes that are not
+/// UTF-8 in a string, a surrogate escape without its pair? (serde_json's error codes are
+/// not public; its messages are stable.) The API's JSON bodies answer these as
+/// `invalid_unicode` too.
+pub fn is_not_unicode_error(message: &str) -> bool {
+    message.contains("invalid unicode code point")
+        || message.contains("lone leading surrogate in hex escape")
+        || message.contains("unexpected end of hex escape")
 }
 
 /// Is the word at (1-based) `line`, `column` of `payload` a spelling of NaN or infinity?
@@ -1528,10 +1836,326 @@ mod tests {
         assert_eq!(
             error.reason,
             DecodeErrorReason::TimestampInFuture {
+                field: "occurred_at".into(),
+                reference: "the receiver's clock",
                 ahead_ms: 300_000,
                 max_skew_ms: 0
             }
         );
+    }
+
+    #[test]
+    fn the_age_limit_is_inclusive_configurable_and_off_for_replays() {
+        let at = |text: &str| {
+            edited(EventKind::ZoneDeleted, |m| {
+                m.insert("occurred_at".into(), json!(text));
+            })
+        };
+        // `now()` is 2026-11-30T12:01:00Z: exactly seven days back is accepted.
+        assert!(decode(&at("2026-11-23T12:01:00Z")).is_ok());
+        let error = decode(&at("2026-11-23T12:00:59.999Z")).unwrap_err();
+        assert_eq!(
+            error.reason,
+            DecodeErrorReason::TimestampTooOld {
+                field: "occurred_at".into(),
+                reference: "the receiver's clock",
+                age_ms: SEVEN_DAYS_MS + 1,
+                max_age_ms: SEVEN_DAYS_MS
+            }
+        );
+        assert_eq!(
+            code_of(&at("0001-01-01T00:00:00Z")),
+            "timestamp_too_old",
+            "the first instant of the calendar"
+        );
+        let hour = ContractLimits::with_max_event_age_ms(3_600_000);
+        let old = at("2026-11-30T10:00:00Z");
+        assert!(decode(&old).is_ok());
+        assert_eq!(
+            decode_event(None, &old, now(), &hour).unwrap_err().code(),
+            "timestamp_too_old"
+        );
+        // Events read back from the log were judged against the clock of their day.
+        for old in ["0001-01-01T00:00:00Z", "1999-12-31T23:59:59Z"] {
+            assert!(decode_event(None, &at(old), now(), &ContractLimits::replay()).is_ok());
+        }
+        let future = at("2030-01-01T00:00:00Z");
+        assert!(decode_event(None, &future, now(), &ContractLimits::replay()).is_ok());
+    }
+
+    #[test]
+    fn a_promise_lies_within_seven_days_of_its_event() {
+        let promised = |text: &str| {
+            edited(EventKind::DeliveryCreated, |m| {
+                m.insert("promised_by".into(), json!(text));
+            })
+        };
+        // The samples happen at 2026-11-30T12:00:00Z.
+        assert!(decode(&promised("2026-12-07T12:00:00Z")).is_ok());
+        assert!(decode(&promised("2026-11-23T12:00:00Z")).is_ok());
+        let error = decode(&promised("2026-12-07T12:00:00.001Z")).unwrap_err();
+        assert_eq!(
+            error.reason,
+            DecodeErrorReason::TimestampInFuture {
+                field: "promised_by".into(),
+                reference: "occurred_at",
+                ahead_ms: SEVEN_DAYS_MS + 1,
+                max_skew_ms: SEVEN_DAYS_MS
+            }
+        );
+        assert!(error.to_string().contains("promised_by"), "{error}");
+        let error = decode(&promised("0001-01-01T00:00:00Z")).unwrap_err();
+        assert_eq!(error.code(), "timestamp_too_old");
+        assert!(error.to_string().contains("promised_by"), "{error}");
+        assert!(
+            decode_event(
+                None,
+                &promised("2099-01-01T00:00:00Z"),
+                now(),
+                &ContractLimits::replay()
+            )
+            .is_ok()
+        );
+    }
+
+    /// Every string field of every kind: `(kind, field)`, nested fields with their parent.
+    const STRING_FIELDS: [(EventKind, &str); 19] = [
+        (EventKind::LocationUpdated, "courier_id"),
+        (EventKind::DeliveryCreated, "delivery_id"),
+        (EventKind::DeliveryCreated, "customer_id"),
+        (EventKind::DeliveryCreated, "promised_by"),
+        (EventKind::StatusChanged, "delivery_id"),
+        (EventKind::StatusChanged, "status"),
+        (EventKind::StatusChanged, "courier_id"),
+        (EventKind::DeliveryRated, "delivery_id"),
+        (EventKind::DeliveryRated, "comment"),
+        (EventKind::ZoneUpserted, "zone_id"),
+        (EventKind::ZoneUpserted, "name"),
+        (EventKind::ZoneUpserted, "geometry.type"),
+        (EventKind::ZoneDeleted, "zone_id"),
+        // The envelope, in two kinds (it is read by the same code for all six).
+        (EventKind::LocationUpdated, "kind"),
+        (EventKind::LocationUpdated, "event_id"),
+        (EventKind::LocationUpdated, "occurred_at"),
+        (EventKind::ZoneUpserted, "kind"),
+        (EventKind::ZoneUpserted, "event_id"),
+        (EventKind::ZoneUpserted, "occurred_at"),
+    ];
+
+    /// The sample of `kind` with the string `field` (`geometry.type` for a nested one) set
+    /// to `text`.
+    fn with_string(kind: EventKind, field: &str, text: &str) -> Value {
+        let mut value = sample(kind);
+        match field.split_once('.') {
+            Some((parent, child)) => value[parent][child] = json!(text),
+            None => value[field] = json!(text),
+        }
+        value
+    }
+
+    /// The sample of `kind` with `field`'s valid value given a character `extra` in the
+    /// middle: a string that would pass but for that character.
+    fn with_char_inside(kind: EventKind, field: &str, extra: &str) -> Value {
+        let value = sample(kind);
+        let valid = match field.split_once('.') {
+            Some((parent, child)) => value[parent][child].as_str().unwrap().to_owned(),
+            None => value[field].as_str().unwrap().to_owned(),
+        };
+        let (head, tail) = valid.split_at(valid.len() / 2);
+        with_string(kind, field, &format!("{head}{extra}{tail}"))
+    }
+
+    /// The one error of decoding `payload` as a message whose routing key is the kind.
+    fn message_error(kind: EventKind, payload: &[u8]) -> DecodeError {
+        let decoded = decode_message(Some(kind.as_str()), payload, now(), &limits());
+        assert!(decoded.events.is_empty(), "{decoded:?}");
+        assert_eq!(decoded.errors.len(), 1, "{decoded:?}");
+        decoded.errors[0].clone()
+    }
+
+    #[test]
+    fn every_string_field_refuses_a_nul() {
+        for (kind, field) in STRING_FIELDS {
+            let value = with_char_inside(kind, field, "\u{0}");
+            let payload = serde_json::to_vec(&value).unwrap();
+            assert!(
+                payload.windows(6).any(|w| w == b"\\u0000"),
+                "serde_json writes NUL as an escape"
+            );
+            let error = message_error(kind, &payload);
+            assert_eq!(
+                error.reason.code(),
+                "control_character",
+                "{kind} {field}: {error}"
+            );
+            let DecodeErrorReason::ControlCharacter {
+                field: named,
+                code_point,
+                ..
+            } = &error.reason
+            else {
+                unreachable!()
+            };
+            assert_eq!((&**named, *code_point), (field, 0), "{kind} {field}");
+        }
+    }
+
+    #[test]
+    fn every_string_field_refuses_a_lone_surrogate_escape_by_name() {
+        for (kind, field) in STRING_FIELDS {
+            for escape in ["\\ud800", "\\udfff", "\\udbff\\u0041", "\\ud83d"] {
+                let value = with_char_inside(kind, field, "@@@");
+                let text = serde_json::to_string(&value).unwrap();
+                assert_eq!(text.matches("@@@").count(), 1);
+                let payload = text.replace("@@@", escape);
+                assert!(
+                    serde_json::from_str::<Value>(&payload).is_err(),
+                    "serde_json refuses {payload}"
+                );
+                let error = message_error(kind, payload.as_bytes());
+                assert_eq!(
+                    error.reason,
+                    DecodeErrorReason::InvalidUnicode { at: field.into() },
+                    "{kind} {field} {escape}: {error}"
+                );
+                // The event is still named: it can be traced from its dead letter.
+                if field != "event_id" {
+                    assert_eq!(error.event_id, Some(EventId(uuid(EVENT))), "{field}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_string_field_refuses_a_mebibyte() {
+        let huge = "x".repeat(1 << 20);
+        for (kind, field) in STRING_FIELDS {
+            let value = with_string(kind, field, &huge);
+            let payload = serde_json::to_vec(&value).unwrap();
+            let error = message_error(kind, &payload);
+            let max = match field {
+                "comment" => MAX_COMMENT_CHARS,
+                "name" => MAX_NAME_CHARS,
+                _ => MAX_SHORT_STRING_CHARS,
+            };
+            assert_eq!(
+                error.reason,
+                DecodeErrorReason::StringTooLong {
+                    field: field.into(),
+                    chars: 1 << 20,
+                    max
+                },
+                "{kind} {field}"
+            );
+            assert!(error.to_string().len() < 400, "{error}");
+        }
+    }
+
+    #[test]
+    fn only_a_comment_holds_line_breaks_and_tabs() {
+        let comment = with_string(
+            EventKind::DeliveryRated,
+            "comment",
+            "Line one,\r\nline two\tand a tab.",
+        );
+        let EventBody::DeliveryRated(rated) = decode(&comment).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(
+            rated.comment.as_deref(),
+            Some("Line one,\r\nline two\tand a tab.")
+        );
+        for other in ["\u{7}", "\u{1b}[31m", "\u{7f}", "\u{85}", "\u{9f}"] {
+            let comment = with_string(EventKind::DeliveryRated, "comment", &format!("a{other}"));
+            assert_eq!(code_of(&comment), "control_character", "{other:?}");
+        }
+        for whitespace in ["\n", "\r", "\t"] {
+            let name = with_string(
+                EventKind::ZoneUpserted,
+                "name",
+                &format!("Mitte{whitespace}"),
+            );
+            assert_eq!(code_of(&name), "control_character", "{whitespace:?}");
+        }
+        // Other Unicode is text: letters of any script, emoji, a zero-width joiner.
+        let name = with_string(
+            EventKind::ZoneUpserted,
+            "name",
+            "Zentrum 🚲 Ünter‍den Linden",
+        );
+        assert!(decode(&name).is_ok());
+    }
+
+    #[test]
+    fn noncharacters_and_marked_surrogates_are_refused_anywhere_by_name() {
+        for noncharacter in ["\u{ffff}", "\u{fffe}", "\u{fdd0}", "\u{10ffff}"] {
+            let comment = with_string(EventKind::DeliveryRated, "comment", noncharacter);
+            assert_eq!(
+                decode(&comment).unwrap_err().reason,
+                DecodeErrorReason::InvalidUnicode {
+                    at: "comment".into()
+                }
+            );
+        }
+        // In a key, and in a field that is not a string at all.
+        let payloads: [(&str, &str, &str); 3] = [
+            (r#""v":1"#, r#""\ud800x":1,"v":1"#, "\\u{ffff}x"),
+            (r#""v":1"#, r#""dwell":"\udc00","v":1"#, "dwell"),
+            (
+                r#""lon":13.4094"#,
+                r#""lon":13.4094,"\ud800":1"#,
+                "pickup.\\u{ffff}",
+            ),
+        ];
+        for (from, to, at) in payloads {
+            let text = serde_json::to_string(&sample(EventKind::DeliveryCreated))
+                .unwrap()
+                .replace(from, to);
+            let error = message_error(EventKind::DeliveryCreated, text.as_bytes());
+            assert_eq!(
+                error.reason,
+                DecodeErrorReason::InvalidUnicode { at: at.into() },
+                "{text}"
+            );
+        }
+        // A pair of surrogate escapes is one character, and fine.
+        let text = serde_json::to_string(&with_string(EventKind::DeliveryRated, "comment", "@@@"))
+            .unwrap()
+            .replace("@@@", "\\ud83d\\udeb2");
+        let decoded = decode_message(None, text.as_bytes(), now(), &limits());
+        assert!(decoded.errors.is_empty(), "{decoded:?}");
+        let EventBody::DeliveryRated(rated) = &decoded.events[0].body else {
+            panic!()
+        };
+        assert_eq!(rated.comment.as_deref(), Some("🚲"));
+    }
+
+    #[test]
+    fn a_lone_surrogate_refuses_only_its_own_event_of_an_array() {
+        let good = serde_json::to_string(&sample(EventKind::DeliveryRated)).unwrap();
+        let bad = serde_json::to_string(&with_string(EventKind::DeliveryRated, "comment", "@@@"))
+            .unwrap()
+            .replace("@@@", "\\ud800");
+        // A quote and a backslash escaped before the surrogate do not confuse the marking.
+        let tricky =
+            serde_json::to_string(&with_string(EventKind::DeliveryRated, "comment", "\"\\@@@"))
+                .unwrap()
+                .replace("@@@", "\\udfff");
+        let payload = format!("[{good},{bad},{good},{tricky}]");
+        let decoded = decode_message(Some("delivery.rated"), payload.as_bytes(), now(), &limits());
+        assert_eq!(decoded.events.len(), 2);
+        let report: Vec<_> = decoded.errors.iter().map(|e| (e.index, e.code())).collect();
+        assert_eq!(
+            report,
+            vec![(Some(1), "invalid_unicode"), (Some(3), "invalid_unicode")]
+        );
+        // Bytes that are not UTF-8 inside a string refuse the message, as not Unicode.
+        let mut bytes = good.into_bytes();
+        let at = bytes.windows(6).position(|w| w == b"Schnel").unwrap();
+        bytes[at] = 0xff;
+        let error = message_error(EventKind::DeliveryRated, &bytes);
+        assert_eq!(error.code(), "invalid_unicode", "{error}");
+        assert_eq!(error.index, None);
     }
 
     /// Every rejection reason, each from a minimal bad input.
@@ -1796,6 +2420,42 @@ mod tests {
                 set(ZoneDeleted, "occurred_at", json!("2030-01-01T00:00:00Z")),
                 "timestamp_in_future",
             ),
+            (
+                set(
+                    DeliveryCreated,
+                    "promised_by",
+                    json!("2027-11-30T12:00:00Z"),
+                ),
+                "timestamp_in_future",
+            ),
+            (
+                set(ZoneDeleted, "occurred_at", json!("0001-01-01T00:00:00Z")),
+                "timestamp_too_old",
+            ),
+            (
+                set(
+                    DeliveryCreated,
+                    "promised_by",
+                    json!("2025-11-30T12:00:00Z"),
+                ),
+                "timestamp_too_old",
+            ),
+            (
+                set(DeliveryRated, "comment", json!("a\u{0}b")),
+                "control_character",
+            ),
+            (
+                set(ZoneUpserted, "name", json!("Mitte\u{1b}[2J")),
+                "control_character",
+            ),
+            (
+                set(ZoneUpserted, "name", json!("Mitte\u{ffff}")),
+                "invalid_unicode",
+            ),
+            (
+                set(ZoneDeleted, "event_id", json!("x".repeat(65))),
+                "string_too_long",
+            ),
         ];
         let mut seen = std::collections::BTreeSet::new();
         for (value, expected) in &cases {
@@ -1830,6 +2490,7 @@ mod tests {
             (br#"{"v":1,"lat":Infinity}"#, "non_finite_number"),
             (b"{\"v\":1,\n\"lat\":-Infinity}", "non_finite_number"),
             (br#"{"v":1,"lat":tru}"#, "bad_json"),
+            (b"{\"v\":1,\"name\":\"\xff\"}", "invalid_unicode"),
         ];
         for (payload, expected) in &message_cases {
             assert_eq!(
@@ -2064,6 +2725,8 @@ mod tests {
             "delivery_exists",
             "illegal_transition",
             "not_rateable",
+            "too_many_ratings",
+            "implausible_jump",
             "stale",
         ];
         for code in DecodeErrorReason::ALL_CODES.iter().chain(&dataflow) {
@@ -2090,9 +2753,9 @@ mod tests {
             .prop_map(|(lat_e7, lon_e7)| GeoPoint { lat_e7, lon_e7 })
     }
 
-    /// Event times from 1900 to `now() + 5 min`.
+    /// Event times from seven days before `now()` to five minutes after it.
     fn time() -> impl Strategy<Value = UnixMillis> {
-        -2_208_988_800_000..=now() + 300_000
+        now() - SEVEN_DAYS_MS..=now() + 300_000
     }
 
     /// A regular polygon on the 1e-7 grid, optionally with a hole.
@@ -2153,8 +2816,15 @@ mod tests {
                         })
                     }
                 ),
-            (id(), id(), point(), point(), prop::option::of(time())).prop_map(
-                |(delivery, customer, pickup, dropoff, promised_by)| {
+            // `promised_by` as an offset from `occurred_at`, which `event` adds.
+            (
+                id(),
+                id(),
+                point(),
+                point(),
+                prop::option::of(-SEVEN_DAYS_MS..=SEVEN_DAYS_MS)
+            )
+                .prop_map(|(delivery, customer, pickup, dropoff, promised_by)| {
                     EventBody::DeliveryCreated(DeliveryCreated {
                         delivery_id: DeliveryId(delivery),
                         customer_id: CustomerId(customer),
@@ -2162,8 +2832,7 @@ mod tests {
                         dropoff,
                         promised_by,
                     })
-                }
-            ),
+                }),
             (id(), status, prop::option::of(id())).prop_map(|(delivery, status, courier)| {
                 let courier = if status == Status::Assigned {
                     Some(courier.unwrap_or_default())
@@ -2176,7 +2845,7 @@ mod tests {
                     courier_id: courier.map(CourierId),
                 })
             }),
-            (id(), 1..=5_u8, prop::option::of("\\PC{0,40}")).prop_map(
+            (id(), 1..=5_u8, prop::option::of("[\\PC\r\n\t]{0,40}")).prop_map(
                 |(delivery, score, comment)| {
                     EventBody::DeliveryRated(DeliveryRated {
                         delivery_id: DeliveryId(delivery),
@@ -2206,10 +2875,15 @@ mod tests {
     }
 
     fn event() -> impl Strategy<Value = Event> {
-        (id(), time(), body()).prop_map(|(event_id, occurred_at, body)| Event {
-            event_id: EventId(event_id),
-            occurred_at,
-            body,
+        (id(), time(), body()).prop_map(|(event_id, occurred_at, mut body)| {
+            if let EventBody::DeliveryCreated(created) = &mut body {
+                created.promised_by = created.promised_by.map(|offset| occurred_at + offset);
+            }
+            Event {
+                event_id: EventId(event_id),
+                occurred_at,
+                body,
+            }
         })
     }
 

@@ -227,6 +227,11 @@ impl Tally {
     }
 }
 
+/// How many ratings a delivery takes: a customer may change their mind, but a client that
+/// re-rates in a loop must not grow the delivery's history (and every store's rating log)
+/// without bound. The next one is refused as [`RejectReason::TooManyRatings`].
+pub const MAX_RATINGS_PER_DELIVERY: usize = 5;
+
 /// Why the dataflow refused a well-formed event: it contradicts the state it meets.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum RejectReason {
@@ -246,6 +251,22 @@ pub enum RejectReason {
         /// The delivery's status.
         status: Status,
     },
+    /// A rating of a delivery that took [`MAX_RATINGS_PER_DELIVERY`] ratings already.
+    TooManyRatings {
+        /// The bound.
+        max: usize,
+    },
+    /// A fix further from the courier's previous accepted fix than the maximum courier
+    /// speed covers in the event time between them: a GPS glitch or a forged position. It
+    /// moves nothing and adds no distance.
+    ImplausibleJump {
+        /// Distance from the previous accepted fix, mm.
+        distance_mm: u64,
+        /// Event time since that fix, ms (0: the same instant).
+        elapsed_ms: i64,
+        /// The maximum speed, mm/s.
+        max_speed_mm_s: u32,
+    },
     /// Older than the state it would replace (a late fix, zone version or rating). Not an
     /// error: sources count these and acknowledge them without dead-lettering.
     Stale,
@@ -259,6 +280,8 @@ impl RejectReason {
             RejectReason::DeliveryExists => "delivery_exists",
             RejectReason::IllegalTransition { .. } => "illegal_transition",
             RejectReason::NotRateable { .. } => "not_rateable",
+            RejectReason::TooManyRatings { .. } => "too_many_ratings",
+            RejectReason::ImplausibleJump { .. } => "implausible_jump",
             RejectReason::Stale => "stale",
         }
     }
@@ -275,6 +298,23 @@ impl std::fmt::Display for RejectReason {
             RejectReason::NotRateable { status } => {
                 write!(f, "a delivery cannot be rated while {status}")
             }
+            RejectReason::TooManyRatings { max } => {
+                write!(
+                    f,
+                    "the delivery has been rated {max} times, the most it takes"
+                )
+            }
+            RejectReason::ImplausibleJump {
+                distance_mm,
+                elapsed_ms,
+                max_speed_mm_s,
+            } => write!(
+                f,
+                "the fix lies {:.1} m from the previous one after {:.3} s, faster than {:.1} m/s",
+                *distance_mm as f64 / 1_000.0,
+                *elapsed_ms as f64 / 1_000.0,
+                f64::from(*max_speed_mm_s) / 1_000.0
+            ),
             RejectReason::Stale => f.write_str("older than the current state"),
         }
     }

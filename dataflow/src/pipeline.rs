@@ -37,6 +37,19 @@ pub struct DataflowConfig {
     pub speed_window: usize,
     /// Epochs accepted but not yet output before [`EpochSender::send`] blocks.
     pub max_epochs_in_flight: usize,
+    /// The fastest a courier moves between two fixes, m/s: a fix whose implied speed from
+    /// the courier's previous accepted fix is higher is refused as `implausible_jump`.
+    pub max_courier_speed_mps: f64,
+}
+
+/// The default of [`DataflowConfig::max_courier_speed_mps`]: 252 km/h, beyond any delivery
+/// vehicle in a city, while a GPS glitch or a forged fix across town is far faster.
+pub const DEFAULT_MAX_COURIER_SPEED_MPS: f64 = 70.0;
+
+/// m/s as whole mm/s (at least 0, at most `u32::MAX`).
+pub fn mps_to_mm_s(mps: f64) -> u32 {
+    // `as` saturates, and NaN becomes 0.
+    (mps * 1_000.0).round() as u32
 }
 
 impl Default for DataflowConfig {
@@ -47,6 +60,7 @@ impl Default for DataflowConfig {
             min_speed_mps: 0.5,
             speed_window: 5,
             max_epochs_in_flight: 4,
+            max_courier_speed_mps: DEFAULT_MAX_COURIER_SPEED_MPS,
         }
     }
 }
@@ -56,6 +70,7 @@ impl DataflowConfig {
         ComputeConfig {
             eta: EtaConfig::from_mps(self.default_speed_mps, self.min_speed_mps),
             speed_window: self.speed_window.max(2),
+            max_courier_speed_mm_s: mps_to_mm_s(self.max_courier_speed_mps),
         }
     }
 }

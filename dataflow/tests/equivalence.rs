@@ -1,6 +1,7 @@
 //! The dataflow equals a plain sequential reference after every epoch, on generated event
-//! streams (moves, zone edits and deletes, lifecycles with illegal steps, ratings, out-of-order
-//! and duplicated events), with 1, 2 and 4 workers.
+//! streams (moves, implausible jumps, zone edits and deletes, lifecycles with illegal steps,
+//! ratings and re-ratings beyond the bound, out-of-order and duplicated events), with 1, 2
+//! and 4 workers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,6 +28,11 @@ enum Op {
         x: u8,
         y: u8,
         speed: Option<u16>,
+    },
+    /// A fix about 25 km off the grid: a jump from the grid (or back to it) unless enough
+    /// event time has passed.
+    Jump {
+        courier: u8,
     },
     Zone {
         zone: u8,
@@ -75,6 +81,13 @@ enum Op {
         delivery: u8,
         score: u8,
     },
+    /// A delivery (preferably the `pick`-th of those the generator believes delivered or
+    /// failed) taken to its end if it is on its way, then rated `times` times in a row:
+    /// beyond the bound if `times` is large enough or it was rated before.
+    Rerate {
+        pick: u8,
+        times: u8,
+    },
     /// Send an earlier event again (a redelivery).
     Repeat {
         back: u8,
@@ -96,6 +109,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (0..4u8, 0..12u8, 0..12u8, proptest::option::of(0..15_000u16))
             .prop_map(|(courier, x, y, speed)| Op::Move { courier, x, y, speed }),
+        1 => (0..4u8).prop_map(|courier| Op::Jump { courier }),
         2 => (0..3u8, 0..12u8, 0..12u8, 0..12u8, 0..12u8, 0..3u8, any::<bool>(), any::<bool>())
             .prop_map(|(zone, x0, y0, x1, y1, dwell, triangle, hole)| Op::Zone { zone, x0, y0, x1, y1, dwell, triangle, hole }),
         1 => (0..3u8).prop_map(|zone| Op::DeleteZone { zone }),
@@ -105,6 +119,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..6u8, 0..7u8, 0..4u8).prop_map(|(delivery, status, courier)| Op::Status { delivery, status, courier }),
         2 => (0..6u8, 0..5u8, 1..30u8).prop_map(|(delivery, status, back)| Op::Late { delivery, status, back }),
         2 => (0..6u8, 1..=5u8).prop_map(|(delivery, score)| Op::Rate { delivery, score }),
+        1 => (0..6u8, 2..=7u8).prop_map(|(pick, times)| Op::Rerate { pick, times }),
         1 => (0..40u8).prop_map(|back| Op::Repeat { back }),
         2 => Just(Op::Cut),
     ]
@@ -203,6 +218,56 @@ fn build(steps: &[Step]) -> Vec<Vec<Event>> {
                 }
                 continue;
             }
+            Op::Rerate { pick, times } => {
+                let rateable: Vec<u8> = believed
+                    .iter()
+                    .filter(|(_, status)| matches!(status, Status::Delivered | Status::Failed))
+                    .map(|(delivery, _)| *delivery)
+                    .collect();
+                let delivery = *rateable
+                    .get(usize::from(*pick) % rateable.len().max(1))
+                    .unwrap_or(&(pick % 6));
+                let mut bodies = Vec::new();
+                let mut status = believed.get(&delivery).copied();
+                while let Some(current) = status.filter(|s| !s.is_terminal()) {
+                    let next = match current {
+                        Status::Created => Status::Assigned,
+                        Status::Assigned => Status::PickedUp,
+                        Status::PickedUp => Status::InTransit,
+                        _ => Status::Delivered,
+                    };
+                    bodies.push(status_changed(delivery, next, 0));
+                    status = Some(next);
+                }
+                if let Some(status) = status {
+                    believed.insert(delivery, status);
+                }
+                bodies.extend((0..*times).map(|n| {
+                    EventBody::DeliveryRated(DeliveryRated {
+                        delivery_id: delivery_id(delivery),
+                        score: 1 + n % 5,
+                        comment: None,
+                    })
+                }));
+                for (n, body) in (0..).zip(bodies) {
+                    let event = Event {
+                        event_id: EventId(Uuid::from_u128(next_id)),
+                        occurred_at: at + n,
+                        body,
+                    };
+                    next_id += 1;
+                    sent.push(event.clone());
+                    epochs.last_mut().unwrap().push(event);
+                }
+                continue;
+            }
+            Op::Jump { courier } => EventBody::LocationUpdated(LocationUpdated {
+                courier_id: courier_id(*courier),
+                position: GeoPoint::from_degrees(52.70, 13.65),
+                speed_mm_s: None,
+                heading_ddeg: None,
+                accuracy_cm: None,
+            }),
             Op::Move {
                 courier,
                 x,
@@ -324,6 +389,11 @@ fn zone_id(n: u8) -> ZoneId {
 }
 
 const SPEED_WINDOW: usize = 3;
+/// The maximum courier speed of these streams, m/s. The grid is about 100 m a step and the
+/// clock moves in quarter seconds, so this is what "faster than a courier" means here:
+/// ordinary moves pass, a move across the grid within a second or two, or to the far
+/// point ([`Op::Jump`]) within half a minute, is a jump.
+const MAX_SPEED_MPS: f64 = 1_000.0;
 
 fn config(workers: usize) -> DataflowConfig {
     DataflowConfig {
@@ -332,12 +402,21 @@ fn config(workers: usize) -> DataflowConfig {
         min_speed_mps: 0.5,
         speed_window: SPEED_WINDOW,
         max_epochs_in_flight: 2,
+        max_courier_speed_mps: MAX_SPEED_MPS,
     }
+}
+
+fn reference() -> Reference {
+    Reference::new(
+        SPEED_WINDOW,
+        pipeline::mps_to_mm_s(MAX_SPEED_MPS),
+        EtaConfig::from_mps(4.0, 0.5),
+    )
 }
 
 /// Runs the dataflow and checks every epoch's output against the reference.
 fn check(epochs: &[Vec<Event>], workers: usize) -> Result<(), TestCaseError> {
-    let mut reference = Reference::new(SPEED_WINDOW, EtaConfig::from_mps(4.0, 0.5));
+    let mut reference = reference();
     let (mut sender, mut receiver) = pipeline::start(config(workers)).expect("the dataflow starts");
     let feed = epochs.to_vec();
     let feeder = std::thread::spawn(move || {
@@ -719,7 +798,7 @@ fn a_full_lifecycle_touches_every_collection() {
     ];
     let epochs = build(&steps);
     let mut kinds = std::collections::HashSet::new();
-    let mut reference = Reference::new(SPEED_WINDOW, EtaConfig::from_mps(4.0, 0.5));
+    let mut reference = reference();
     let mut rejected = 0;
     for events in &epochs {
         rejected += reference.epoch(events).len();
@@ -889,4 +968,194 @@ fn a_late_step_that_does_not_follow_where_it_stands_is_refused() {
     for workers in [1, 2, 4] {
         check(&epochs, workers).unwrap();
     }
+}
+
+/// The generated streams reach every refusal the dataflow makes, the bounds included
+/// (`implausible_jump`, `too_many_ratings`), in a good share of the cases: otherwise the
+/// equivalence property would say little about them.
+#[test]
+fn the_generated_streams_reach_every_refusal() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let strategy = proptest::collection::vec(step(), 1..160);
+    let cases = 64;
+    let mut cases_with: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let (mut fixes, mut jumps) = (0, 0);
+    for _ in 0..cases {
+        let steps = strategy.new_tree(&mut runner).unwrap().current();
+        let mut reference = reference();
+        let mut codes = BTreeSet::new();
+        for events in build(&steps) {
+            fixes += events
+                .iter()
+                .filter(|e| e.kind() == EventKind::LocationUpdated)
+                .count();
+            let refused = reference.epoch(&events);
+            jumps += refused
+                .iter()
+                .filter(|r| r.reason.code() == "implausible_jump")
+                .count();
+            codes.extend(refused.iter().map(|r| r.reason.code()));
+        }
+        for code in codes {
+            *cases_with.entry(code).or_default() += 1;
+        }
+    }
+    eprintln!(
+        "cases with each refusal, of {cases}: {cases_with:?}; fixes refused as jumps: {jumps} of {fixes}"
+    );
+    for code in [
+        "stale",
+        "unknown_delivery",
+        "illegal_transition",
+        "not_rateable",
+        "implausible_jump",
+        "too_many_ratings",
+    ] {
+        assert!(
+            cases_with.get(code).copied().unwrap_or(0) >= cases / 8,
+            "{code} in too few cases: {cases_with:?}"
+        );
+    }
+}
+
+/// A jump is refused, moves nothing and adds no distance; the next fix is judged from the
+/// last accepted one, so a courier that really went far is accepted once enough time has
+/// passed; a fix in the same instant at another place is a jump; a restart keeps all that.
+#[test]
+fn an_implausible_jump_moves_nothing_and_adds_no_distance() {
+    use Op::*;
+    let at = |op, advance, lag| Step { op, advance, lag };
+    let courier = |state: &BTreeSet<Change>| {
+        state
+            .iter()
+            .find_map(|change| match change {
+                Change::Courier(_, state) => Some(state.clone()),
+                _ => None,
+            })
+            .expect("the courier is maintained")
+    };
+    let grid = |x, y| Move {
+        courier: 0,
+        x,
+        y,
+        speed: None,
+    };
+    let steps = vec![
+        at(grid(0, 0), 0, 0),
+        at(Cut, 0, 0),
+        // 100 m north after 1 s: 100 m/s, accepted.
+        at(grid(0, 1), 4, 0),
+        at(Cut, 0, 0),
+        // 25 km away 1 s later: refused.
+        at(Jump { courier: 0 }, 4, 0),
+        at(Cut, 0, 0),
+        // Back on the grid, 100 m from the last accepted fix after 2 s: accepted.
+        at(grid(0, 2), 4, 0),
+        at(Cut, 0, 0),
+        // The same instant as the last accepted fix, elsewhere (lag 0, advance 0): refused.
+        at(grid(1, 2), 0, 0),
+        at(Cut, 0, 0),
+        // 25 km 30 s after the last accepted fix: 830 m/s, accepted.
+        at(Jump { courier: 0 }, 120, 0),
+    ];
+    let epochs = build(&steps);
+    let history = run(&epochs, 2, None);
+    let codes: Vec<Vec<&str>> = history
+        .rejections
+        .iter()
+        .map(|refused| refused.iter().map(|r| r.reason.code()).collect())
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            vec![],
+            vec![],
+            vec!["implausible_jump"],
+            vec![],
+            vec!["implausible_jump"],
+            vec![]
+        ]
+    );
+    assert_eq!(
+        history.states[2], history.states[1],
+        "a refused jump changes nothing"
+    );
+    let (before, after) = (courier(&history.states[3]), courier(&history.states[4]));
+    assert_eq!(before, after, "nor does one at the same instant");
+    assert_eq!(before.position, point(0, 2));
+    let one_step = courier(&history.states[1]).odometer_mm;
+    assert!(
+        (one_step as i64 - 111_195).abs() < 100,
+        "one grid step: {one_step} mm"
+    );
+    assert_eq!(before.odometer_mm, 2 * one_step, "the jump added nothing");
+    let far = courier(&history.states[5]);
+    assert_eq!(far.position, GeoPoint::from_degrees(52.70, 13.65));
+    assert!(far.odometer_mm > before.odometer_mm + 20_000_000);
+    for workers in [1, 2, 4] {
+        check(&epochs, workers).unwrap();
+    }
+    check_every_restore_point(&epochs, 2);
+}
+
+/// A delivery takes five ratings; the sixth and later are refused (a replay of an
+/// accepted one is still a replay), also after a restart between them.
+#[test]
+fn a_delivery_takes_five_ratings_and_refuses_the_rest() {
+    use Op::*;
+    let steps = delivered_at_ten_seconds(
+        false,
+        vec![
+            Rate {
+                delivery: 0,
+                score: 1,
+            },
+            Rate {
+                delivery: 0,
+                score: 2,
+            },
+            Cut,
+            Rerate { pick: 0, times: 3 },
+            Repeat { back: 0 },
+            Cut,
+            Rate {
+                delivery: 0,
+                score: 5,
+            },
+            Rerate { pick: 0, times: 2 },
+        ],
+    );
+    let epochs = build(&steps);
+    let history = run(&epochs, 2, None);
+    let codes: Vec<Vec<&str>> = history
+        .rejections
+        .iter()
+        .map(|refused| refused.iter().map(|r| r.reason.code()).collect())
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            vec![],
+            vec![],
+            vec!["too_many_ratings", "too_many_ratings", "too_many_ratings"]
+        ]
+    );
+    let rating = |state: &BTreeSet<Change>| {
+        state.iter().find_map(|change| match change {
+            Change::Delivery(_, state) => state.rating.as_ref().map(|r| r.score),
+            _ => None,
+        })
+    };
+    assert_eq!(
+        rating(&history.states[1]),
+        Some(3),
+        "the fifth rating shows"
+    );
+    assert_eq!(rating(&history.states[2]), Some(3), "and stays");
+    for workers in [1, 2, 4] {
+        check(&epochs, workers).unwrap();
+    }
+    check_every_restore_point(&epochs, 2);
 }

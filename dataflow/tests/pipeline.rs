@@ -126,7 +126,8 @@ fn replaying_an_epoch_changes_nothing() {
     let mut events = vec![
         square_zone(1, 0),
         fix(2, 10, 1, 52.05, 13.05),
-        fix(3, 20, 1, 52.051, 13.05),
+        // 111 m north ten seconds later: a plausible move.
+        fix(3, 10_010, 1, 52.051, 13.05),
     ];
     events.extend(lifecycle(10, 30));
     sender.send(events.clone()).unwrap();

@@ -3,13 +3,16 @@
 //! `delivertrack demo` and the tests feed the dataflow through it, without a broker. The
 //! channel is bounded, so a producer that outruns the dataflow waits in
 //! [`InProcessSender::send`] instead of growing memory (ARCHITECTURE rule 6). Nothing can be
-//! redelivered, so the acknowledgement token is `()`.
+//! redelivered, so the acknowledgement token is `()`. Given [`IngestMetrics`]
+//! ([`InProcessSource::counted_in`]), it counts what it hands on and what the pipeline
+//! refused, as the RabbitMQ source does, so that `demo` reports refusals as `run` does.
 
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
 use delivertrack_dataflow::Event;
 
+use crate::rabbitmq::IngestMetrics;
 use crate::source::{EpochPolicy, Refusal, Source, SourceBatch, SourceError};
 
 /// Creates a connected sender and source. `capacity` bounds the events in flight between
@@ -22,6 +25,7 @@ pub fn in_process(capacity: usize) -> (InProcessSender, InProcessSource) {
             rx,
             pending: Vec::new(),
             deadline: None,
+            metrics: IngestMetrics::unregistered(),
         },
     )
 }
@@ -82,9 +86,28 @@ pub struct InProcessSource {
     pending: Vec<Event>,
     /// When the batch being gathered must be returned; set by its first event.
     deadline: Option<Instant>,
+    /// `delivertrack_events_ingested_total{kind}` (each event handed on) and
+    /// `delivertrack_events_rejected_total{reason}` (each refusal acknowledged); counted
+    /// nowhere unless [`counted_in`](Self::counted_in) was called.
+    metrics: IngestMetrics,
 }
 
 impl InProcessSource {
+    /// Counts the events this source hands on, by kind, and the refusals it is
+    /// acknowledged with (the dataflow's, the sinks'), by reason, in `metrics`: the
+    /// counters `run`'s RabbitMQ source keeps. An in-process event needs no decoding, so
+    /// refusals are the pipeline's only.
+    #[must_use]
+    pub fn counted_in(mut self, metrics: IngestMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    fn count_handed_on(&self, events: &[Event]) {
+        for event in events {
+            self.metrics.event_ingested(event.kind().as_str());
+        }
+    }
     async fn gather(&mut self, policy: &EpochPolicy) -> Option<SourceBatch<()>> {
         let limit = policy.batch_limit();
         if self.pending.is_empty() {
@@ -134,10 +157,19 @@ impl Source for InProcessSource {
         &mut self,
         policy: &EpochPolicy,
     ) -> Result<Option<SourceBatch<()>>, SourceError> {
-        Ok(self.gather(policy).await)
+        let batch = self.gather(policy).await;
+        if let Some(batch) = &batch {
+            self.count_handed_on(&batch.events);
+        }
+        Ok(batch)
     }
 
-    async fn ack(&mut self, _ack: (), _rejected: Vec<Refusal>) -> Result<(), SourceError> {
+    /// Nothing to acknowledge; counts the refusals, once each, as the RabbitMQ source does
+    /// when it acknowledges.
+    async fn ack(&mut self, _ack: (), rejected: Vec<Refusal>) -> Result<(), SourceError> {
+        for refusal in &rejected {
+            self.metrics.event_rejected(&refusal.reason());
+        }
         Ok(())
     }
 
@@ -162,6 +194,7 @@ impl Source for InProcessSource {
         if self.pending.is_empty() {
             self.deadline = None;
         }
+        self.count_handed_on(&events);
         Some(SourceBatch {
             events,
             ack: (),
@@ -308,6 +341,40 @@ mod tests {
         assert_eq!(ids(&last), vec![2]);
         assert_eq!(start.elapsed(), Duration::ZERO);
         assert!(source.take_gathered(&policy).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_counted_when_acknowledged_and_events_when_handed_on() {
+        use delivertrack_dataflow::{RejectReason, Rejection};
+
+        let metrics = IngestMetrics::unregistered();
+        let (tx, source) = in_process(8);
+        let mut source = source.counted_in(metrics.clone());
+        tx.send_batch((0..3).map(event)).await.unwrap();
+        let batch = source.next_batch(&policy(10, 10)).await.unwrap().unwrap();
+        assert_eq!(metrics.events_ingested("zone.deleted"), 3);
+
+        let refusal = |reason| {
+            Refusal::Dataflow(Rejection {
+                event_id: batch.events[0].event_id,
+                kind: batch.events[0].kind(),
+                reason,
+            })
+        };
+        assert_eq!(metrics.events_rejected("illegal_transition"), 0);
+        source
+            .ack(
+                (),
+                vec![
+                    refusal(RejectReason::Stale),
+                    refusal(RejectReason::UnknownDelivery),
+                    refusal(RejectReason::UnknownDelivery),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(metrics.events_rejected("stale"), 1);
+        assert_eq!(metrics.events_rejected("unknown_delivery"), 2);
     }
 
     #[tokio::test(start_paused = true)]

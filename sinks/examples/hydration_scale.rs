@@ -497,7 +497,7 @@ async fn check_payloads(pool: &PgPool, sample: &BTreeSet<Shape>) -> anyhow::Resu
         let at: DateTime<Utc> = row.try_get(2)?;
         let payload: Value = row.try_get(3)?;
         let at = at.timestamp_millis();
-        let event = decode_event(None, &payload, at, &ContractLimits::default())
+        let event = decode_event(None, &payload, at, &ContractLimits::replay())
             .map_err(|error| anyhow::anyhow!("{kind} {event_id} does not decode: {error}"))?;
         ensure!(
             event.event_id.0 == event_id && event.occurred_at == at,

@@ -18,7 +18,8 @@ use uuid::Uuid;
 use crate::error::ApiError;
 
 /// The event of kind `kind` with `fields` (the kind's own fields, wire names), a new
-/// event id, and `occurred_at` (RFC 3339) or now.
+/// event id, and `occurred_at` (RFC 3339) or now, decoded under `limits` (the API's
+/// [`ApiConfig::contract`](crate::ApiConfig::contract)).
 ///
 /// # Errors
 /// `400` with the code of [`reason_code`] when the contract refuses the event.
@@ -26,6 +27,7 @@ pub(crate) fn event(
     kind: EventKind,
     occurred_at: Option<String>,
     fields: Map<String, Value>,
+    limits: &ContractLimits,
 ) -> Result<Event, ApiError> {
     let now = Utc::now();
     let mut object = fields;
@@ -45,7 +47,7 @@ pub(crate) fn event(
         Some(kind.as_str()),
         &Value::Object(object),
         now.timestamp_millis(),
-        &ContractLimits::default(),
+        limits,
     )
     .map_err(|error| ApiError::BadRequest {
         code: reason_code(&error.reason),
@@ -77,7 +79,10 @@ pub fn reason_code(reason: &DecodeErrorReason) -> &'static str {
         R::DuplicateField { .. } => "duplicate_field",
         R::ValueOutOfRange { .. } => "value_out_of_range",
         R::StringTooLong { .. } => "string_too_long",
+        R::ControlCharacter { .. } => "control_character",
+        R::InvalidUnicode { .. } => "invalid_unicode",
         R::TimestampInFuture { .. } => "timestamp_in_future",
+        R::TimestampTooOld { .. } => "timestamp_too_old",
         R::InvalidValue { .. } | R::NonFiniteNumber { .. } => "invalid_value",
         R::BadJson { .. }
         | R::NotAnObject { .. }
@@ -101,6 +106,15 @@ mod tests {
             Value::Object(map) => map,
             _ => unreachable!(),
         }
+    }
+
+    /// [`super::event`] under the default limits.
+    fn event(
+        kind: EventKind,
+        occurred_at: Option<String>,
+        fields: Map<String, Value>,
+    ) -> Result<Event, ApiError> {
+        super::event(kind, occurred_at, fields, &ContractLimits::default())
     }
 
     fn code(result: Result<Event, ApiError>) -> &'static str {

@@ -13,7 +13,9 @@
 //! operator's decision (admin); cancelling is the customer's or an operator's. The status
 //! is checked against the read model with [`Status::can_become`] before publishing:
 //! `409 illegal_transition`; a rating needs a delivered or failed delivery:
-//! `409 not_rateable`.
+//! `409 not_rateable`. How often a delivery was rated is known only to the pipeline: a
+//! rating beyond the fifth is published, refused by the dataflow, and answered
+//! `409 too_many_ratings` once the read model reports the refusal.
 
 use axum::Router;
 use axum::extract::rejection::PathRejection;
@@ -74,16 +76,66 @@ pub(crate) struct CreateDelivery {
     customer_id: Option<String>,
 }
 
-/// The body of `PUT /deliveries/{id}/status`.
-#[derive(Debug, Deserialize, ToSchema)]
+/// The body of `PUT /deliveries/{id}/status`, as the document gives it: one of two shapes,
+/// since `courier_id` goes with `assigned` and with nothing else (schema only; the handler
+/// reads [`ChangeStatus`] and answers the codes of its own checks).
+#[derive(serde::Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub(crate) enum ChangeStatusBody {
+    /// Assign the delivery to a courier.
+    Assign(AssignCourier),
+    /// Any other step.
+    Step(NextStep),
+}
+
+/// `{"status": "assigned", "courier_id": ...}`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct AssignCourier {
+    /// `assigned`.
+    #[schema(value_type = String, pattern = "^assigned$", example = "assigned")]
+    status: String,
+    /// The courier.
+    #[schema(value_type = uuid::Uuid)]
+    courier_id: String,
+}
+
+/// `{"status": ...}` for every status but `assigned`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct NextStep {
+    /// The new status.
+    status: NextStatus,
+}
+
+/// The statuses set without a courier.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub(crate) enum NextStatus {
+    /// Picked up at the pickup point.
+    PickedUp,
+    /// On the way.
+    InTransit,
+    /// Handed over.
+    Delivered,
+    /// Could not be delivered.
+    Failed,
+    /// Called off.
+    Cancelled,
+}
+
+/// The body of `PUT /deliveries/{id}/status` as the handler reads it.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ChangeStatus {
     /// The new status.
-    #[schema(value_type = crate::openapi::schemas::Status)]
     status: String,
     /// The courier: given exactly with `assigned`.
     #[serde(default)]
-    #[schema(format = Uuid)]
     courier_id: Option<String>,
 }
 
@@ -91,12 +143,31 @@ pub(crate) struct ChangeStatus {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Rate {
-    /// An integer from 1 to 5 (any JSON number is taken here, the contract judges it).
+    /// An integer from 1 to 5 (any JSON number is taken here, the contract judges it;
+    /// `5.0` is the integer 5, as JSON Schema has it).
     #[schema(value_type = i32, minimum = 1, maximum = 5)]
     score: serde_json::Number,
-    /// Free text.
+    /// Free text: at most 2 000 characters, no control character but line feed,
+    /// carriage return and tab.
     #[serde(default)]
+    #[schema(
+        max_length = 2000,
+        pattern = "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$"
+    )]
     comment: Option<String>,
+}
+
+/// `n` as an integer when it is one written with a fraction (`5.0`): JSON Schema, and so
+/// the OpenAPI document, counts `5.0` as the integer 5, while the event contract wants
+/// integers written as such. Anything else is left for the contract to judge.
+fn integral(n: serde_json::Number) -> serde_json::Number {
+    match n.as_f64() {
+        // Within ±2^53 every integer-valued f64 converts to i64 exactly.
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 => {
+            serde_json::Number::from(f as i64)
+        }
+        _ => n,
+    }
 }
 
 /// What the checks need of a delivery, read under the lock in one go.
@@ -242,7 +313,12 @@ async fn create(
     if let Some(promised_by) = body.promised_by {
         fields.insert("promised_by".into(), Value::from(promised_by));
     }
-    let event = build::event(EventKind::DeliveryCreated, None, fields)?;
+    let event = build::event(
+        EventKind::DeliveryCreated,
+        None,
+        fields,
+        &state.config.contract,
+    )?;
     let EventBody::DeliveryCreated(created) = &event.body else {
         return Err(ApiError::Internal(
             "a delivery.created command decoded as another kind".into(),
@@ -276,7 +352,7 @@ async fn create(
         current status.",
     security(("bearer_jwt" = []), ("access_token" = [])),
     params(("id" = Uuid, Path, description = "The delivery.")),
-    request_body = ChangeStatus,
+    request_body = ChangeStatusBody,
     responses(
         (status = 200, description = "Applied: the delivery as the read model holds it.",
             body = DeliveryWritten, headers(("Location" = String, description = "`/deliveries/{id}`"))),
@@ -322,7 +398,12 @@ async fn change_status(
     if let Some(courier) = body.courier_id {
         fields.insert("courier_id".into(), Value::from(courier));
     }
-    let event = build::event(EventKind::StatusChanged, None, fields)?;
+    let event = build::event(
+        EventKind::StatusChanged,
+        None,
+        fields,
+        &state.config.contract,
+    )?;
 
     let current = current(&state, &principal, id)?;
     match principal.role {
@@ -373,7 +454,8 @@ async fn change_status(
     tag = "commands",
     summary = "Rate a delivery",
     description = "Customers rate their own deliveries, admins any; couriers may not. The \
-        delivery must be delivered or failed.",
+        delivery must be delivered or failed. Counted against the delivery's customer's \
+        `rating` limit (20 per hour by default).",
     security(("bearer_jwt" = []), ("access_token" = [])),
     params(("id" = Uuid, Path, description = "The delivery.")),
     request_body = Rate,
@@ -387,9 +469,13 @@ async fn change_status(
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 403, description = "`forbidden`: couriers cannot rate deliveries.", body = ErrorBody),
         (status = 404, description = "`not_found`: no such delivery (or another customer's).", body = ErrorBody),
-        (status = 409, description = "`not_rateable`: the delivery is neither delivered nor failed.", body = ErrorBody),
+        (status = 409, description = "`not_rateable`: the delivery is neither delivered nor \
+            failed; `too_many_ratings`: it has been rated five times, the most it takes.", body = ErrorBody),
         (status = 413, response = crate::openapi::PayloadTooLarge),
         (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 429, description = "`rate_limited`: the customer's `rating` limit, or the \
+            API key's; retry after `Retry-After` seconds.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry would pass."))),
         (status = 503, description = "`commands_unavailable`: the event could not be published; nothing was accepted.", body = ErrorBody),
     )
 )]
@@ -406,11 +492,16 @@ async fn rate(
     let ApiJson(body) = body?;
     let mut fields = Map::new();
     fields.insert("delivery_id".into(), Value::from(id.to_string()));
-    fields.insert("score".into(), Value::Number(body.score));
+    fields.insert("score".into(), Value::Number(integral(body.score)));
     if let Some(comment) = body.comment {
         fields.insert("comment".into(), Value::from(comment));
     }
-    let event = build::event(EventKind::DeliveryRated, None, fields)?;
+    let event = build::event(
+        EventKind::DeliveryRated,
+        None,
+        fields,
+        &state.config.contract,
+    )?;
 
     let current = current(&state, &principal, id)?;
     if !matches!(current.status, Status::Delivered | Status::Failed) {
@@ -422,10 +513,63 @@ async fn rate(
             ),
         });
     }
+    // Counted only for a rating that would be published, against the delivery's customer
+    // (an admin's rating too: the bound is on how often one delivery history is re-rated).
+    state
+        .limiter
+        .check(Limit::Rating, &current.customer.to_string())
+        .await?;
     publish(&state, &event).await?;
+    // Applied when the delivery shows a rating at least this recent; refused when the
+    // pipeline says so (a sixth rating: `too_many_ratings`).
     let at = event.occurred_at;
-    Ok(answer(&state, id, &event, StatusCode::CREATED, move |d| {
+    let applied = view_if(id, move |d| {
         d.rating.as_ref().is_some_and(|rating| rating.at >= at)
+    });
+    let event_id = event.event_id;
+    let outcome = settle(&state, |s| match s.refusal(event_id) {
+        Some(reason) => Some(Err(reason.clone())),
+        None => applied(s).map(Ok),
     })
-    .await)
+    .await;
+    match outcome {
+        Some(Ok(view)) => Ok(Applied {
+            status: StatusCode::CREATED,
+            location: location(id),
+            body: Written {
+                id: id.0,
+                event_id,
+                view,
+            },
+        }
+        .into_response()),
+        Some(Err(reason)) => Err(ApiError::Conflict {
+            code: reason.code(),
+            message: format!("the rating was refused: {reason}"),
+        }),
+        None => {
+            Ok(Pending::new(id.0, &event, location(id), state.config.command_wait).into_response())
+        }
+    }
+}
+
+#[cfg(test)]
+mod score_tests {
+    use serde_json::{Number, json};
+
+    use super::integral;
+
+    #[test]
+    fn an_integer_written_with_a_fraction_is_an_integer() {
+        let number = |value: serde_json::Value| match value {
+            serde_json::Value::Number(n) => n,
+            other => panic!("{other} is not a number"),
+        };
+        assert_eq!(integral(number(json!(5.0))), Number::from(5));
+        assert_eq!(integral(number(json!(-0.0))), Number::from(0));
+        assert_eq!(integral(number(json!(3))), Number::from(3));
+        // Not integers, or too large to be exact: left for the contract to refuse.
+        assert!(integral(number(json!(4.5))).is_f64());
+        assert!(integral(number(json!(1e300))).is_f64());
+    }
 }

@@ -42,14 +42,17 @@ pub(crate) struct Report {
     #[serde(default)]
     #[schema(format = DateTime)]
     occurred_at: Option<String>,
-    /// Speed, m/s.
+    /// Speed, m/s (0 to 150).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 150)]
     speed_mps: Option<f64>,
-    /// Heading, degrees clockwise from north.
+    /// Heading, degrees clockwise from north (0 inclusive to 360 exclusive).
     #[serde(default)]
+    #[schema(minimum = 0, exclusive_maximum = 360)]
     heading_deg: Option<f64>,
-    /// Accuracy of the fix, metres.
+    /// Accuracy of the fix, metres (0 to 100 000).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100000)]
     accuracy_m: Option<f64>,
     /// Required of an admin; a courier may only name themselves.
     #[serde(default)]
@@ -130,7 +133,12 @@ async fn report(
             fields.insert(name.into(), Value::from(value));
         }
     }
-    let event = build::event(EventKind::LocationUpdated, body.occurred_at, fields)?;
+    let event = build::event(
+        EventKind::LocationUpdated,
+        body.occurred_at,
+        fields,
+        &state.config.contract,
+    )?;
     let EventBody::LocationUpdated(fix) = &event.body else {
         return Err(ApiError::Internal(
             "a location.updated command decoded as another kind".into(),

@@ -34,7 +34,12 @@ pub fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpsertZone {
-    /// Display name.
+    /// Display name: at most 200 characters, not blank, no control character.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000\\uFEFF][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     name: String,
     /// GeoJSON Polygon or MultiPolygon (`[lon, lat]` positions, closed rings, a valid simple
     /// feature); the contract validates it.
@@ -42,7 +47,7 @@ pub(crate) struct UpsertZone {
     geometry: Value,
     /// How long a courier must stay inside before counting as inside, seconds; 0 when absent.
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 86400)]
     dwell_seconds: Option<f64>,
 }
 
@@ -105,7 +110,12 @@ async fn upsert(
     if let Some(dwell) = body.dwell_seconds {
         fields.insert("dwell_seconds".into(), Value::from(dwell));
     }
-    let event = build::event(EventKind::ZoneUpserted, None, fields)?;
+    let event = build::event(
+        EventKind::ZoneUpserted,
+        None,
+        fields,
+        &state.config.contract,
+    )?;
     let existed = state.read_model.with_state(|s| s.zones.contains_key(&id));
     publish(&state, &event).await?;
     let (event_id, at) = (event.event_id, event.occurred_at);
@@ -183,7 +193,7 @@ async fn delete(
     }
     let mut fields = Map::new();
     fields.insert("zone_id".into(), Value::from(id.to_string()));
-    let event = build::event(EventKind::ZoneDeleted, None, fields)?;
+    let event = build::event(EventKind::ZoneDeleted, None, fields, &state.config.contract)?;
     publish(&state, &event).await?;
     let at = event.occurred_at;
     let settled = settle(&state, |s| match s.zones.get(&id) {

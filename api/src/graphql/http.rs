@@ -26,10 +26,11 @@ pub(super) struct GraphQlBody {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     variables: Option<serde_json::Value>,
-    /// Protocol extensions some clients send (persisted-query hashes): accepted, unused.
+    /// Protocol extensions some clients send (persisted-query hashes): an object (or
+    /// `null`), accepted and unused.
     #[serde(default, rename = "extensions")]
     #[schema(value_type = Option<Object>)]
-    _extensions: Option<serde::de::IgnoredAny>,
+    _extensions: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Runs one query for an authenticated caller. `200` with `{"data", "errors"}` (GraphQL
@@ -49,8 +50,9 @@ pub(super) struct GraphQlBody {
     request_body = GraphQlBody,
     responses(
         (status = 200, description = "The result, with any GraphQL errors.", body = crate::openapi::schemas::GraphQlResponse),
-        (status = 400, description = "`malformed_json`, `unknown_field`, or `invalid_query` \
-            (variables that are not an object).", body = ErrorBody),
+        (status = 400, description = "`malformed_json` (also a body, or `extensions`, that is \
+            not an object), `unknown_field`, or `invalid_query` (variables that are not an \
+            object).", body = ErrorBody),
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 413, response = crate::openapi::PayloadTooLarge),
         (status = 415, response = crate::openapi::UnsupportedMediaType),
@@ -151,4 +153,26 @@ pub(super) async fn graphiql(
         GRAPHIQL_PAGE.replacen(TOKEN_SLOT, &slot, 1),
         &GRAPHIQL_POLICY,
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::GraphQlBody;
+
+    #[test]
+    fn extensions_must_be_an_object_or_null() {
+        let body = |extensions| {
+            serde_json::from_value::<GraphQlBody>(
+                json!({"query": "{ x }", "extensions": extensions}),
+            )
+        };
+        assert!(body(json!({"persistedQuery": {"version": 1}})).is_ok());
+        assert!(body(json!(null)).is_ok());
+        for wrong in [json!([null, null]), json!("x"), json!(1), json!(true)] {
+            assert!(body(wrong.clone()).is_err(), "{wrong} was accepted");
+        }
+    }
 }

@@ -6,7 +6,12 @@
 //!   limit of 10 would refuse. Every other field counts, introspection ones included
 //!   (`fields { type { fields { ... } } }` fans out and does count).
 //! - **Complexity**: at most [`MAX_COMPLEXITY`], where every selected field costs 1 plus
-//!   its sub-selection, except `deliveries`, which costs its sub-selection `first` times.
+//!   its sub-selection, aliases each on their own, except the fields that scan the read
+//!   model: the lists `successRates`, `courierEfficiency`, `peakTimes`, `satisfaction`
+//!   and the subscription `metricChanged` cost [`SCAN_COST`] plus their sub-selection, and
+//!   `deliveries` costs its sub-selection `first` times but never less than [`SCAN_COST`]
+//!   (`deliveries(first: 0)` walks the deliveries just the same). So a query holds at most
+//!   ten scans: `deliveries(first: 0) { hasNextPage }` under 240 aliases is refused.
 //!   The cost is checked twice: a cheap count of fields with fragments expanded once
 //!   (memoized) before validation — so a document whose fragments would expand
 //!   exponentially is refused before anything walks it in full — and the schema's own
@@ -43,6 +48,8 @@ use super::access::{QUERY_TOO_COMPLEX, QUERY_TOO_DEEP, error};
 pub const MAX_DEPTH: usize = 10;
 /// The highest cost accepted.
 pub const MAX_COMPLEXITY: usize = 500;
+/// The least a field that scans the read model costs, whatever its arguments.
+pub const SCAN_COST: usize = 50;
 /// Selection sets nested in selection sets, at most (fields with sub-selections, spreads
 /// and inline fragments each open one); this also bounds the walk's recursion.
 pub const MAX_NESTING: usize = 32;

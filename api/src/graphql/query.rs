@@ -12,6 +12,7 @@ use delivertrack_sinks::read_model::ReadState;
 use uuid::Uuid;
 
 use super::access::{self, BAD_USER_INPUT, error};
+use super::limits::SCAN_COST;
 use super::types::{
     CourierEfficiency, CourierOrder, Delivery, DeliveryPage, DeliveryStatus, MetricScope, PeakTime,
     Satisfaction, ScopeKey, SuccessRate,
@@ -35,6 +36,7 @@ impl QueryRoot {
 
     /// Success rates of one family of groups: `OVERALL` (always one row), `ZONE`,
     /// `COURIER`, `HOUR` or `WEEKDAY_HOUR`, each in key order. Admins only.
+    #[graphql(complexity = "SCAN_COST + child_complexity")]
     async fn success_rates(
         &self,
         ctx: &Context<'_>,
@@ -50,6 +52,7 @@ impl QueryRoot {
 
     /// Courier efficiency: one courier's (`courierId`) or every courier's with aggregates,
     /// best first by `orderBy`, at most `limit` rows. Admins only.
+    #[graphql(complexity = "SCAN_COST + child_complexity")]
     async fn courier_efficiency(
         &self,
         ctx: &Context<'_>,
@@ -83,6 +86,7 @@ impl QueryRoot {
 
     /// Peak times: deliveries per weekday and hour of creation (UTC), busiest first (ties
     /// in weekday and hour order), at most `limit` rows. Admins only.
+    #[graphql(complexity = "SCAN_COST + child_complexity")]
     async fn peak_times(
         &self,
         ctx: &Context<'_>,
@@ -116,6 +120,7 @@ impl QueryRoot {
 
     /// Customer satisfaction (ratings) of one family of groups, in key order. Admins
     /// only.
+    #[graphql(complexity = "SCAN_COST + child_complexity")]
     async fn satisfaction(
         &self,
         ctx: &Context<'_>,
@@ -146,7 +151,7 @@ impl QueryRoot {
 
     /// The deliveries the caller may see (as for `delivery`), optionally of one status,
     /// in delivery-id order: `first` of them (at most 100) after the cursor `after`.
-    #[graphql(complexity = "1 + (first.max(0) as usize) * child_complexity")]
+    #[graphql(complexity = "SCAN_COST.max(1 + (first.max(0) as usize) * child_complexity)")]
     async fn deliveries(
         &self,
         ctx: &Context<'_>,

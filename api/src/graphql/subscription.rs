@@ -32,6 +32,7 @@ impl SubscriptionRoot {
     /// The aggregates of one family of groups (all families when `scope` is omitted) as
     /// each epoch changes them; first the full current set unless `snapshot` is false.
     /// Admins only.
+    #[graphql(complexity = "super::limits::SCAN_COST + child_complexity")]
     async fn metric_changed(
         &self,
         ctx: &Context<'_>,

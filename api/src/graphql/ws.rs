@@ -17,7 +17,15 @@
 //! **Origin.** A page of an origin not on the allow-list is refused `403
 //! origin_not_allowed` before the upgrade ([`crate::origin`]).
 //!
-//! **Liveness and limits.** As on `/ws/changes`: the server pings every
+//! **Limits.** At most
+//! [`ApiConfig::graphql_max_subscriptions`](crate::ApiConfig::graphql_max_subscriptions)
+//! operations open at once per connection: the next `subscribe` is answered with an
+//! `error` message for its id whose `extensions.code` is [`TOO_MANY_SUBSCRIPTIONS`], and
+//! the connection stays usable. A message over
+//! [`ApiConfig::ws_max_message_bytes`](crate::ApiConfig::ws_max_message_bytes) closes it
+//! with 1009.
+//!
+//! **Liveness.** As on `/ws/changes`: the server pings every
 //! [`ApiConfig::ws_ping_interval`](crate::ApiConfig::ws_ping_interval) and closes a peer
 //! silent for two intervals, drops one that does not take a message within
 //! [`ApiConfig::ws_send_timeout`](crate::ApiConfig::ws_send_timeout), and closes every
@@ -25,9 +33,10 @@
 //! bounded broadcast (see [`subscription`](super::subscription)). Open sessions count in
 //! `delivertrack_websocket_connections` with the other WebSockets.
 
+use std::collections::HashSet;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_graphql::Data;
@@ -38,6 +47,8 @@ use axum::extract::{FromRequestParts, Request, State};
 use axum::response::{IntoResponse, Response};
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt, future};
+use serde::Deserialize;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::AnalyticsSchema;
@@ -111,7 +122,7 @@ pub(super) async fn upgrade(
             });
         }
     };
-    Ok(ws
+    Ok(crate::live::bounded(ws, &state.config)
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| session(socket, state, schema, protocol, grant))
         .into_response())
@@ -141,18 +152,43 @@ async fn session(
     // Milliseconds since `started` at which the peer last sent anything.
     let heard_from = Arc::new(AtomicU64::new(0));
     let (mut sink, stream) = socket.split();
+    // Set when the input ended on a message over the size limit: the session closes 1009.
+    let oversized = Arc::new(AtomicBool::new(false));
+    let operations = Arc::new(Operations::new(state.config.graphql_max_subscriptions));
+    // Refusals of operations over the cap, sent by the loop below. Bounded: a client
+    // that floods subscriptions waits for its refusals to be sent.
+    let (refuse, mut refusals) = mpsc::channel::<String>(4);
     let input = {
         let heard_from = Arc::clone(&heard_from);
+        let oversized = Arc::clone(&oversized);
+        let operations = Arc::clone(&operations);
         stream
-            .take_while(|message| future::ready(message.is_ok()))
+            .take_while(move |message| {
+                if let Err(error) = message
+                    && crate::live::too_big(error)
+                {
+                    tracing::info!(%error, "A GraphQL WebSocket peer sent a message over the size limit; closing it with 1009.");
+                    oversized.store(true, Ordering::SeqCst);
+                }
+                future::ready(message.is_ok())
+            })
             .filter_map(move |message| {
                 heard_from.store(millis_since(started), Ordering::Relaxed);
-                future::ready(match message {
-                    Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
-                        Some(message.into_data())
+                let operations = Arc::clone(&operations);
+                let refuse = refuse.clone();
+                async move {
+                    let data = match message {
+                        Ok(message @ (Message::Text(_) | Message::Binary(_))) => message.into_data(),
+                        _ => return None,
+                    };
+                    match operations.admit(&data, protocol) {
+                        Ok(()) => Some(data),
+                        Err(refusal) => {
+                            let _ = refuse.send(refusal).await;
+                            None
+                        }
                     }
-                    _ => None,
-                })
+                }
             })
     };
 
@@ -233,8 +269,14 @@ async fn session(
                     break None;
                 }
             }
+            Some(refusal) = refusals.recv() => {
+                if !send(&mut sink, Message::Text(refusal.into()), timeout).await {
+                    break None;
+                }
+            }
             message = graphql.next() => match message {
                 Some(WsMessage::Text(text)) => {
+                    operations.sent(&text);
                     if !send(&mut sink, Message::Text(text.into()), timeout).await {
                         break None;
                     }
@@ -243,7 +285,10 @@ async fn session(
                     let code = if init.refused.load(Ordering::SeqCst) { CLOSE_FORBIDDEN } else { code };
                     break Some((code, reason));
                 }
-                // The peer closed its side.
+                // The peer closed its side, or sent too much.
+                None if oversized.load(Ordering::SeqCst) => {
+                    break Some((close_code::SIZE, crate::live::MESSAGE_TOO_BIG.to_owned()));
+                }
                 None => break None,
             },
         }
@@ -256,6 +301,92 @@ async fn session(
         let _ = send(&mut sink, Message::Close(Some(frame)), timeout).await;
     }
     tracing::debug!("A GraphQL WebSocket session ended.");
+}
+
+/// `extensions.code` of the error refusing an operation over
+/// [`ApiConfig::graphql_max_subscriptions`](crate::ApiConfig::graphql_max_subscriptions).
+pub const TOO_MANY_SUBSCRIPTIONS: &str = "TOO_MANY_SUBSCRIPTIONS";
+
+/// The operations open on one connection (subscriptions, and queries until answered), by
+/// id, and the cap on them. A `subscribe` (`start`) over the cap is not handed to the
+/// schema: it is answered with an `error` message for its id, code
+/// [`TOO_MANY_SUBSCRIPTIONS`], and the connection stays usable. An operation ends when
+/// the server sends its `complete` (after the client's own `complete`/`stop`, or when its
+/// stream ends).
+#[derive(Debug)]
+struct Operations {
+    max: usize,
+    open: Mutex<HashSet<String>>,
+}
+
+/// The two fields of a protocol message this cares about; the payload is skipped.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+impl Operations {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A client message: `Ok` to hand it to the schema, or the refusal to send instead.
+    fn admit(&self, message: &[u8], protocol: WebSocketProtocols) -> Result<(), String> {
+        let Ok(envelope) = serde_json::from_slice::<Envelope>(message) else {
+            // Not ours to judge: the protocol answers it.
+            return Ok(());
+        };
+        let (true, Some(id)) = (
+            matches!(envelope.kind.as_str(), "subscribe" | "start"),
+            envelope.id,
+        ) else {
+            return Ok(());
+        };
+        let mut open = self.open();
+        if open.contains(&id) || open.len() < self.max {
+            open.insert(id);
+            return Ok(());
+        }
+        drop(open);
+        tracing::info!(
+            max = self.max,
+            "A GraphQL WebSocket client opened more subscriptions than allowed; refusing one."
+        );
+        let error = serde_json::json!({
+            "message": format!("at most {} subscriptions may be open on one connection", self.max),
+            "extensions": {"code": TOO_MANY_SUBSCRIPTIONS},
+        });
+        let payload = match protocol {
+            WebSocketProtocols::GraphQLWS => serde_json::json!([error]),
+            WebSocketProtocols::SubscriptionsTransportWS => error,
+        };
+        Err(serde_json::json!({"type": "error", "id": id, "payload": payload}).to_string())
+    }
+
+    /// A server message: a `complete` ends its operation.
+    fn sent(&self, text: &str) {
+        // Results are most of the traffic and end nothing: skip them unparsed.
+        if text.starts_with(r#"{"type":"next""#) || text.starts_with(r#"{"type":"data""#) {
+            return;
+        }
+        if let Ok(Envelope { kind, id: Some(id) }) = serde_json::from_str::<Envelope>(text)
+            && kind == "complete"
+        {
+            self.open().remove(&id);
+        }
+    }
 }
 
 /// The principal of a `connection_init` payload: `Ok(Some)` from its `Authorization`,

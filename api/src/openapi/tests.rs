@@ -1086,3 +1086,42 @@ async fn record_answers_are_as_documented(pool: sqlx::PgPool) {
         assert_documented(&document, method, template, &answer, true);
     }
 }
+
+/// A head over the size limit is a documented `431` on every operation (a few of each kind
+/// tried), in the error shape.
+#[tokio::test]
+async fn oversized_headers_are_a_documented_431_everywhere() {
+    let document = document();
+    let state = AppState::new(ReadModel::default(), CancellationToken::new());
+    let padding = "a".repeat(crate::server::HEADER_LIMIT + 1);
+    let delivery = Uuid::new_v4();
+    for (method, template, uri) in [
+        ("GET", "/healthz", "/healthz".to_owned()),
+        ("POST", "/deliveries", "/deliveries".to_owned()),
+        (
+            "POST",
+            "/deliveries/{id}/rating",
+            format!("/deliveries/{delivery}/rating"),
+        ),
+        ("POST", "/graphql", "/graphql".to_owned()),
+        ("GET", "/ws/changes", "/ws/changes".to_owned()),
+    ] {
+        let request = Request::builder()
+            .method(method)
+            .uri(&uri)
+            .header("x-padding", padding.as_str())
+            .body(Body::empty())
+            .unwrap();
+        let response = crate::router(state.clone()).oneshot(request).await.unwrap();
+        let answer = Answer {
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap()
+                .to_vec(),
+        };
+        assert_eq!(answer.status.as_u16(), 431, "{method} {uri}");
+        assert_documented(&document, method, template, &answer, true);
+    }
+}

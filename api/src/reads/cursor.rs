@@ -17,6 +17,13 @@ const VERSION: u8 = 1;
 /// Version byte, time, id.
 const LEN: usize = 1 + 8 + 16;
 
+/// Every cursor text, and only those, as the OpenAPI document's `pattern`: 34 characters
+/// of URL-safe base64 (25 bytes), starting with the version byte 1 (`A` and a character
+/// whose top two bits are `01`) and ending in a character whose low four bits are unused
+/// (zero). Any text it matches decodes, so a client that follows the document is never
+/// refused.
+pub const PATTERN: &str = "^A[Q-Za-f][A-Za-z0-9_-]{31}[AQgw]$";
+
 /// The position of one delivery in the list's order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PageKey {
@@ -66,6 +73,50 @@ impl PageKey {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// What [`PATTERN`] says, by hand (no regex engine here).
+    fn matches_pattern(text: &str) -> bool {
+        let b = text.as_bytes();
+        let base64 = |c: &u8| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_';
+        b.len() == 34
+            && b[0] == b'A'
+            && matches!(b[1], b'Q'..=b'Z' | b'a'..=b'f')
+            && b[2..33].iter().all(base64)
+            && matches!(b[33], b'A' | b'Q' | b'g' | b'w')
+    }
+
+    #[test]
+    fn the_pattern_holds_exactly_the_cursors() {
+        assert_eq!(
+            PATTERN, "^A[Q-Za-f][A-Za-z0-9_-]{31}[AQgw]$",
+            "matches_pattern must follow"
+        );
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..2_000 {
+            // Every key's cursor matches.
+            let key = PageKey::new(
+                next() as i64,
+                DeliveryId(Uuid::from_u64_pair(next(), next())),
+            );
+            assert!(matches_pattern(&key.encode()), "{}", key.encode());
+            // Every text that matches decodes.
+            let mut text = String::from("A");
+            text.push(b"QRSTUVWXYZabcdef"[next() as usize % 16] as char);
+            for _ in 0..31 {
+                text.push(ALPHABET[next() as usize % 64] as char);
+            }
+            text.push(b"AQgw"[next() as usize % 4] as char);
+            assert!(matches_pattern(&text));
+            assert!(PageKey::decode(&text).is_some(), "{text}");
+        }
+    }
 
     #[test]
     fn a_cursor_round_trips_and_garbage_is_refused() {

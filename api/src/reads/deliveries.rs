@@ -93,6 +93,7 @@ pub(crate) struct ListQuery {
     #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
     limit: Option<String>,
     /// The `next_cursor` of the previous page (opaque).
+    #[param(pattern = "^A[Q-Za-f][A-Za-z0-9_-]{31}[AQgw]$")]
     cursor: Option<String>,
     /// The token, for clients that cannot send headers: read by the [`Principal`]
     /// extractor, allowed and ignored here (documented as a security scheme).

@@ -119,10 +119,18 @@ async fn get_courier(
 #[serde(deny_unknown_fields)]
 pub(crate) struct CourierBody {
     /// Display name (at most 200 characters).
-    #[schema(max_length = 200)]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000\\uFEFF][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     name: Option<String>,
     /// Vehicle, free text (`bicycle`, `scooter`, `car`, ...; at most 50 characters).
-    #[schema(max_length = 50)]
+    #[schema(
+        min_length = 1,
+        max_length = 50,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000\\uFEFF][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     vehicle_type: Option<String>,
 }
 
@@ -232,13 +240,25 @@ async fn get_customer(
 #[serde(deny_unknown_fields)]
 pub(crate) struct CustomerBody {
     /// Display name (at most 200 characters).
-    #[schema(max_length = 200)]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000\\uFEFF][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     name: Option<String>,
     /// Postal address (at most 500 characters).
-    #[schema(max_length = 500)]
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000\\uFEFF][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     address: Option<String>,
     /// Phone, e-mail (at most 200 characters).
-    #[schema(max_length = 200)]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000\\uFEFF][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     contact: Option<String>,
 }
 
@@ -287,17 +307,22 @@ async fn put_customer(
     Ok((created_or_ok(created), Json(record)))
 }
 
-/// A profile field: trimmed, `None` stays `None`; blank, too long or holding control
-/// characters is `400 invalid_field`.
+/// A profile field: `None` stays `None`; blank, too long or holding a control character
+/// anywhere is `400 invalid_field`; what is kept is trimmed. Judged on the text as sent,
+/// as the document's `maxLength` and `pattern` judge it (the length was counted after
+/// trimming, so 201 characters with a trailing space passed a `maxLength` of 200, and a
+/// trailing line feed passed the control-character check).
 fn field<'a>(
     name: &'static str,
     value: Option<&'a str>,
     max: usize,
 ) -> Result<Option<&'a str>, ApiError> {
-    let Some(value) = value.map(str::trim) else {
+    let Some(value) = value else {
         return Ok(None);
     };
-    let problem = if value.is_empty() {
+    // The document's blank characters: Unicode White_Space and the byte-order mark.
+    let blank = |c: char| c.is_whitespace() || c == '\u{feff}';
+    let problem = if value.chars().all(blank) {
         Some("must not be blank (use null to clear it)".to_owned())
     } else if value.chars().count() > max {
         Some(format!("must be at most {max} characters"))
@@ -311,7 +336,7 @@ fn field<'a>(
             code: "invalid_field",
             message: format!("{name} {problem}"),
         }),
-        None => Ok(Some(value)),
+        None => Ok(Some(value.trim_matches(blank))),
     }
 }
 
@@ -330,8 +355,12 @@ mod tests {
     #[test]
     fn profile_fields_are_trimmed_and_bounded() {
         assert!(matches!(field("name", None, 5), Ok(None)));
-        assert!(matches!(field("name", Some("  Ada "), 5), Ok(Some("Ada"))));
-        for bad in ["", "   ", "Adalbert", "A\nda"] {
+        assert!(matches!(field("name", Some(" Ada "), 5), Ok(Some("Ada"))));
+        // Judged as sent: a length over the limit before trimming, a control character at
+        // either end, a byte-order mark alone.
+        for bad in [
+            "", "   ", "Adalbert", "A\nda", "Ada\n", "\tAda", "Ada   ", "\u{feff}",
+        ] {
             assert!(
                 matches!(
                     field("name", Some(bad), 5),

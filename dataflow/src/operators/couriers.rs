@@ -2,8 +2,16 @@
 //!
 //! Per courier: the latest fix wins by `(occurred_at, event_id)` (an older fix is reported as
 //! stale and changes nothing, so a replay cannot move a courier back or double its odometer);
-//! the odometer sums the steps between accepted fixes; the speed is the reported one or the
-//! path speed over the last few fixes.
+//! a newer fix that lies further from the latest accepted one than the maximum courier speed
+//! covers in the event time between them is refused as an implausible jump and changes
+//! nothing either; the odometer sums the steps between accepted fixes; the speed is the
+//! reported one or the path speed over the last few fixes.
+//!
+//! Both rules compare a fix with the latest accepted fix at the moment it is applied, and
+//! fixes are applied in one order — epoch by epoch, within an epoch by
+//! [`Event::apply_order`] (event time, then event id) — so every worker count, the sequential
+//! reference and a restored pipeline refuse the same fixes. A fix that arrives in a later
+//! epoch than a newer one is stale, whatever its position.
 //!
 //! The geofence join is incremental in both inputs. A fix re-tests its courier against the
 //! zones whose bounding boxes hold it. A zone change re-tests only the couriers inside the
@@ -76,6 +84,8 @@ pub struct CourierTracker {
     couriers: HashMap<CourierId, Track>,
     positions: PointIndex<CourierId>,
     speed_window: usize,
+    /// The fastest a courier can move between two fixes, mm/s: a faster fix is a jump.
+    max_speed_mm_s: u32,
 }
 
 /// What presence in a zone depends on besides its shape.
@@ -107,14 +117,16 @@ struct Changes {
 }
 
 impl CourierTracker {
-    /// A tracker that estimates speed over `speed_window` fixes.
-    pub fn new(speed_window: usize) -> Self {
+    /// A tracker that estimates speed over `speed_window` fixes and refuses a fix implying
+    /// more than `max_speed_mm_s` from the previous one.
+    pub fn new(speed_window: usize, max_speed_mm_s: u32) -> Self {
         Self {
             zones: ZoneIndex::new(),
             timing: HashMap::new(),
             couriers: HashMap::new(),
             positions: PointIndex::new(),
             speed_window: speed_window.max(2),
+            max_speed_mm_s,
         }
     }
 
@@ -280,7 +292,8 @@ impl CourierTracker {
         );
     }
 
-    /// Applies one fix; `Err(Stale)` if older than the courier's latest.
+    /// Applies one fix; `Err(Stale)` if older than the courier's latest, `Err(ImplausibleJump)`
+    /// if reaching it from the latest is faster than the maximum speed.
     fn apply_fix(&mut self, event: &Event, changes: &mut Changes) -> Result<(), RejectReason> {
         let EventBody::LocationUpdated(fix) = &event.body else {
             return Ok(());
@@ -294,6 +307,13 @@ impl CourierTracker {
             Freshness::Newer => {}
             Freshness::Replay => return Ok(()),
             Freshness::Stale => return Err(RejectReason::Stale),
+        }
+        if let Some(track) = current {
+            jump_check(
+                (track.state.at, track.state.position),
+                (at, fix.position),
+                self.max_speed_mm_s,
+            )?;
         }
         changes
             .couriers_before
@@ -401,6 +421,28 @@ impl ZoneJoin for CourierTracker {
     }
 }
 
+/// Refuses a move from `from` to `to` (event time, position) faster than `max_speed_mm_s`.
+/// Exact in integers: distance (mm) × 1000 against speed (mm/s) × elapsed (ms); at the same
+/// instant any distance at all is a jump.
+pub fn jump_check(
+    (from_at, from): (UnixMillis, GeoPoint),
+    (to_at, to): (UnixMillis, GeoPoint),
+    max_speed_mm_s: u32,
+) -> Result<(), RejectReason> {
+    let distance_mm = step_mm(from, to);
+    let elapsed_ms = to_at.saturating_sub(from_at).max(0);
+    let covered = u128::from(max_speed_mm_s) * u128::from(elapsed_ms.unsigned_abs());
+    if u128::from(distance_mm) * 1_000 > covered {
+        Err(RejectReason::ImplausibleJump {
+            distance_mm,
+            elapsed_ms,
+            max_speed_mm_s,
+        })
+    } else {
+        Ok(())
+    }
+}
+
 /// The state each changed zone ends the epoch in (`None`: deleted), in zone order.
 pub(crate) fn net_zone_changes(
     changes: Vec<((ZoneId, ZoneState), isize)>,
@@ -423,9 +465,10 @@ pub fn track_couriers<'scope>(
     locations: StreamVec<'scope, u64, Input>,
     zones: VecCollection<'scope, u64, (ZoneId, ZoneState)>,
     speed_window: usize,
+    max_speed_mm_s: u32,
 ) -> Tracked<'scope> {
     let emitted = zone_join(
-        CourierTracker::new(speed_window),
+        CourierTracker::new(speed_window, max_speed_mm_s),
         "TrackCouriers",
         stamped(locations),
         |input: &Input| match input {
@@ -467,6 +510,6 @@ pub struct Tracked<'scope> {
     pub couriers: VecCollection<'scope, u64, (CourierId, CourierState)>,
     /// `inside(courier, zone)`.
     pub inside: VecCollection<'scope, u64, (CourierId, ZoneId)>,
-    /// Stale fixes.
+    /// Stale fixes and implausible jumps.
     pub rejections: VecCollection<'scope, u64, Rejection>,
 }

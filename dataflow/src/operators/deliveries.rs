@@ -8,6 +8,9 @@
 //! delivery is retracted and re-derived. A late step is accepted when it is a legal
 //! transition from the status at its place in the history, and refused otherwise.
 //!
+//! A delivered or failed delivery takes ratings, a later one replacing an earlier one, up
+//! to [`MAX_RATINGS_PER_DELIVERY`]; the next is refused as `too_many_ratings`.
+//!
 //! A replayed event is recognised by its id and changes nothing; an event the state refuses
 //! is reported as a [`Rejection`] so the source can dead-letter it.
 
@@ -20,7 +23,7 @@ use super::{EpochState, Freshness, Version, freshness, net_changes, rejection, u
 use crate::event::{Event, EventBody};
 use crate::ids::{DeliveryId, EventId};
 use crate::lifecycle::{Status, StatusStep};
-use crate::model::{DeliveryState, Rating, RejectReason, Rejection};
+use crate::model::{DeliveryState, MAX_RATINGS_PER_DELIVERY, Rating, RejectReason, Rejection};
 use crate::restore::{Input, Restore, split};
 
 /// One delivery, its history, and the record folded from it.
@@ -35,7 +38,8 @@ struct Entry {
     /// The latest accepted rating and its version. Kept while a correction makes the
     /// delivery unrateable (cancelled), shown again if a further correction undoes that.
     rating: Option<(Version, Rating)>,
-    /// Status and rating events accepted, to recognise their replays (a handful per delivery).
+    /// Status and rating events accepted, to recognise their replays (a handful per delivery:
+    /// the lifecycle bounds the status steps, [`MAX_RATINGS_PER_DELIVERY`] the ratings).
     applied: Vec<EventId>,
 }
 
@@ -80,6 +84,12 @@ impl Entry {
             .map(|(_, rating)| rating.clone());
         self.state.version =
             u32::try_from(self.applied.len()).map_or(u32::MAX, |applied| applied.saturating_add(1));
+    }
+
+    /// Ratings accepted so far: every applied event that is not a status step. (Counted
+    /// from what a restore carries, so a restarted pipeline keeps the count.)
+    fn ratings(&self) -> usize {
+        self.applied.len().saturating_sub(self.steps.len())
     }
 
     /// The status the history has reached just before `step`.
@@ -232,6 +242,11 @@ impl DeliveryRegisters {
                 if !rateable(entry.state.status) {
                     return Err(RejectReason::NotRateable {
                         status: entry.state.status,
+                    });
+                }
+                if entry.ratings() >= MAX_RATINGS_PER_DELIVERY {
+                    return Err(RejectReason::TooManyRatings {
+                        max: MAX_RATINGS_PER_DELIVERY,
                     });
                 }
                 match freshness((at, event_id), entry.rating.as_ref().map(|(v, _)| *v)) {

@@ -31,6 +31,8 @@ struct Delivery {
     history: BTreeMap<Version, (Status, Option<CourierId>)>,
     /// The latest accepted rating.
     rating: Option<(Version, Rating)>,
+    /// How many ratings were accepted.
+    ratings: usize,
     applied: HashSet<EventId>,
 }
 
@@ -96,6 +98,8 @@ pub struct Reference {
     couriers: BTreeMap<CourierId, Courier>,
     deliveries: BTreeMap<DeliveryId, Delivery>,
     speed_window: usize,
+    /// The fastest a courier moves between accepted fixes, mm/s.
+    max_speed_mm_s: u32,
     eta: EtaConfig,
 }
 
@@ -108,12 +112,13 @@ fn reject(event: &Event, reason: RejectReason) -> Rejection {
 }
 
 impl Reference {
-    pub fn new(speed_window: usize, eta: EtaConfig) -> Self {
+    pub fn new(speed_window: usize, max_speed_mm_s: u32, eta: EtaConfig) -> Self {
         Self {
             zones: BTreeMap::new(),
             couriers: BTreeMap::new(),
             deliveries: BTreeMap::new(),
             speed_window,
+            max_speed_mm_s,
             eta,
         }
     }
@@ -186,6 +191,23 @@ impl Reference {
                 }
                 if version < current {
                     rejections.push(reject(event, RejectReason::Stale));
+                    continue;
+                }
+                // Faster than a courier moves from the latest accepted fix: refused.
+                let distance_mm = (super::eta::great_circle_m(courier.state.position, fix.position)
+                    * 1000.0)
+                    .round() as u64;
+                let elapsed_ms = event.occurred_at - courier.state.at;
+                // mm per ms, compared without division: distance × 1000 > speed × time.
+                if i128::from(distance_mm) * 1000
+                    > i128::from(self.max_speed_mm_s) * i128::from(elapsed_ms)
+                {
+                    let reason = RejectReason::ImplausibleJump {
+                        distance_mm,
+                        elapsed_ms,
+                        max_speed_mm_s: self.max_speed_mm_s,
+                    };
+                    rejections.push(reject(event, reason));
                     continue;
                 }
             }
@@ -304,6 +326,7 @@ impl Reference {
                             created_by: event.event_id,
                             history: BTreeMap::new(),
                             rating: None,
+                            ratings: 0,
                             applied: HashSet::new(),
                         };
                         self.deliveries.insert(created.delivery_id, delivery);
@@ -345,6 +368,9 @@ impl Reference {
                 if status != Status::Delivered && status != Status::Failed {
                     return Err(RejectReason::NotRateable { status });
                 }
+                if delivery.ratings == 5 {
+                    return Err(RejectReason::TooManyRatings { max: 5 });
+                }
                 if delivery
                     .rating
                     .as_ref()
@@ -358,6 +384,7 @@ impl Reference {
                     at,
                 };
                 delivery.rating = Some((version, rating));
+                delivery.ratings += 1;
                 delivery.applied.insert(event.event_id);
                 Ok(())
             }

@@ -325,7 +325,8 @@ mod tests {
         let decoded = decode_message(
             Some("zone.deleted"),
             payload.as_bytes(),
-            1_800_000_000_000,
+            // 2026-01-01T00:00:00Z, the events' time.
+            1_767_225_600_000,
             &ContractLimits::default(),
         );
         assert_eq!(decoded.events.len(), 2);

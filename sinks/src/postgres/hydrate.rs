@@ -385,10 +385,10 @@ fn status_steps(row: &DeliveryRow) -> Result<Vec<StatusStep>, PostgresError> {
         .collect()
 }
 
-/// Decodes a logged event's wire JSON (checked against its own time, so the future-skew
-/// rule never refuses what was accepted).
+/// Decodes a logged event's wire JSON with the replay limits: no bound in time, so an
+/// event accepted long ago (or under other limits) still loads.
 fn decode(payload: &Value, occurred_at: UnixMillis) -> Result<Event, PostgresError> {
-    decode_event(None, payload, occurred_at, &ContractLimits::default())
+    decode_event(None, payload, occurred_at, &ContractLimits::replay())
         .map_err(|error| corrupt(format!("a logged event does not decode: {error}")))
 }
 

@@ -1,9 +1,15 @@
 //! The maintained collections held in memory, and how one epoch's changes apply to them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use delivertrack_dataflow::model::{CourierState, DeliveryState, Eta, Scope, Tally, ZoneState};
-use delivertrack_dataflow::{Change, CourierId, DeliveryId, Epoch, EpochOutput, Status, ZoneId};
+use delivertrack_dataflow::{
+    Change, CourierId, DeliveryId, Epoch, EpochOutput, EventId, RejectReason, Status, ZoneId,
+};
+
+/// How many of the latest refusals [`ReadState::refusal`] remembers: far more than the
+/// events a write route waits on at once, and a bounded memory whatever the input.
+pub const RECENT_REFUSALS: usize = 4_096;
 
 use super::live::{EpochUpdate, LiveChange};
 #[cfg(test)]
@@ -36,6 +42,9 @@ pub struct ReadState {
     pub metrics: BTreeMap<Scope, Tally>,
     /// Rejected events since start, by reason code.
     pub rejections: BTreeMap<&'static str, u64>,
+    /// The latest [`RECENT_REFUSALS`] events the dataflow refused, oldest first: a write
+    /// route that published an event learns here that the pipeline refused it.
+    pub recent_refusals: VecDeque<(EventId, RejectReason)>,
     /// Retractions that did not match the held record: a sign of a missed epoch. Counted
     /// (and the record replaced anyway) rather than failing the sink, since the next
     /// upsert of the entity repairs it.
@@ -73,6 +82,11 @@ impl ReadState {
         }
         for rejection in &output.rejections {
             *self.rejections.entry(rejection.reason.code()).or_default() += 1;
+            if self.recent_refusals.len() == RECENT_REFUSALS {
+                self.recent_refusals.pop_front();
+            }
+            self.recent_refusals
+                .push_back((rejection.event_id, rejection.reason.clone()));
         }
         self.epoch = Some(output.epoch);
         Some(EpochUpdate {
@@ -256,6 +270,16 @@ impl ReadState {
                 .map(MetricSummary::from),
             active_deliveries,
         })
+    }
+
+    /// Why the dataflow refused event `id`, if it did among the latest
+    /// [`RECENT_REFUSALS`] refusals.
+    pub fn refusal(&self, id: EventId) -> Option<&RejectReason> {
+        self.recent_refusals
+            .iter()
+            .rev()
+            .find(|(event_id, _)| *event_id == id)
+            .map(|(_, reason)| reason)
     }
 
     /// One delivery with its ETA and dropoff zones.
@@ -591,6 +615,34 @@ pub(crate) mod tests {
         ));
         assert_eq!(state.mismatches, 1);
         assert!(state.couriers.is_empty());
+    }
+
+    #[test]
+    fn the_latest_refusals_are_remembered_by_event_and_bounded() {
+        let mut state = ReadState::default();
+        let refused = |n: u128| Rejection {
+            event_id: EventId(Uuid::from_u128(n)),
+            kind: EventKind::DeliveryRated,
+            reason: RejectReason::TooManyRatings { max: 5 },
+        };
+        let mut first = output(0, vec![]);
+        first.rejections.push(refused(1));
+        state.apply(&first);
+        assert_eq!(
+            state.refusal(EventId(Uuid::from_u128(1))),
+            Some(&RejectReason::TooManyRatings { max: 5 })
+        );
+        assert_eq!(state.refusal(EventId(Uuid::from_u128(2))), None);
+        let mut many = output(1, vec![]);
+        many.rejections = (2..=RECENT_REFUSALS as u128 + 1).map(refused).collect();
+        state.apply(&many);
+        assert_eq!(state.recent_refusals.len(), RECENT_REFUSALS);
+        assert_eq!(
+            state.refusal(EventId(Uuid::from_u128(1))),
+            None,
+            "forgotten"
+        );
+        assert!(state.refusal(EventId(Uuid::from_u128(2))).is_some());
     }
 
     #[test]
