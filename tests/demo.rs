@@ -558,7 +558,12 @@ async fn render(browser: &std::path::Path, url: &str) -> (String, String) {
     let output = timeout(
         Duration::from_secs(90),
         tokio::process::Command::new(browser)
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
             .arg(format!("--user-data-dir={}", profile.display()))
             .args(["--enable-logging=stderr", "--virtual-time-budget=8000"])
             .args(["--dump-dom", url])
@@ -627,7 +632,10 @@ async fn the_map_page_signs_in_with_its_fragment_and_draws_live_data_in_a_browse
     let (dom, _) = render(&browser, &format!("http://{addr}/")).await;
     assert_eq!(text_of(&dom, "status"), "sign in with an admin token");
     assert_eq!(text_of(&dom, "couriers"), "–");
-    assert!(dom.contains("<form id=\"signin\">"), "the form is shown: {dom}");
+    assert!(
+        dom.contains("<form id=\"signin\">"),
+        "the form is shown: {dom}"
+    );
     let (dom, _) = render(
         &browser,
         &format!("http://{addr}/#access_token={}", token(Role::Customer)),

@@ -1333,7 +1333,9 @@ async fn the_read_model_is_for_admins_only() {
         }
     }
     assert_eq!(
-        get("/api/snapshot".into(), Some(token(Role::Admin))).await.0,
+        get("/api/snapshot".into(), Some(token(Role::Admin)))
+            .await
+            .0,
         200
     );
     assert_eq!(
@@ -1397,7 +1399,8 @@ async fn metrics_listen_serves_the_metrics_apart_from_the_api() {
     let (status, text) = answer(format!("http://{metrics_addr}/metrics")).await;
     assert_eq!(status, 200, "{text}");
     assert!(
-        text.contains("delivertrack_messages_in_flight") && text.contains("delivertrack_websocket_connections"),
+        text.contains("delivertrack_messages_in_flight")
+            && text.contains("delivertrack_websocket_connections"),
         "the pipeline's and the API's metrics: {text}"
     );
     let (status, text) = answer(format!("http://{addr}/metrics")).await;

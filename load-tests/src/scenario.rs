@@ -376,7 +376,8 @@ pub async fn run(scenario: Scenario, args: RunArgs) -> Result<(Report, Written),
     };
     if ws_mode == WsMode::Changes && tokens.is_none() && trackers > 0 {
         return Err(RunError::Missing(
-            "/ws/changes is for admins: give the service's secret with --jwt-secret (JWT_SECRET)".into(),
+            "/ws/changes is for admins: give the service's secret with --jwt-secret (JWT_SECRET)"
+                .into(),
         ));
     }
     if ws_mode == WsMode::Track && tokens.is_none() && trackers > 0 {
