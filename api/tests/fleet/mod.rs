@@ -52,13 +52,7 @@ impl Fleet {
             ..SimulatorConfig::default()
         };
         let simulator = FleetSimulator::new(config, START_MS);
-        // `move_towards` moves a courier by hand, hundreds of metres a second: faster than
-        // any courier, so the jump rule (`implausible_jump`, tested in the dataflow) is off.
-        let (input, output) = pipeline::start(DataflowConfig {
-            max_courier_speed_mps: f64::MAX,
-            ..DataflowConfig::default()
-        })
-        .unwrap();
+        let (input, output) = pipeline::start(DataflowConfig::default()).unwrap();
         let mut fleet = Self {
             model: ReadModel::new(ReadModelConfig { live_capacity }),
             simulator,
