@@ -1723,10 +1723,9 @@ async fn a_tracker_sees_the_courier_move_and_the_eta_change_after_post_locations
     assert_eq!(created.status, 201, "{created:?}");
     let delivery = id_of(&created);
     // Ten minutes ago: the move below (1.35 km) is then a courier's pace, not a jump.
-    let ten_minutes_ago = humantime::format_rfc3339_seconds(
-        std::time::SystemTime::now() - Duration::from_secs(600),
-    )
-    .to_string();
+    let ten_minutes_ago =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() - Duration::from_secs(600))
+            .to_string();
     let first_fix = running
         .call(
             Method::POST,
