@@ -1733,12 +1733,16 @@ async fn a_tracker_sees_the_courier_move_and_the_eta_change_after_post_locations
     let created = running.create_delivery(&customer_token, None).await;
     assert_eq!(created.status, 201, "{created:?}");
     let delivery = id_of(&created);
+    // Ten minutes ago: the move below (1.35 km) is then a courier's pace, not a jump.
+    let ten_minutes_ago =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() - Duration::from_secs(600))
+            .to_string();
     let first_fix = running
         .call(
             Method::POST,
             "/locations",
             Some(&courier_token),
-            Some(json!({"lat": 52.530, "lon": 13.380})),
+            Some(json!({"lat": 52.530, "lon": 13.380, "occurred_at": ten_minutes_ago})),
         )
         .await;
     assert_eq!(first_fix.status, 201, "{first_fix:?}");
