@@ -171,8 +171,8 @@ struct PipelineArgs {
     /// network the API faces). Unset: /metrics is on the API's address.
     #[arg(long, env = "DELIVERTRACK_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
-    /// Origins of web pages allowed to open the API's WebSockets besides its own, comma-
-    /// separated (`https://ops.example.com,http://127.0.0.1:3000`), or `*` for any. Unset:
+    /// Origins of web pages allowed to open the API's WebSockets besides its own, separated
+    /// by commas (`https://ops.example.com,http://127.0.0.1:3000`), or `*` for any. Unset:
     /// the API's own origin only; clients that send no Origin (not browsers) always pass.
     #[arg(long, env = "DELIVERTRACK_ALLOWED_ORIGINS", default_value = "", value_parser = allowed_origins)]
     allowed_origins: AllowedOrigins,

@@ -612,11 +612,16 @@ async fn the_map_page_signs_in_with_its_fragment_and_draws_live_data_in_a_browse
 
     // Signed in from the fragment: the snapshot and the live stream under the page's
     // Content-Security-Policy, which must let its own inline script and style run.
-    let (dom, log) = render(
-        &browser,
-        &format!("http://{addr}/#access_token={}", token(Role::Admin)),
-    )
-    .await;
+    // The dump comes when Chromium's virtual time runs out, which does not wait for the
+    // WebSocket: on a busy machine the stream may not be open yet, so a few tries.
+    let url = format!("http://{addr}/#access_token={}", token(Role::Admin));
+    let (mut dom, mut log) = render(&browser, &url).await;
+    for _ in 0..4 {
+        if text_of(&dom, "status") == "live" {
+            break;
+        }
+        (dom, log) = render(&browser, &url).await;
+    }
     assert_eq!(text_of(&dom, "status"), "live", "{dom}\n{log}");
     let couriers: u64 = text_of(&dom, "couriers").parse().unwrap_or(0);
     assert_eq!(couriers, 20, "{dom}");

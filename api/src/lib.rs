@@ -8,16 +8,19 @@
 //!
 //! | route | module | |
 //! |---|---|---|
-//! | `GET /` | [`map`] | the operations map page |
+//! | `GET /` | [`map`] | the operations map page (it signs in with an admin token) |
 //! | `GET /healthz`, `GET /readyz` | [`health`] | liveness; readiness (the source is connected; the last epoch applied) |
-//! | `GET /metrics` | [`metrics`] | Prometheus text format of the state's registry |
-//! | `GET /api/snapshot` | [`snapshot`] | aggregates, counts, positions, zones |
-//! | `GET /api/couriers/{id}` | [`couriers`] | one courier |
-//! | `GET /api/deliveries/{id}` | [`deliveries`] | one delivery |
-//! | `GET /ws/changes` | [`live`] | WebSocket: a snapshot, then one message per epoch |
+//! | `GET /metrics` | [`metrics`] | Prometheus text format of the state's registry (or on an address of its own: [`metrics::serve`]) |
+//! | `GET /api/snapshot` | [`snapshot`] | aggregates, counts, positions, zones (admins) |
+//! | `GET /api/couriers/{id}` | [`couriers`] | one courier (admins) |
+//! | `GET /api/deliveries/{id}` | [`deliveries`] | one delivery (admins) |
+//! | `GET /ws/changes` | [`live`] | WebSocket: a snapshot, then one message per epoch (admins) |
 //! | `POST /graphql`, `GET /graphql`, `GET /graphql/ws` | [`graphql`] | analytics queries (admins), deliveries by role, GraphiQL, metric subscriptions |
 //! | `GET /deliveries`, `GET /deliveries/{id}`, `GET /zones[/{id}]`, `GET`/`PUT /couriers/{id}`, `GET`/`PUT /customers/{id}` | [`reads`] | authenticated reads, by role and ownership |
 //! | `GET /ws/track/{delivery_id}` | [`track`] | WebSocket: one delivery's status, courier and ETA |
+//!
+//! Every WebSocket upgrade checks the `Origin` against the allow-list ([`origin`]); every
+//! HTML page is sent with a Content-Security-Policy of its own ([`page`]).
 //!
 //! Every error is JSON of one shape, `{"error": {"code": "...", "message": "..."}}`
 //! ([`ApiError`]).
@@ -29,6 +32,8 @@
 //! - [`rate_limit`] — [`RateLimiter`]: per-courier, per-customer and per-API-key limits
 //!   (Redis or in-process), and the `X-API-Key` middleware every route goes through.
 //! - [`id`] — parsing typed ids out of paths.
+//! - [`origin`] — [`AllowedOrigins`]: which web pages may open the WebSockets.
+//! - [`page`] — the HTML pages' Content-Security-Policy and security headers.
 //! - [`health`], [`metrics`], [`snapshot`], [`couriers`], [`deliveries`], [`live`],
 //!   [`map`]: the resources.
 //! - [`server`] — [`serve`]: the accept loop, with the connection cap, the header and idle

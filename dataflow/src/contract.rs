@@ -10,7 +10,9 @@
 //! Decoding is strict because a wrong event that slips through poisons every aggregate it
 //! touches, while a refused one is dead-lettered with a reason and can be replayed once
 //! fixed. What can be judged from the event alone is judged here: field names and types,
-//! ranges, geometry, the schema version, the routing key, the clock. What depends on state
+//! ranges, geometry, the schema version, the routing key, the clock (ahead and behind), and
+//! whether every string is text the stores can hold (no control characters, no lone
+//! surrogates or noncharacters, bounded lengths). What depends on state
 //! (a status transition, a rating of an unknown delivery) is judged inside the dataflow
 //! ([`crate::model::RejectReason`]).
 //!

@@ -125,11 +125,15 @@ impl Fleet {
         let from = state.position;
         let lat = from.lat() + (target.lat() - from.lat()) * fraction;
         let lon = from.lon() + (target.lon() - from.lon()) * fraction;
+        let to = GeoPoint::from_degrees(lat, lon);
+        // At least a second later, and never faster than 30 m/s: the dataflow refuses an
+        // implausible jump.
+        let after_ms = (from.distance_m(&to) / 30.0 * 1_000.0).ceil().max(1_000.0) as i64;
         event(
-            state.at + 1_000,
+            state.at + after_ms,
             EventBody::LocationUpdated(LocationUpdated {
                 courier_id: courier,
-                position: GeoPoint::from_degrees(lat, lon),
+                position: to,
                 speed_mm_s: Some(6_000),
                 heading_ddeg: None,
                 accuracy_cm: None,
