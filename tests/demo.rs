@@ -397,11 +397,11 @@ async fn the_demo_binary_prints_where_to_look_and_exits_0_on_sigint() {
     }
 }
 
-/// A delivery the dataflow refuses to move: two operators set an in-transit delivery
-/// `delivered` and `failed` at the same moment. The API checks each against the read model,
-/// where both are legal, and sends both on; the dataflow applies the first and refuses the
-/// second (`illegal_transition`). `demo` counts that refusal in
-/// `delivertrack_events_rejected_total{reason}` as `run` does.
+/// Commands the API accepts and the dataflow refuses are counted in `demo` as in `run`, in
+/// `delivertrack_events_rejected_total{reason}`: a courier's implausible jump, and an
+/// illegal transition (two operators setting an in-transit delivery `delivered` and
+/// `failed` at the same moment: the API checks each against the read model, where both are
+/// legal, and sends both on; the dataflow applies one and refuses the other).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_counts_the_dataflows_refusals_of_api_commands() {
     use delivertrack_api::{AuthConfig, Authenticator, Role};
@@ -412,10 +412,8 @@ async fn the_demo_counts_the_dataflows_refusals_of_api_commands() {
         secret: "demo-refusals-test-secret-0c41b7e2d9a8".to_owned(),
         expiry: Duration::from_secs(3600),
     };
-    let admin = Authenticator::new(&auth)
-        .unwrap()
-        .issue(Role::Admin, Uuid::new_v4())
-        .unwrap();
+    let tokens = Authenticator::new(&auth).unwrap();
+    let admin = tokens.issue(Role::Admin, Uuid::new_v4()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -453,10 +451,65 @@ async fn the_demo_counts_the_dataflows_refusals_of_api_commands() {
         }
     };
 
-    // Both commands must pass the API's check before the first is applied; that is a
-    // race the test usually wins at once, so it tries a few deliveries.
-    let mut conflicts = 0;
-    for _ in 0..10 {
+    let rejected = |reason: &'static str| {
+        let request = client.get(format!("{base}/metrics")).bearer_auth(&admin);
+        async move {
+            let metrics = request.send().await.unwrap().text().await.unwrap();
+            let line = format!("delivertrack_events_rejected_total{{reason=\"{reason}\"}}");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .and_then(|rest| rest.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        }
+    };
+    let counted_within = |reason: &'static str, bound: Duration| {
+        let rejected = &rejected;
+        async move {
+            let deadline = Instant::now() + bound;
+            loop {
+                if rejected(reason).await >= 1 {
+                    return true;
+                }
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // A courier's fix 10 km from its previous one a second later: the API cannot judge the
+    // speed (it does not keep positions), the dataflow refuses it as `implausible_jump`.
+    let courier = Uuid::new_v4();
+    let courier_token = tokens.issue(Role::Courier, courier).unwrap();
+    for (lat, lon) in [(52.52, 13.40), (52.61, 13.40)] {
+        let posted = client
+            .post(format!("{base}/locations"))
+            .bearer_auth(&courier_token)
+            .json(&json!({"lat": lat, "lon": lon}))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            [201, 202].contains(&posted.status().as_u16()),
+            "{:?}",
+            posted.text().await
+        );
+        // The location route takes one fix per second per courier.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+    }
+    assert!(
+        counted_within("implausible_jump", Duration::from_secs(20)).await,
+        "the jump's refusal was never counted"
+    );
+
+    // Two operators set an in-transit delivery `delivered` and `failed` at once. Both must
+    // pass the API's check before either is applied, and the one applied second must also
+    // be the later in event time (otherwise it is a late step before the other, which the
+    // dataflow accepts): a race, so the test tries up to 20 deliveries.
+    let mut counted = false;
+    for _ in 0..20 {
         let created = client
             .post(format!("{base}/deliveries"))
             .bearer_auth(&admin)
@@ -486,47 +539,23 @@ async fn the_demo_counts_the_dataflows_refusals_of_api_commands() {
             put_status(id.clone(), json!({"status": "failed"})),
         );
         let passed = |status: u16| status == 200 || status == 202;
-        if passed(delivered.0) && passed(failed.0) {
-            conflicts += 1;
+        if !(passed(delivered.0) && passed(failed.0)) {
+            // One was refused by the API itself (409): it saw the other applied first.
+            assert!(
+                [delivered.0, failed.0].contains(&409),
+                "{delivered:?} {failed:?}"
+            );
+            continue;
+        }
+        if counted_within("illegal_transition", Duration::from_secs(3)).await {
+            counted = true;
             break;
         }
-        // One was refused by the API itself (409): it saw the other applied first.
-        assert!(
-            [delivered.0, failed.0].contains(&409),
-            "{delivered:?} {failed:?}"
-        );
     }
     assert!(
-        conflicts > 0,
-        "no two commands passed the API's check together"
+        counted,
+        "no illegal transition sent through the API was counted in 20 tries"
     );
-
-    let line = "delivertrack_events_rejected_total{reason=\"illegal_transition\"}";
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let metrics = client
-            .get(format!("{base}/metrics"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let count = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(line))
-            .and_then(|rest| rest.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        if count >= 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the refusal was never counted: no {line} in\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     stop_tx.send(()).unwrap();
     timeout(Duration::from_secs(30), demo)
