@@ -19,15 +19,15 @@ use delivertrack_ingest::rabbitmq::dead_letter::{HEADER_EVENT_ID, HEADER_REASON,
 use delivertrack_ingest::testing::{TopologyGuard, unique_config};
 use delivertrack_sinks::postgres::{connect_pool, ensure_database, migrate};
 use delivertrack_sinks::{PostgresConfig, ReadModel, ReadModelSink, Sink};
-use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::AMQPValue;
 use sqlx::postgres::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 use uuid::Uuid;
 
-use support::{Database, eventually, now_ms, publisher, ready_messages, scrape, url_of};
+use support::{
+    Database, eventually, now_ms, publisher, ready_messages, scrape, take_dead_letters, url_of,
+};
 
 const PATIENCE: Duration = Duration::from_secs(90);
 
@@ -163,29 +163,12 @@ async fn an_event_postgres_refuses_is_dead_lettered_and_the_rest_of_its_epoch_co
     })
     .await;
     assert_eq!(dead, 1, "only the refused event is dead-lettered");
-    let letter = publisher
-        .channel()
-        .basic_get(
-            rabbit.dead_letter_queue.as_str().into(),
-            BasicGetOptions::default(),
-        )
+    let letter = take_dead_letters(&publisher, &rabbit.dead_letter_queue, 1)
         .await
-        .unwrap()
-        .expect("a dead letter");
-    let headers = letter.delivery.properties.headers().clone().unwrap();
-    let text = |name: &str| match headers.inner().get(name) {
-        Some(AMQPValue::LongString(s)) => s.to_string(),
-        other => panic!("header {name} is {other:?}"),
-    };
-    assert_eq!(text(HEADER_REASON), "sink_refused:postgres:23514");
-    assert_eq!(text(HEADER_STAGE), "sink");
-    assert_eq!(text(HEADER_EVENT_ID), poison_event.event_id.to_string());
-    letter
-        .delivery
-        .acker
-        .ack(BasicAckOptions::default())
-        .await
-        .unwrap();
+        .remove(0);
+    assert_eq!(letter[HEADER_REASON], "sink_refused:postgres:23514");
+    assert_eq!(letter[HEADER_STAGE], "sink");
+    assert_eq!(letter[HEADER_EVENT_ID], poison_event.event_id.to_string());
 
     let series = scrape(&client, &format!("http://{addr}/metrics")).await;
     assert_eq!(

@@ -27,15 +27,13 @@ use delivertrack_ingest::testing::{TcpProxy, TopologyGuard, broker_addr, unique_
 use delivertrack_load_tests::Publisher;
 use delivertrack_load_tests::fleet::location_events;
 use delivertrack_sinks::{Sink, SinkFuture};
-use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::AMQPValue;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
-use support::{Database, eventually, now_ms, publisher, ready_messages, scrape};
+use support::{Database, eventually, now_ms, publisher, ready_messages, scrape, take_dead_letters};
 
 /// How long any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -428,39 +426,18 @@ async fn every_malformed_message_is_dead_lettered_with_its_reason() {
     .await;
     assert_eq!(dead, 6, "five bad messages and one bad element");
 
-    let mut reasons = Vec::new();
-    for _ in 0..dead {
-        let message = publisher
-            .channel()
-            .basic_get(
-                config.dead_letter_queue.as_str().into(),
-                BasicGetOptions::default(),
-            )
+    let reasons: Vec<(String, String, String)> =
+        take_dead_letters(&publisher, &config.dead_letter_queue, dead as usize)
             .await
-            .unwrap()
-            .expect("a dead letter");
-        let headers = message
-            .delivery
-            .properties
-            .headers()
-            .clone()
-            .expect("dead letters carry headers");
-        let text = |name: &str| match headers.inner().get(name) {
-            Some(AMQPValue::LongString(s)) => s.to_string(),
-            other => panic!("header {name} is {other:?}"),
-        };
-        reasons.push((
-            text(HEADER_REASON),
-            text(HEADER_ROUTING_KEY),
-            text(HEADER_STAGE),
-        ));
-        message
-            .delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .unwrap();
-    }
+            .into_iter()
+            .map(|letter| {
+                (
+                    letter[HEADER_REASON].clone(),
+                    letter[HEADER_ROUTING_KEY].clone(),
+                    letter[HEADER_STAGE].clone(),
+                )
+            })
+            .collect();
     for (key, _, reason) in &bad {
         assert!(
             reasons.iter().any(|(r, k, _)| r == reason && k == key),
@@ -685,30 +662,12 @@ async fn what_the_stores_cannot_hold_and_what_no_courier_does_are_dead_lettered(
         (ready >= 7).then_some(ready)
     })
     .await;
-    let mut reasons = Vec::new();
-    for _ in 0..dead {
-        let message = publisher
-            .channel()
-            .basic_get(
-                config.dead_letter_queue.as_str().into(),
-                BasicGetOptions::default(),
-            )
+    let mut reasons: Vec<(String, String)> =
+        take_dead_letters(&publisher, &config.dead_letter_queue, dead as usize)
             .await
-            .unwrap()
-            .expect("a dead letter");
-        let headers = message.delivery.properties.headers().clone().unwrap();
-        let text = |name: &str| match headers.inner().get(name) {
-            Some(AMQPValue::LongString(s)) => s.to_string(),
-            other => panic!("header {name} is {other:?}"),
-        };
-        reasons.push((text(HEADER_REASON), text(HEADER_STAGE)));
-        message
-            .delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .unwrap();
-    }
+            .into_iter()
+            .map(|letter| (letter[HEADER_REASON].clone(), letter[HEADER_STAGE].clone()))
+            .collect();
     reasons.sort();
     let mut expected_reasons: Vec<(String, String)> = contract
         .iter()

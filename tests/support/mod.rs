@@ -158,6 +158,49 @@ pub async fn ready_messages(publisher: &Publisher, queue: &str) -> u32 {
         .unwrap()
 }
 
+/// Takes `count` dead letters off `queue`, acknowledging each, and returns each one's
+/// text headers by name (`HEADER_REASON`, `HEADER_STAGE`, ... of the dead-letter module).
+pub async fn take_dead_letters(
+    publisher: &Publisher,
+    queue: &str,
+    count: usize,
+) -> Vec<BTreeMap<String, String>> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    use lapin::types::AMQPValue;
+    let mut letters = Vec::with_capacity(count);
+    for _ in 0..count {
+        let message = publisher
+            .channel()
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("a dead letter");
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .expect("dead letters carry headers");
+        letters.push(
+            headers
+                .inner()
+                .iter()
+                .filter_map(|(name, value)| match value {
+                    AMQPValue::LongString(text) => Some((name.to_string(), text.to_string())),
+                    _ => None,
+                })
+                .collect(),
+        );
+        message
+            .delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    letters
+}
+
 /// Polls `probe` every 50 ms until it returns `Some`, failing after `patience` with `what`.
 pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut probe: F) -> T
 where
