@@ -113,11 +113,7 @@ pub async fn run_demo(
         .local_addr()
         .context("the listener has no local address")?;
     let metrics_listener = config.pipeline.bind_metrics().await?;
-    let metrics_addr = metrics_listener
-        .as_ref()
-        .map(TcpListener::local_addr)
-        .transpose()
-        .context("the metrics listener has no local address")?;
+    let metrics_addr = PipelineConfig::metrics_addr(metrics_listener.as_ref())?;
     let auth = config
         .auth
         .get_or_insert_with(|| crate::auth::random_secret(DEMO_TOKEN_LIFETIME))

@@ -196,11 +196,7 @@ pub async fn run_pipeline_on(
         .map(|auth| crate::auth::authenticator(auth, config.insecure_dev_secret))
         .transpose()?;
     let metrics_listener = config.pipeline.bind_metrics().await?;
-    let metrics_addr = metrics_listener
-        .as_ref()
-        .map(TcpListener::local_addr)
-        .transpose()
-        .context("the metrics listener has no local address")?;
+    let metrics_addr = PipelineConfig::metrics_addr(metrics_listener.as_ref())?;
     let registry = Registry::new();
     let metrics =
         IngestMetrics::register(&registry).context("the ingest metrics could not be registered")?;

@@ -104,6 +104,17 @@ impl PipelineConfig {
             .with_context(|| format!("cannot listen on {addr} for the metrics"))
     }
 
+    /// Where a listener of [`bind_metrics`](Self::bind_metrics) listens, for the banner.
+    ///
+    /// # Errors
+    /// The socket has no local address.
+    pub fn metrics_addr(listener: Option<&TcpListener>) -> anyhow::Result<Option<SocketAddr>> {
+        listener
+            .map(TcpListener::local_addr)
+            .transpose()
+            .context("the metrics listener has no local address")
+    }
+
     /// The API's settings: [`api`](Self::api), with `/metrics` left to its own address
     /// when one is set.
     pub fn api_config(&self) -> ApiConfig {

@@ -276,12 +276,9 @@ impl axum::extract::FromRequestParts<crate::AppState> for Principal {
         parts: &mut axum::http::request::Parts,
         state: &crate::AppState,
     ) -> Result<Self, Self::Rejection> {
-        state
-            .auth
-            .authenticate(parts)
-            .map_err(|error| crate::ApiError::Unauthorized {
-                reason: error.to_string(),
-            })
+        Grant::from_request_parts(parts, state)
+            .await
+            .map(|grant| grant.principal)
     }
 }
 
