@@ -158,6 +158,12 @@ impl Running {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The text of `GET /metrics`.
+    async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     /// A request with an optional bearer token and an optional JSON body.
     async fn call(
         &self,
@@ -1296,15 +1302,7 @@ async fn a_write_is_readable_at_once_and_a_status_change_travels_through_rabbitm
         );
     }
     // The events came back through the broker: the source decoded them.
-    let metrics = running
-        .http
-        .get(running.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = running.metrics().await;
     for (kind, count) in [
         ("delivery.created", DELIVERIES),
         ("status.changed", DELIVERIES),
@@ -1923,15 +1921,7 @@ async fn each_rate_limit_is_a_429_with_retry_after_shared_through_redis() {
         .await
         .unwrap();
     assert!(keys.len() >= 3, "{keys:?}");
-    let metrics = running
-        .http
-        .get(running.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = running.metrics().await;
     for limit in ["delivery_creation", "location_update", "api_key"] {
         assert!(
             metrics.contains(&format!(
@@ -2012,15 +2002,7 @@ async fn ratings_are_rate_limited_per_customer() {
     let rated = rate(other.clone(), delivered[1], 3).await;
     assert_eq!(rated.status, 201, "{rated:?}");
 
-    let metrics = running
-        .http
-        .get(running.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = running.metrics().await;
     assert!(
         metrics.contains("delivertrack_rate_limited_total{route=\"rating\"} 2"),
         "{metrics}"

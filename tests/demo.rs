@@ -3,12 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
 use delivertrack::{DemoConfig, PipelineConfig, run_demo_on};
-use delivertrack_api::{AuthConfig, Authenticator, Role};
+use delivertrack_api::Role;
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -17,21 +19,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 
-/// The secret the in-process demos of these tests sign their tokens with.
-fn auth_config() -> AuthConfig {
-    AuthConfig {
-        secret: "demo-test-secret-0f3c9a7e5b1d48e2a6c4".to_owned(),
-        expiry: Duration::from_secs(3600),
-    }
-}
-
-/// A token of `role` for the in-process demos.
-fn token(role: Role) -> String {
-    Authenticator::new(&auth_config())
-        .unwrap()
-        .issue(role, uuid::Uuid::new_v4())
-        .unwrap()
-}
+use support::{auth_config, token};
 
 /// An HTTP client that sends an admin's token with every request (the read model is
 /// theirs).

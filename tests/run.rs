@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use delivertrack::{DriveReport, PipelineConfig, RunConfig, RunHooks, run_pipeline_on};
-use delivertrack_api::{AuthConfig, Authenticator, Role};
+use delivertrack_api::Role;
 use delivertrack_dataflow::{CourierId, EpochOutput, Event, EventBody};
 use delivertrack_ingest::rabbitmq::RabbitConfig;
 use delivertrack_ingest::rabbitmq::dead_letter::{HEADER_REASON, HEADER_ROUTING_KEY, HEADER_STAGE};
@@ -33,29 +33,13 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
-use support::{Database, eventually, now_ms, publisher, ready_messages, scrape, take_dead_letters};
+use support::{
+    Database, JWT_SECRET, auth_config, eventually, now_ms, publisher, ready_messages, scrape,
+    take_dead_letters, token,
+};
 
 /// How long any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-/// The JWT secret of every pipeline these tests run, in process and as the binary.
-const JWT_SECRET: &str = "run-test-jwt-key-7c1d-5e9a0b3f8c27d4";
-
-/// The tokens' settings of [`JWT_SECRET`].
-fn auth_config() -> AuthConfig {
-    AuthConfig {
-        secret: JWT_SECRET.to_owned(),
-        expiry: Duration::from_secs(3600),
-    }
-}
-
-/// A token of `role` signed with [`JWT_SECRET`].
-fn token(role: Role) -> String {
-    Authenticator::new(&auth_config())
-        .unwrap()
-        .issue(role, uuid::Uuid::new_v4())
-        .unwrap()
-}
 
 // ---------------------------------------------------------------------------------------
 // Harness
@@ -1443,7 +1427,7 @@ async fn an_unreachable_broker_at_start_is_an_error_naming_it() {
         .args(["run", "--listen", "127.0.0.1:0"])
         .args(["--no-postgres", "--no-redis", "--no-mongo", "--no-derived"])
         .env("RABBITMQ_URL", "amqp://guest:secret@127.0.0.1:1/%2f")
-        .env("JWT_SECRET", "run-test-jwt-key-7c1d-5e9a0b3f8c27d4")
+        .env("JWT_SECRET", JWT_SECRET)
         .output();
     let output = timeout(PATIENCE, output).await.unwrap().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -19,6 +19,26 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgPool};
 use uuid::Uuid;
 
+/// The secret the pipelines these tests start (in process or as the binary) sign their
+/// tokens with: 32 bytes or more, as `run` requires.
+pub const JWT_SECRET: &str = "root-tests-jwt-secret-7c1d5e9a0b3f8c27";
+
+/// Token settings of [`JWT_SECRET`], tokens an hour long.
+pub fn auth_config() -> delivertrack_api::AuthConfig {
+    delivertrack_api::AuthConfig {
+        secret: JWT_SECRET.to_owned(),
+        expiry: Duration::from_secs(3600),
+    }
+}
+
+/// A token of `role`, for a new subject, signed with [`JWT_SECRET`].
+pub fn token(role: delivertrack_api::Role) -> String {
+    delivertrack_api::Authenticator::new(&auth_config())
+        .unwrap()
+        .issue(role, Uuid::new_v4())
+        .unwrap()
+}
+
 /// The server's maintenance database, where test databases are created and dropped.
 pub fn admin_url() -> String {
     std::env::var("DATABASE_URL")
