@@ -583,10 +583,14 @@ async fn start_in_process(config: RunConfig) -> Running {
             let _ = stop_rx.await;
         },
     ));
-    timeout(PATIENCE, started_rx)
+    let started = timeout(PATIENCE, started_rx)
         .await
-        .expect("the pipeline starts in time")
-        .expect("the pipeline started (or it failed: see the task's error)");
+        .expect("the pipeline starts in time");
+    if started.is_err() {
+        // The pipeline ended before it started: say why.
+        let ended = timeout(PATIENCE, task).await.expect("it has ended");
+        panic!("the pipeline did not start: {ended:?}");
+    }
     Running { addr, stop, task }
 }
 
