@@ -236,6 +236,9 @@ export REDIS_HOST="${REDIS_HOST:-127.0.0.1}"
 export REDIS_PORT="${REDIS_PORT:-6379}"
 export RABBITMQ_URL="${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+# The tools the tests need beyond the services (chromium, schemathesis) were installed
+# above: a test that finds one missing fails instead of skipping.
+export DELIVERTRACK_TEST_TOOLS="${DELIVERTRACK_TEST_TOOLS:-required}"
 # A clean clone gains nothing from incremental compilation, whose caches would
 # double the size of target/; developers keep their own setting.
 if [[ $nextest_profile == ci ]]; then export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"; fi

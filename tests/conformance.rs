@@ -1,5 +1,5 @@
 //! The API against its own OpenAPI document, from outside: `scripts/conformance.sh` runs
-//! schemathesis (`--checks all`) against this build's `delivertrack run` on the local
+//! schemathesis (every check: its default) against this build's `delivertrack run` on the local
 //! services, as an admin, a customer and a courier, about 20 s each. Any server error or
 //! any answer (or acceptance) the document does not allow fails the test.
 //!
@@ -25,11 +25,11 @@ async fn the_api_conforms_to_its_openapi_document() {
         .map(Into::into)
         .unwrap_or_else(|| root.join("target/conformance-venv"));
     if !venv.join("bin/st").exists() {
-        eprintln!(
-            "\n\n!!! SKIPPED: no schemathesis in {} — run `scripts/conformance.sh --install` \
-             (scripts/test.sh does) to test the API against its OpenAPI document !!!\n\n",
+        support::skip_without(&format!(
+            "no schemathesis in {} — run `scripts/conformance.sh --install` (scripts/test.sh \
+             does) to test the API against its OpenAPI document",
             venv.display()
-        );
+        ));
         return;
     }
     let rabbit = unique_config("conformance");

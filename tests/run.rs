@@ -675,6 +675,11 @@ async fn what_the_stores_cannot_hold_and_what_no_courier_does_are_dead_lettered(
         "everything is acknowledged",
     )
     .await;
+    assert_eq!(
+        ready_messages(&publisher, &config.dead_letter_queue).await,
+        0,
+        "no dead letter beyond the expected ones"
+    );
     eventually("every refusal is counted by reason", PATIENCE, || async {
         let series = metrics(&client, &running).await;
         let count = |reason: &str| {

@@ -126,7 +126,8 @@ fn a_giant_self_intersecting_polygon_is_refused_in_bounded_time() {
     let started = Instant::now();
     let outcome = decode_geometry(&geometry);
     assert!(started.elapsed() < SLOWEST, "took {:?}", started.elapsed());
-    assert!(outcome.is_err(), "a self-intersecting ring was accepted");
+    let error = outcome.expect_err("a self-intersecting ring was accepted");
+    assert_eq!(error.code(), "invalid_polygon", "{error}");
 }
 
 #[test]
@@ -169,6 +170,7 @@ fn one_mebibyte_strings_are_decoded_without_panic() {
         oracle::decode_message_bytes(&payload);
         let decoded = decode_message(None, &payload, oracle::NOW_MS, &limits);
         assert!(decoded.events.is_empty(), "a 1 MiB string was accepted");
+        assert!(!decoded.errors.is_empty(), "a 1 MiB string was not refused");
         for error in decoded.errors {
             // A refusal quotes the input shortened, never the whole of it.
             assert!(

@@ -39,6 +39,17 @@ pub fn token(role: delivertrack_api::Role) -> String {
         .unwrap()
 }
 
+/// For a test that needs a tool outside the project (schemathesis, chromium): says loudly
+/// that it is skipped, or fails when `DELIVERTRACK_TEST_TOOLS=required` — `scripts/test.sh`
+/// installs every such tool and sets it, so there a missing tool is a broken set-up.
+pub fn skip_without(missing: &str) {
+    assert!(
+        std::env::var("DELIVERTRACK_TEST_TOOLS").as_deref() != Ok("required"),
+        "{missing}, and scripts/test.sh requires it"
+    );
+    eprintln!("\n\n!!! SKIPPED: {missing} !!!\n\n");
+}
+
 /// The server's maintenance database, where test databases are created and dropped.
 pub fn admin_url() -> String {
     std::env::var("DATABASE_URL")
