@@ -544,21 +544,22 @@ fn step(tracker: &Tracker, update: &EpochUpdate) -> Step {
         }
     }
     let then = match &status {
+        Some(TrackMessage::Status { courier_id, .. })
+            if tracker.viewer.role == Role::Courier
+                && courier_id.is_none_or(|courier| courier.0 != tracker.viewer.sub) =>
+        {
+            // Not theirs any more: not even the status that names the new courier, also when
+            // the same epoch ended the delivery.
+            return Step {
+                messages: Vec::new(),
+                then: Then::Revoked,
+            };
+        }
         Some(TrackMessage::Status { status: now, .. }) if now.is_terminal() => {
             // The final word: the rest of the epoch (the ETA withdrawn) is implied by it.
             return Step {
                 messages: status.into_iter().collect(),
                 then: Then::Close(DELIVERY_ENDED),
-            };
-        }
-        Some(TrackMessage::Status { courier_id, .. })
-            if tracker.viewer.role == Role::Courier
-                && courier_id.is_none_or(|courier| courier.0 != tracker.viewer.sub) =>
-        {
-            // Not theirs any more: not even the status that names the new courier.
-            return Step {
-                messages: Vec::new(),
-                then: Then::Revoked,
             };
         }
         Some(TrackMessage::Status { courier_id, .. }) if *courier_id != tracker.courier => {
@@ -757,6 +758,22 @@ mod tests {
             reassigned.messages.is_empty(),
             "the new courier is not named"
         );
+        // Reassigned and ended in the same epoch: the final status names the new courier too.
+        let reassigned_and_ended = step(
+            &as_courier(COURIER),
+            &update(vec![
+                status(Status::Assigned, Some(OTHER)),
+                status(Status::Cancelled, Some(OTHER)),
+            ]),
+        );
+        assert_eq!(reassigned_and_ended.then, Then::Revoked);
+        assert!(reassigned_and_ended.messages.is_empty());
+        // Their own delivery's end still closes as ended.
+        let ended = step(
+            &as_courier(COURIER),
+            &update(vec![status(Status::Delivered, Some(COURIER))]),
+        );
+        assert_eq!(ended.then, Then::Close(DELIVERY_ENDED));
         // Their own progress goes on as before.
         let own = step(
             &as_courier(COURIER),
