@@ -244,9 +244,9 @@ impl From<PipelineArgs> for PipelineConfig {
             metrics_listen: args.metrics_listen,
             api: ApiConfig {
                 allowed_origins: args.allowed_origins,
+                contract: ContractLimits::with_max_event_age_ms(max_event_age_ms),
                 ..args.http.config()
             },
-            contract: ContractLimits::with_max_event_age_ms(max_event_age_ms),
             max_courier_speed_mps: args.max_courier_speed_mps,
             ..PipelineConfig::default()
         }
@@ -647,7 +647,7 @@ mod tests {
             }
         };
         let defaults = parse(&[]).unwrap();
-        assert_eq!(defaults.contract.max_event_age_ms, 7 * 24 * 3_600_000);
+        assert_eq!(defaults.api.contract.max_event_age_ms, 7 * 24 * 3_600_000);
         assert!((defaults.max_courier_speed_mps - 70.0).abs() < f64::EPSILON);
         let set = parse(&[
             "--max-event-age-secs",
@@ -657,7 +657,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            set.contract,
+            set.api.contract,
             ContractLimits::with_max_event_age_ms(3_600_000)
         );
         assert!((set.max_courier_speed_mps - 25.5).abs() < f64::EPSILON);

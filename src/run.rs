@@ -253,7 +253,7 @@ pub async fn run_pipeline_on(
     let url = config.rabbit.redacted_url();
     let source = tokio::select! {
         // The source decodes with the pipeline's contract limits, as the API's commands do.
-        connected = RabbitSource::connect(RabbitConfig { limits: config.pipeline.contract, ..config.rabbit.clone() }, metrics) => {
+        connected = RabbitSource::connect(RabbitConfig { limits: config.pipeline.api.contract, ..config.rabbit.clone() }, metrics) => {
             connected.with_context(|| format!("RabbitMQ at {url} cannot be reached"))?
         }
         () = &mut shutdown => {

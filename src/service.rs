@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use delivertrack_api::{ApiConfig, AppState, Readiness};
-use delivertrack_dataflow::contract::ContractLimits;
 use delivertrack_dataflow::pipeline::{DEFAULT_MAX_COURIER_SPEED_MPS, DataflowConfig};
 use delivertrack_dataflow::restore::Restore;
 use delivertrack_ingest::{EpochPolicy, Source};
@@ -47,11 +46,9 @@ pub struct PipelineConfig {
     pub epoch_max_events: usize,
     /// ... or this long after its first event, whichever comes first.
     pub epoch_max_wait: Duration,
-    /// API limits and timings (its contract limits are replaced by [`contract`](Self::contract)).
+    /// API limits and timings. Its [`contract`](ApiConfig::contract) (`--max-event-age-secs`)
+    /// is also what `run`'s RabbitMQ source decodes with.
     pub api: ApiConfig,
-    /// The event contract's limits (`--max-event-age-secs`): what `run`'s RabbitMQ source
-    /// decodes with, and the API's commands alike.
-    pub contract: ContractLimits,
     /// The fastest a courier moves between two fixes, m/s (`--max-courier-speed-mps`); a
     /// faster fix is refused as `implausible_jump`.
     pub max_courier_speed_mps: f64,
@@ -71,7 +68,6 @@ impl Default for PipelineConfig {
             epoch_max_events: 5_000,
             epoch_max_wait: Duration::from_millis(200),
             api: ApiConfig::default(),
-            contract: ContractLimits::default(),
             max_courier_speed_mps: DEFAULT_MAX_COURIER_SPEED_MPS,
             live_capacity: ReadModelConfig::default().live_capacity,
             metrics_listen: None,
@@ -120,7 +116,6 @@ impl PipelineConfig {
     pub fn api_config(&self) -> ApiConfig {
         ApiConfig {
             metrics_on_api: self.metrics_listen.is_none(),
-            contract: self.contract,
             ..self.api.clone()
         }
     }

@@ -1092,7 +1092,7 @@ async fn text_the_stores_cannot_hold_is_a_400_and_a_sixth_rating_a_409() {
     // Events up to an hour old (`--max-event-age-secs 3600`): the API decodes with the
     // pipeline's limits.
     let mut config = run_config(rabbit);
-    config.pipeline.contract =
+    config.pipeline.api.contract =
         delivertrack_dataflow::contract::ContractLimits::with_max_event_age_ms(3_600_000);
     let running = Running::start(config).await;
     let admin = token(Role::Admin, Uuid::new_v4());

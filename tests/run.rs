@@ -485,7 +485,7 @@ async fn what_the_stores_cannot_hold_and_what_no_courier_does_are_dead_lettered(
     // Events up to an hour old (`--max-event-age-secs 3600`), to see the flag's limit
     // reach the source.
     let mut run = run_config(config.clone());
-    run.pipeline.contract =
+    run.pipeline.api.contract =
         delivertrack_dataflow::contract::ContractLimits::with_max_event_age_ms(3_600_000);
     let running = start(run, Vec::new()).await;
     let client = reqwest::Client::new();
