@@ -38,12 +38,11 @@ pub fn router() -> Router<AppState> {
 /// The I/O error that stopped the server.
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
     let shutdown = state.shutdown.clone();
+    let config = state.config.clone();
     let app = router()
         .fallback(|| async { ApiError::RouteNotFound })
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    crate::server::serve_router(listener, app, config, shutdown).await
 }
 
 /// `200` with the text format (`text/plain; version=0.0.4`).

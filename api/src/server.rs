@@ -64,7 +64,21 @@ pub const HEADER_LIMIT: usize = 64 * 1024;
 pub async fn serve(listener: TcpListener, state: AppState) -> io::Result<()> {
     let shutdown = state.shutdown.clone();
     let config = state.config.clone();
-    let app = router(state);
+    serve_router(listener, router(state), config, shutdown).await
+}
+
+/// Serves `app` on `listener` with the bounds of `config` (connection cap, header and
+/// idle timeouts) until `shutdown` fires, as [`serve`] does the API: also the metrics'
+/// own address (`--metrics-listen`), which shares the process's descriptors.
+///
+/// # Errors
+/// None so far, as [`serve`].
+pub async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    config: ApiConfig,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let connections = TaskTracker::new();
     loop {
