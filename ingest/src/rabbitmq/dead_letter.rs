@@ -28,7 +28,7 @@ use delivertrack_dataflow::contract::{CONTENT_TYPE, DecodeError};
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::metrics::IngestMetrics;
 use crate::source::Refusal;
@@ -81,15 +81,19 @@ impl Origin {
     }
 }
 
-/// The JSON of element `index` of an array payload; the whole payload if it cannot be taken
-/// apart (the strict decoder accepted it, so this is only a fallback).
+/// The JSON of element `index` of an array payload, as its bytes came; the whole payload if
+/// it cannot be taken apart (the strict decoder accepted it, so this is only a fallback).
 fn element(payload: &[u8], index: usize) -> Vec<u8> {
-    match serde_json::from_slice::<Value>(payload) {
-        Ok(Value::Array(mut elements)) if index < elements.len() => {
-            serde_json::to_vec(&elements.swap_remove(index)).unwrap_or_else(|_| payload.to_vec())
-        }
-        _ => payload.to_vec(),
-    }
+    elements(payload)
+        .and_then(|elements| elements.get(index).map(|raw| raw.get().as_bytes().to_vec()))
+        .unwrap_or_else(|| payload.to_vec())
+}
+
+/// The elements of an array payload, each as its own bytes. Strings are skipped, not
+/// decoded, so an element the contract refused for a lone surrogate escape (which serde_json
+/// refuses to decode) still comes apart from the good ones beside it.
+fn elements(payload: &[u8]) -> Option<Vec<&RawValue>> {
+    serde_json::from_slice(payload).ok()
 }
 
 /// Which part of the pipeline refused an event.
@@ -144,28 +148,19 @@ impl DeadLetter {
     /// however many elements of an array were refused.
     pub(crate) fn decoded(routing_key: &str, payload: &[u8], errors: &[DecodeError]) -> Vec<Self> {
         let rejected_at = now_rfc3339();
-        let mut elements: Option<Vec<Value>> = None;
-        let mut parsed = false;
+        // Taken apart once, when some refused event is an element of an array.
+        let elements = errors
+            .iter()
+            .any(|error| error.index.is_some())
+            .then(|| elements(payload))
+            .flatten();
         errors
             .iter()
             .map(|error| {
-                let body = match error.index {
-                    None => payload.to_vec(),
-                    Some(index) => {
-                        if !parsed {
-                            parsed = true;
-                            elements = match serde_json::from_slice(payload) {
-                                Ok(Value::Array(elements)) => Some(elements),
-                                _ => None,
-                            };
-                        }
-                        elements
-                            .as_ref()
-                            .and_then(|elements| elements.get(index))
-                            .and_then(|element| serde_json::to_vec(element).ok())
-                            .unwrap_or_else(|| payload.to_vec())
-                    }
-                };
+                let body = error
+                    .index
+                    .and_then(|index| elements.as_ref()?.get(index))
+                    .map_or_else(|| payload.to_vec(), |raw| raw.get().as_bytes().to_vec());
                 DeadLetter {
                     reason: Cow::Borrowed(error.code()),
                     detail: error.reason.to_string(),
@@ -315,6 +310,7 @@ mod tests {
     use crate::source::SinkRefusal;
     use delivertrack_dataflow::contract::{ContractLimits, decode_message};
     use delivertrack_dataflow::{EventId, EventKind, Rejection};
+    use serde_json::Value;
 
     const GOOD: &str = r#"{"v":1,"kind":"zone.deleted","event_id":"d4c3b2a1-0f9e-4d8c-b7a6-958473625140","occurred_at":"2026-01-01T00:00:00Z","zone_id":"8b7a6c5d-4e3f-4a2b-9c1d-0e9f8a7b6c5d"}"#;
 
@@ -355,6 +351,25 @@ mod tests {
         ] {
             assert!(names.iter().any(|n| n == header), "{header} in {names:?}");
         }
+    }
+
+    #[test]
+    fn an_element_refused_for_a_lone_surrogate_is_dead_lettered_alone() {
+        let bad = r#"{"v":1,"kind":"zone.upserted","event_id":"d4c3b2a1-0f9e-4d8c-b7a6-958473625142","occurred_at":"2026-01-01T00:00:00Z","zone_id":"8b7a6c5d-4e3f-4a2b-9c1d-0e9f8a7b6c5e","name":"a\ud800b","geometry":{"type":"Polygon","coordinates":[[[13.0,52.0],[13.1,52.0],[13.1,52.1],[13.0,52.0]]]}}"#;
+        let payload = format!("[{GOOD}, {bad}]");
+        let decoded = decode_message(
+            None,
+            payload.as_bytes(),
+            1_767_225_600_000,
+            &ContractLimits::default(),
+        );
+        assert_eq!(decoded.events.len(), 1);
+        let letters = DeadLetter::decoded("zone.upserted", payload.as_bytes(), &decoded.errors);
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].reason, "invalid_unicode");
+        assert_eq!(letters[0].index, Some(1));
+        // Its own bytes, as they came (serde_json cannot decode them into a value).
+        assert_eq!(letters[0].body, bad.as_bytes());
     }
 
     #[test]
