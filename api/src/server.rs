@@ -80,6 +80,8 @@ pub async fn serve_router(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    // Shared by the connections, which read their timeouts from it.
+    let config = Arc::new(config);
     let connections = TaskTracker::new();
     loop {
         let permit = tokio::select! {
@@ -100,7 +102,7 @@ pub async fn serve_router(
                     stream,
                     permit,
                     app.clone(),
-                    config.clone(),
+                    Arc::clone(&config),
                     shutdown.clone(),
                 ));
             }
@@ -123,7 +125,7 @@ async fn connection(
     stream: TcpStream,
     permit: OwnedSemaphorePermit,
     app: Router,
-    config: ApiConfig,
+    config: Arc<ApiConfig>,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
@@ -377,7 +379,12 @@ impl AsyncWrite for Watched {
 /// and separators).
 pub async fn limit_headers(request: Request, next: Next) -> Response {
     let size = request.method().as_str().len()
-        + request.uri().to_string().len()
+        // Without formatting the URI anew; an absolute-form target's scheme and authority
+        // are also the Host header's, counted below.
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(0, |target| target.as_str().len())
         + request
             .headers()
             .iter()
