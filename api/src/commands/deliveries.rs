@@ -30,7 +30,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::build::{self, point};
-use super::settle::{Applied, Pending, Written, publish, settle};
+use super::settle::{Applied, Pending, publish, settle};
 use crate::auth::{Principal, Role};
 use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::id;
@@ -240,16 +240,7 @@ async fn answer(
     ready: impl Fn(&delivertrack_dataflow::model::DeliveryState) -> bool,
 ) -> Response {
     match settle(state, view_if(id, ready)).await {
-        Some(view) => Applied {
-            status,
-            location: location(id),
-            body: Written {
-                id: id.0,
-                event_id: event.event_id,
-                view,
-            },
-        }
-        .into_response(),
+        Some(view) => Applied::new(status, id.0, event, location(id), view).into_response(),
         None => Pending::new(id.0, event, location(id), state.config.command_wait).into_response(),
     }
 }
@@ -533,16 +524,9 @@ async fn rate(
     })
     .await;
     match outcome {
-        Some(Ok(view)) => Ok(Applied {
-            status: StatusCode::CREATED,
-            location: location(id),
-            body: Written {
-                id: id.0,
-                event_id,
-                view,
-            },
+        Some(Ok(view)) => {
+            Ok(Applied::new(StatusCode::CREATED, id.0, &event, location(id), view).into_response())
         }
-        .into_response()),
         Some(Err(reason)) => Err(ApiError::Conflict {
             code: reason.code(),
             message: format!("the rating was refused: {reason}"),

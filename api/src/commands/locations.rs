@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::build;
-use super::settle::{Applied, Pending, Written, publish, settle};
+use super::settle::{Applied, Pending, publish, settle};
 use crate::auth::{Principal, Role};
 use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::openapi::schemas::CourierWritten;
@@ -171,16 +171,9 @@ async fn report(
     })
     .await;
     Ok(match settled {
-        Some(Some(view)) => Applied {
-            status: StatusCode::CREATED,
-            location: location(id),
-            body: Written {
-                id: id.0,
-                event_id,
-                view,
-            },
+        Some(Some(view)) => {
+            Applied::new(StatusCode::CREATED, id.0, &event, location(id), view).into_response()
         }
-        .into_response(),
         Some(None) => {
             let mut pending = Pending::new(id.0, &event, location(id), state.config.command_wait);
             pending.message =

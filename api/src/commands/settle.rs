@@ -115,6 +115,27 @@ pub(crate) struct Written<V> {
     pub view: V,
 }
 
+impl<V> Applied<V> {
+    /// The answer for entity `id`, changed by `event` into `view`, readable at `location`.
+    pub(crate) fn new(
+        status: StatusCode,
+        id: uuid::Uuid,
+        event: &Event,
+        location: String,
+        view: V,
+    ) -> Self {
+        Self {
+            status,
+            location,
+            body: Written {
+                id,
+                event_id: event.event_id,
+                view,
+            },
+        }
+    }
+}
+
 impl<V: Serialize> IntoResponse for Applied<V> {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body)).into_response();

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::build;
-use super::settle::{Applied, Pending, Written, publish, settle};
+use super::settle::{Applied, Pending, publish, settle};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::id;
@@ -131,19 +131,17 @@ async fn upsert(
     })
     .await;
     Ok(match settled {
-        Some(Some(view)) => Applied {
-            status: if existed {
+        Some(Some(view)) => Applied::new(
+            if existed {
                 StatusCode::OK
             } else {
                 StatusCode::CREATED
             },
-            location: location(id),
-            body: Written {
-                id: id.0,
-                event_id,
-                view,
-            },
-        }
+            id.0,
+            &event,
+            location(id),
+            view,
+        )
         .into_response(),
         Some(None) => {
             let mut pending = Pending::new(id.0, &event, location(id), state.config.command_wait);
