@@ -180,6 +180,10 @@ async fn connection(
                         tracing::debug!("A request head did not arrive in time; closing its connection.");
                         return;
                     }
+                    Some(Expired::Stalled) => {
+                        tracing::debug!("A connection's peer stopped taking its answers; closing it.");
+                        return;
+                    }
                     Some(Expired::Idle) => return,
                     None => {}
                 }
@@ -201,6 +205,9 @@ struct Activity {
     reading_head: AtomicBool,
     /// When the current phase (reading a head, idle) began.
     since_ms: AtomicU64,
+    /// When the socket last moved bytes either way: while a request is in flight, a
+    /// connection whose peer neither reads its answers nor sends is stalled.
+    io_ms: AtomicU64,
     /// Woken when the phase changes, so that the watchdog takes the new deadline.
     changed: Notify,
 }
@@ -212,6 +219,9 @@ enum Expired {
     Head,
     /// It was idle longer than the idle timeout.
     Idle,
+    /// A request was in flight and the socket moved nothing for longer than the request
+    /// and send timeouts.
+    Stalled,
 }
 
 impl Activity {
@@ -222,6 +232,7 @@ impl Activity {
             // A new connection owes its first request's head.
             reading_head: AtomicBool::new(true),
             since_ms: AtomicU64::new(0),
+            io_ms: AtomicU64::new(0),
             changed: Notify::new(),
         }
     }
@@ -230,8 +241,14 @@ impl Activity {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Bytes went out.
+    fn wrote(&self) {
+        self.io_ms.store(self.now_ms(), Ordering::Release);
+    }
+
     /// Bytes arrived: on an idle connection, a request head begins.
     fn read(&self) {
+        self.io_ms.store(self.now_ms(), Ordering::Release);
         if self.in_flight.load(Ordering::Acquire) == 0
             && !self.reading_head.swap(true, Ordering::AcqRel)
         {
@@ -240,10 +257,14 @@ impl Activity {
         }
     }
 
-    /// When the current phase's bound passes; `None` while a request is in flight.
+    /// When the current phase's bound passes. While a request is in flight: the request
+    /// timeout (the handler's bound) and the send timeout after the socket last moved, so
+    /// that a peer that stops reading its answers (pipelining more) cannot hold the
+    /// connection, its permit, or a graceful shutdown, for ever.
     fn deadline(&self, config: &ApiConfig) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
+            let io = self.started + Duration::from_millis(self.io_ms.load(Ordering::Acquire));
+            return Some(io + config.request_timeout + config.ws_send_timeout);
         }
         let since = self.started + Duration::from_millis(self.since_ms.load(Ordering::Acquire));
         Some(if self.reading_head.load(Ordering::Acquire) {
@@ -258,6 +279,8 @@ impl Activity {
         let deadline = self.deadline(config)?;
         if Instant::now() < deadline {
             None
+        } else if self.in_flight.load(Ordering::Acquire) > 0 {
+            Some(Expired::Stalled)
         } else if self.reading_head.load(Ordering::Acquire) {
             Some(Expired::Head)
         } else {
@@ -350,7 +373,11 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(written)) if written > 0) {
+            self.activity.wrote();
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -366,7 +393,11 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(written)) if written > 0) {
+            self.activity.wrote();
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -413,6 +444,21 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_request_whose_answer_nobody_takes_stalls_its_connection() {
+        let config = config();
+        let activity = Arc::new(Activity::new());
+        let _request = InFlight::begin(Arc::clone(&activity));
+        // Answers go out while the peer reads them ...
+        tokio::time::advance(Duration::from_secs(15)).await;
+        activity.wrote();
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(activity.expired(&config), None);
+        // ... then it stops reading: nothing moves for the request and send timeouts.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(activity.expired(&config), Some(Expired::Stalled));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_new_connection_owes_its_head_then_idles_between_requests() {
         let config = config();
         let activity = Arc::new(Activity::new());
@@ -424,12 +470,19 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(activity.expired(&config), Some(Expired::Head));
 
-        // A request in flight has no deadline here (the request timeout bounds it).
+        // A request in flight is bounded by the request and send timeouts (10 s each)
+        // after the socket last moved bytes (here: none since the accept).
         let request = InFlight::begin(Arc::clone(&activity));
-        assert_eq!(activity.deadline(&config), None);
-        // Bytes read while it is served (its body) start no head.
+        assert_eq!(
+            activity.deadline(&config),
+            Some(accepted + Duration::from_secs(20))
+        );
+        // Bytes read while it is served (its body) start no head; they move that bound.
         activity.read();
-        assert_eq!(activity.deadline(&config), None);
+        assert_eq!(
+            activity.deadline(&config),
+            Some(Instant::now() + Duration::from_secs(20))
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
         drop(request);
         let idle = Instant::now();

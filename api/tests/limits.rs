@@ -197,6 +197,36 @@ async fn an_idle_kept_alive_connection_is_closed_at_the_idle_timeout_not_before(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_answers_is_cut_off() {
+    // hyper takes the next pipelined request only once the previous answer is written, so a
+    // peer that stops reading leaves its connection idle: the idle timeout cuts it off (and
+    // the request and send timeouts would, were a request still in flight).
+    let (addr, _state, _stop) = serve(ApiConfig {
+        request_timeout: Duration::from_secs(1),
+        ws_send_timeout: Duration::from_secs(1),
+        http_idle_timeout: Duration::from_secs(2),
+        ..ApiConfig::default()
+    })
+    .await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    // 2 000 pipelined requests for the OpenAPI document (hundreds of megabytes of
+    // answers), none of them read: the socket's buffers fill and the server can write no
+    // more.
+    let pipelined = b"GET /openapi.json HTTP/1.1\r\nHost: api\r\n\r\n".repeat(2_000);
+    let _ = timeout(Duration::from_secs(5), stream.write_all(&pipelined)).await;
+    // Longer than the idle timeout with nothing taken.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Closed: what was buffered drains, then the end. Kept open, the answers would go on
+    // streaming for far longer than this.
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "a connection whose answers nobody reads stayed open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_wait_until_one_closes() {
     let (addr, _state, _stop) = serve(ApiConfig {
         max_connections: 2,
