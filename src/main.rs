@@ -162,9 +162,10 @@ struct PipelineArgs {
     #[arg(long, env = "DELIVERTRACK_DEFAULT_SPEED_MPS", default_value_t = 5.0, value_parser = positive_speed)]
     default_speed_mps: f64,
     /// An epoch closes at this many events ...
-    #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_EVENTS", default_value_t = 5_000)]
+    #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_EVENTS", default_value_t = 10_000)]
     epoch_max_events: usize,
-    /// ... or this many milliseconds after its first event.
+    /// ... or this many milliseconds after its first event, while the commits keep up
+    /// (while they are behind, it grows up to --epoch-max-events).
     #[arg(long, env = "DELIVERTRACK_EPOCH_MAX_MS", default_value_t = 200)]
     epoch_max_ms: u64,
     /// Serves /metrics on this address of its own, and not on the API's (keep it off the

@@ -4,7 +4,10 @@
 //! these are the driver's share: how many epochs every sink committed, how long an epoch
 //! takes from its first event's receipt to its commit, how long each sink takes and how
 //! often it fails, how far the dataflow's output lags its input, and how long hydration
-//! took. Together they answer "is the pipeline moving, and what is its brake?".
+//! took. Together they answer "is the pipeline moving, and what is its brake?". Per epoch,
+//! `delivertrack_epoch_stage_duration_seconds{stage}` splits the way into its [`Stage`]s and
+//! `delivertrack_epoch_events` says how large epochs are, so that a run's `/metrics` show
+//! where the time goes (their `_sum` ÷ `_count` is the mean per epoch).
 
 use delivertrack_dataflow::model::Scope;
 use delivertrack_dataflow::{Change, EpochOutput, EventBody, Status};
@@ -18,6 +21,48 @@ const SECONDS: [f64; 16] = [
     0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
     30.0,
 ];
+
+/// Events per epoch, from a trickle to the largest epochs a backlog makes.
+const EVENTS: [f64; 14] = [
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 25_000.0, 50_000.0,
+    100_000.0, 250_000.0,
+];
+
+/// A stage of an epoch's way through the pipeline: the `stage` label of
+/// `delivertrack_epoch_stage_duration_seconds`. Each sink's commit has its own series,
+/// `delivertrack_sink_commit_duration_seconds{sink}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The source turning the epoch's messages into events (decoding, validating).
+    Decode,
+    /// From the epoch's submission to the dataflow until its output arrives.
+    Dataflow,
+    /// The system of record's commit of the epoch, retries included.
+    RecordCommit,
+    /// From the epoch's output arriving until its batch's token is handed back to the
+    /// source: the commits of every sink, and the wait for the epochs before it.
+    AckWait,
+}
+
+impl Stage {
+    /// Every stage, in pipeline order.
+    pub const ALL: [Stage; 4] = [
+        Stage::Decode,
+        Stage::Dataflow,
+        Stage::RecordCommit,
+        Stage::AckWait,
+    ];
+
+    /// Its label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Dataflow => "dataflow",
+            Stage::RecordCommit => "record_commit",
+            Stage::AckWait => "ack_wait",
+        }
+    }
+}
 
 /// The driver's metrics, registered once per registry; clones share the same series.
 #[derive(Clone, Debug)]
@@ -33,6 +78,11 @@ pub struct DriverMetrics {
     /// `delivertrack_sink_commit_duration_seconds{sink}`: one sink's commit of one epoch,
     /// retries included.
     pub sink_commit_duration: HistogramVec,
+    /// `delivertrack_epoch_stage_duration_seconds{stage}`: one epoch's time in one
+    /// [`Stage`].
+    pub epoch_stage_duration: HistogramVec,
+    /// `delivertrack_epoch_events`: events per epoch committed (restored state excluded).
+    pub epoch_events: Histogram,
     /// `delivertrack_sink_errors_total{sink}`: failed commit attempts (each retry counts),
     /// and for a sink that goes on without its store (Redis), the writes it lost.
     pub sink_errors: IntCounterVec,
@@ -86,6 +136,24 @@ impl DriverMetrics {
             .buckets(SECONDS.to_vec()),
             &["sink"],
         )?;
+        let epoch_stage_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "delivertrack_epoch_stage_duration_seconds",
+                "Time one epoch spent in one stage: decode, dataflow, record_commit, ack_wait.",
+            )
+            .buckets(SECONDS.to_vec()),
+            &["stage"],
+        )?;
+        for stage in Stage::ALL {
+            epoch_stage_duration.with_label_values(&[stage.label()]);
+        }
+        let epoch_events = Histogram::with_opts(
+            HistogramOpts::new(
+                "delivertrack_epoch_events",
+                "Events per epoch committed by every sink.",
+            )
+            .buckets(EVENTS.to_vec()),
+        )?;
         let sink_errors = IntCounterVec::new(
             Opts::new(
                 "delivertrack_sink_errors_total",
@@ -125,6 +193,8 @@ impl DriverMetrics {
         registry.register(Box::new(epoch_commit_duration.clone()))?;
         registry.register(Box::new(epoch_latency.clone()))?;
         registry.register(Box::new(sink_commit_duration.clone()))?;
+        registry.register(Box::new(epoch_stage_duration.clone()))?;
+        registry.register(Box::new(epoch_events.clone()))?;
         registry.register(Box::new(sink_errors.clone()))?;
         registry.register(Box::new(frontier_lag.clone()))?;
         registry.register(Box::new(hydration_duration.clone()))?;
@@ -133,6 +203,8 @@ impl DriverMetrics {
             epoch_commit_duration,
             epoch_latency,
             sink_commit_duration,
+            epoch_stage_duration,
+            epoch_events,
             sink_errors,
             frontier_lag,
             hydration_duration,
@@ -185,6 +257,13 @@ impl DriverMetrics {
                 self.delivery_duration.observe(seconds);
             }
         }
+    }
+
+    /// Counts `took` in `stage`.
+    pub fn observe_stage(&self, stage: Stage, took: std::time::Duration) {
+        self.epoch_stage_duration
+            .with_label_values(&[stage.label()])
+            .observe(took.as_secs_f64());
     }
 
     /// Makes every sink's series visible at 0 before its first commit, so that dashboards

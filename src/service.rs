@@ -44,7 +44,9 @@ pub struct PipelineConfig {
     pub default_speed_mps: f64,
     /// An epoch closes at this many events ...
     pub epoch_max_events: usize,
-    /// ... or this long after its first event, whichever comes first.
+    /// ... or this long after its first event, whichever comes first, while the commits
+    /// keep up; while they are behind, an epoch grows up to `epoch_max_events` (see
+    /// `docs/ARCHITECTURE.md`, *Epochs*).
     pub epoch_max_wait: Duration,
     /// API limits and timings. Its [`contract`](ApiConfig::contract) (`--max-event-age-secs`)
     /// is also what `run`'s RabbitMQ source decodes with.
@@ -65,7 +67,7 @@ impl Default for PipelineConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             workers: 2,
             default_speed_mps: DataflowConfig::default().default_speed_mps,
-            epoch_max_events: 5_000,
+            epoch_max_events: 10_000,
             epoch_max_wait: Duration::from_millis(200),
             api: ApiConfig::default(),
             max_courier_speed_mps: DEFAULT_MAX_COURIER_SPEED_MPS,

@@ -7,6 +7,8 @@
 //! ([`InProcessSource::counted_in`]), it counts what it hands on and what the pipeline
 //! refused, as the RabbitMQ source does, so that `demo` reports refusals as `run` does.
 
+use std::time::Duration;
+
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
@@ -24,7 +26,7 @@ pub fn in_process(capacity: usize) -> (InProcessSender, InProcessSource) {
         InProcessSource {
             rx,
             pending: Vec::new(),
-            deadline: None,
+            first: None,
             metrics: IngestMetrics::unregistered(),
         },
     )
@@ -76,7 +78,7 @@ impl InProcessSender {
 /// The consuming half of [`in_process`]: a [`Source`] whose batches need no acknowledgement.
 ///
 /// [`next_batch`](Source::next_batch) is cancel safe: the batch being gathered, and the
-/// deadline set by its first event, are kept in the source when the future is dropped and
+/// arrival of its first event, are kept in the source when the future is dropped and
 /// the next call continues it.
 #[derive(Debug)]
 pub struct InProcessSource {
@@ -84,8 +86,9 @@ pub struct InProcessSource {
     /// Events of the batch being gathered; kept here rather than in the future so that
     /// dropping the future loses nothing.
     pending: Vec<Event>,
-    /// When the batch being gathered must be returned; set by its first event.
-    deadline: Option<Instant>,
+    /// When the first event of the batch being gathered arrived: its time bound counts
+    /// from here, by the policy of the call that is running.
+    first: Option<Instant>,
     /// `delivertrack_events_ingested_total{kind}` (each event handed on) and
     /// `delivertrack_events_rejected_total{reason}` (each refusal acknowledged); counted
     /// nowhere unless [`counted_in`](Self::counted_in) was called.
@@ -115,37 +118,40 @@ impl InProcessSource {
             if self.rx.recv_many(&mut self.pending, limit).await == 0 {
                 return None;
             }
-            self.deadline = Some(Instant::now() + policy.max_wait);
+            self.first = Some(Instant::now());
         }
-        let deadline = *self
-            .deadline
-            .get_or_insert_with(|| Instant::now() + policy.max_wait);
+        let first = *self.first.get_or_insert_with(Instant::now);
+        // From the first event and this call's policy: a call without a time bound (the
+        // driver cannot take the batch yet) lets the batch grow to its size bound.
+        let deadline = policy.deadline(first);
         while self.pending.len() < limit {
             let room = limit - self.pending.len();
-            match timeout_at(deadline, self.rx.recv_many(&mut self.pending, room)).await {
+            let received = self.rx.recv_many(&mut self.pending, room);
+            let received = match deadline {
+                Some(deadline) => match timeout_at(deadline, received).await {
+                    Ok(received) => received,
+                    Err(_elapsed) => break,
+                },
+                None => received.await,
+            };
+            if received == 0 {
                 // Every sender is gone: return what is left; the next call ends the source.
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(_elapsed) => break,
+                break;
             }
         }
         let events = if self.pending.len() > limit {
-            // Only after a cancelled call with a larger policy: the rest keeps its deadline.
+            // Only after a cancelled call with a larger policy: the rest keeps its clock.
             let rest = self.pending.split_off(limit);
             std::mem::replace(&mut self.pending, rest)
         } else {
-            self.deadline = None;
+            self.first = None;
             std::mem::take(&mut self.pending)
         };
-        // The deadline was set `max_wait` after the first event arrived.
-        let first_received = deadline
-            .into_std()
-            .checked_sub(policy.max_wait)
-            .unwrap_or_else(std::time::Instant::now);
         Some(SourceBatch {
             events,
             ack: (),
-            first_received,
+            first_received: first.into_std(),
+            decode_time: Duration::ZERO,
         })
     }
 }
@@ -188,17 +194,17 @@ impl Source for InProcessSource {
             std::mem::take(&mut self.pending)
         };
         let first_received = self
-            .deadline
-            .and_then(|deadline| deadline.into_std().checked_sub(policy.max_wait))
-            .unwrap_or_else(std::time::Instant::now);
+            .first
+            .map_or_else(std::time::Instant::now, Instant::into_std);
         if self.pending.is_empty() {
-            self.deadline = None;
+            self.first = None;
         }
         self.count_handed_on(&events);
         Some(SourceBatch {
             events,
             ack: (),
             first_received,
+            decode_time: Duration::ZERO,
         })
     }
 }
@@ -322,6 +328,34 @@ mod tests {
         let batch = source.next_batch(&policy).await.unwrap().unwrap();
         assert_eq!(ids(&batch), vec![1, 2]);
         assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_its_time_bound_a_batch_grows_and_closes_once_asked_with_it() {
+        let (tx, mut source) = in_process(64);
+        let policy = policy(10, 100);
+        tx.send_batch((0..3).map(event)).await.unwrap();
+        let start = Instant::now();
+        // The driver cannot take a batch yet: the open one outlives its time bound.
+        let held = tokio::time::timeout(
+            Duration::from_millis(500),
+            source.next_batch(&policy.size_bound_only()),
+        )
+        .await;
+        assert!(held.is_err(), "only the size bound closes it");
+        tx.send_batch((3..5).map(event)).await.unwrap();
+        // Room again: its time is long up, so it closes at once, with all it gathered.
+        let grown = source.next_batch(&policy).await.unwrap().unwrap();
+        assert_eq!(ids(&grown), (0..5).collect::<Vec<_>>());
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+        // The size bound holds without the time bound.
+        tx.send_batch((5..17).map(event)).await.unwrap();
+        let full = source
+            .next_batch(&policy.size_bound_only())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&full), (5..15).collect::<Vec<_>>());
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,6 +26,10 @@ pub struct SourceBatch<A> {
     /// When the batch's first event arrived at the source: the start of its epoch's
     /// latency (first receipt → committed by every sink).
     pub first_received: std::time::Instant,
+    /// How long the source spent turning the batch's messages into events (decoding and
+    /// validating them); zero for a source that receives events already decoded. The
+    /// driver reports it as the `decode` stage of the epoch.
+    pub decode_time: Duration,
 }
 
 /// When to close an epoch: whichever bound comes first.
@@ -39,7 +43,8 @@ pub struct EpochPolicy {
     pub max_events: usize,
     /// A batch is returned at the latest this long after its first event arrived at the
     /// source; the clock starts with the first event, not with the call, so an idle source
-    /// does not produce empty epochs.
+    /// does not produce empty epochs. [`Duration::MAX`] (see
+    /// [`size_bound_only`](Self::size_bound_only)): no time bound.
     pub max_wait: Duration,
 }
 
@@ -57,6 +62,25 @@ impl EpochPolicy {
     /// The size bound actually applied: `max_events`, at least 1.
     pub fn batch_limit(&self) -> usize {
         self.max_events.max(1)
+    }
+
+    /// The same size bound without a time bound. A driver that cannot take a batch yet
+    /// (its commits are behind) asks with this one: the batch being gathered then keeps
+    /// growing instead of closing at `max_wait`, and once the driver has room it asks with
+    /// the full policy again, which closes the batch at once if its time is up. A backlog
+    /// is so absorbed in fewer, larger epochs, each paying a commit's fixed cost once.
+    #[must_use]
+    pub fn size_bound_only(&self) -> Self {
+        Self {
+            max_events: self.max_events,
+            max_wait: Duration::MAX,
+        }
+    }
+
+    /// When a batch whose first event arrived at `first` is due by the time bound; `None`
+    /// when there is none (`max_wait` reaches beyond what an instant can hold).
+    pub fn deadline(&self, first: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        first.checked_add(self.max_wait)
     }
 }
 

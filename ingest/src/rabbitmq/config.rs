@@ -27,7 +27,9 @@ pub struct RabbitConfig {
     pub dead_letter_queue: String,
     /// Unacknowledged deliveries the broker may push to this consumer (`basic_qos`). This is
     /// the bound on input held in memory: when sinks stall, acks stop, and the broker stops
-    /// delivering. Must be at least 1 (0 would mean "unbounded" to AMQP).
+    /// delivering. Must be at least 1 (0 would mean "unbounded" to AMQP). 10 000 by
+    /// default: the unacknowledged epochs share it (about four under a backlog), so it also
+    /// bounds how large an epoch of single-event messages can grow.
     pub prefetch: u16,
     /// The name shown by `rabbitmqctl list_connections` and the management UI, so an operator
     /// can tell this process's connection apart (and close it on purpose).
@@ -55,7 +57,7 @@ impl Default for RabbitConfig {
             queue: "delivertrack.ingest".to_owned(),
             dead_letter_exchange: "delivertrack.dead".to_owned(),
             dead_letter_queue: "delivertrack.dead".to_owned(),
-            prefetch: 2_000,
+            prefetch: 10_000,
             connection_name: "delivertrack".to_owned(),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),

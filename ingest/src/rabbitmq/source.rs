@@ -93,8 +93,12 @@ pub struct RabbitSource {
     gathering: Gathering,
     /// When the batch being gathered began: its first delivery, or the hand-out of the
     /// previous batch when that left part of a message behind. Its deadline is this plus
-    /// the policy's `max_wait` of the call that is running.
+    /// the policy's `max_wait` of the call that is running (none in a call without a time
+    /// bound: the driver cannot take the batch yet, so it keeps growing).
     started: Option<Instant>,
+    /// Time spent decoding the deliveries of the batch being gathered
+    /// ([`SourceBatch::decode_time`]).
+    decoding: std::time::Duration,
     /// Whether a stop has already taken what the link task had handed over
     /// ([`Source::take_gathered`]); it is taken once, so that a stop ends.
     stop_taken: bool,
@@ -155,6 +159,7 @@ impl RabbitSource {
             health,
             gathering: Gathering::default(),
             started: None,
+            decoding: std::time::Duration::ZERO,
             stop_taken: false,
             task,
         })
@@ -203,8 +208,10 @@ impl RabbitSource {
         if generation > self.gathering.generation() {
             self.gathering.reset(generation);
             self.started = None;
+            self.decoding = std::time::Duration::ZERO;
         }
         self.metrics.message_received();
+        let decoding = Instant::now();
         // Refusals are counted once, when their delivery is acknowledged (`ack`), so that
         // a delivery that comes back is not counted twice.
         let routing_key = delivery.routing_key.to_string();
@@ -269,6 +276,7 @@ impl RabbitSource {
         }
         self.gathering
             .push(delivery.delivery_tag, events, dead_letters);
+        self.decoding += decoding.elapsed();
     }
 
     /// Is the batch being gathered due, by size or because it cannot grow any more?
@@ -294,6 +302,8 @@ impl RabbitSource {
         self.started = (!self.gathering.is_empty()).then(Instant::now);
         SourceBatch {
             first_received,
+            // A message split across batches counts in the first.
+            decode_time: std::mem::take(&mut self.decoding),
             events,
             ack: RabbitAck {
                 generation,
@@ -318,14 +328,17 @@ impl RabbitSource {
                 // on the current one.
                 self.gathering.reset(current);
                 self.started = None;
+                self.decoding = std::time::Duration::ZERO;
             }
             let deadline = match self.started {
                 Some(started) if !self.gathering.is_empty() => {
-                    let deadline = started + policy.max_wait;
-                    if self.is_full(policy) || Instant::now() >= deadline {
+                    // None: a call without a time bound, made while the driver cannot take
+                    // a batch; the batch grows until it is full or the driver asks again.
+                    let deadline = policy.deadline(started);
+                    if self.is_full(policy) || deadline.is_some_and(|due| Instant::now() >= due) {
                         return Ok(self.take(policy));
                     }
-                    Some(deadline)
+                    deadline
                 }
                 _ => None,
             };
@@ -335,7 +348,7 @@ impl RabbitSource {
                     n = self.incoming.recv_many(&mut self.buffer, RECEIVE_AT_ONCE) => n,
                     () = tokio::time::sleep_until(deadline) => return Ok(self.take(policy)),
                 },
-                // Idle: wait without a deadline; an idle source makes no epochs.
+                // Idle, or growing: wait without a deadline; an idle source makes no epochs.
                 None => {
                     self.incoming
                         .recv_many(&mut self.buffer, RECEIVE_AT_ONCE)
