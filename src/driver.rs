@@ -1925,8 +1925,13 @@ mod tests {
                 committed: committed_tx,
             }),
         ];
+        let metrics = DriverMetrics::register(&prometheus::Registry::new()).unwrap();
+        let config = DriverConfig {
+            metrics: Some(metrics.clone()),
+            ..config()
+        };
         let stop = CancellationToken::new();
-        let driving = tokio::spawn(drive(source, sinks, config(), Vec::new(), stop.clone()));
+        let driving = tokio::spawn(drive(source, sinks, config, Vec::new(), stop.clone()));
 
         // The gate holds the first epoch; the record goes on committing the next ones.
         timeout(
@@ -1955,6 +1960,16 @@ mod tests {
             .unwrap();
         assert_eq!((report.epochs, report.acked), (4, 4));
         assert_eq!(model.epoch(), Some(3));
+        // Each epoch's way, stage by stage.
+        for stage in Stage::ALL {
+            let observed = metrics
+                .epoch_stage_duration
+                .with_label_values(&[stage.label()])
+                .get_sample_count();
+            assert_eq!(observed, 4, "{stage:?}");
+        }
+        assert_eq!(metrics.epoch_events.get_sample_count(), 4);
+        assert_eq!(metrics.epoch_events.get_sample_sum(), 120.0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -332,6 +332,24 @@ async fn every_valid_event_reaches_the_read_model_and_is_acknowledged() {
     );
     assert!(series["delivertrack_epochs_committed_total"] >= 1.0);
     assert!(series["delivertrack_epoch_commit_duration_seconds_count"] >= 1.0);
+    // Where the time goes, per epoch: every stage is there (the system of record's at 0,
+    // there is none), and every event counts once in the size of its epoch.
+    let stage = |stage: &str, part: &str| {
+        series[&format!("delivertrack_epoch_stage_duration_seconds_{part}{{stage=\"{stage}\"}}")]
+    };
+    for name in ["decode", "dataflow", "ack_wait"] {
+        assert!(stage(name, "count") >= 1.0, "{name}: {series:?}");
+    }
+    assert!(
+        stage("decode", "sum") > 0.0,
+        "RabbitMQ's messages are decoded"
+    );
+    assert_eq!(stage("record_commit", "count"), 0.0);
+    assert_eq!(series["delivertrack_epoch_events_sum"], 1500.0);
+    assert_eq!(
+        series["delivertrack_epoch_events_count"],
+        series["delivertrack_epochs_committed_total"]
+    );
     let (status, body) = get_json(&client, &running.url("/readyz")).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
 
