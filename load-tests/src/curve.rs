@@ -210,11 +210,11 @@ pub fn draw(
             .iter()
             .map(|p| (p.processed_per_s, pick(p).max(latency_min)))
             .collect();
-        let drawn = chart
-            .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
-            .map_err(plot_err)?;
         chart
-            .draw_series(line.into_iter().map(|xy| Circle::new(xy, 4, color.filled())))
+            .draw_series(line.iter().map(|&xy| Circle::new(xy, 4, color.filled())))
+            .map_err(plot_err)?;
+        let drawn = chart
+            .draw_series(LineSeries::new(line, color.stroke_width(2)))
             .map_err(plot_err)?;
         if text {
             drawn
