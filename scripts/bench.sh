@@ -5,8 +5,9 @@
 #   ./scripts/bench.sh              everything (about 10 minutes), release build
 #   ./scripts/bench.sh --quick      the same runs, small and short (a check of the script)
 #   ./scripts/bench.sh --dev        use the dev build instead of building release
-#   ./scripts/bench.sh --only NAME  one measurement: baselines, max, max-prefetch, half, batched,
-#                                   curve, http, trackers, track, analysts, analysts-courier
+#   ./scripts/bench.sh --only NAMES measurements, comma-separated: baselines, max, max-prefetch,
+#                                   half, batched, curve, http, trackers, track, analysts,
+#                                   analysts-courier
 #
 # What it does:
 #   1. brings the local services up (scripts/test.sh --services) and installs PostGIS
@@ -18,7 +19,9 @@
 #   4. leaves every JSON report, PNG chart and service log in target/bench/<time>/ and
 #      prints a summary table (also written to target/bench/<time>/summary.md).
 #
-# Environment: RABBITMQ_URL (default the local broker), BENCH_PORT (18180),
+# Environment: RABBITMQ_URL (default the local broker), BENCH_PORT (18180), BENCH_SERVICE
+# (a prebuilt `delivertrack` binary to measure instead of the one built, e.g. an earlier
+# commit's for a before-and-after in one session; the harness is still the one built),
 # BENCH_OUT (target/bench/<time>), BENCH_PG=socket (the service reaches PostgreSQL over
 # its Unix socket instead of TCP).
 set -euo pipefail
@@ -68,7 +71,9 @@ else
     cargo build -p delivertrack -p delivertrack-load-tests
 fi
 BIN="target/$profile"
-[[ -x "$BIN/delivertrack" && -x "$BIN/load-tests" ]] || die "the binaries are missing in $BIN"
+SERVICE="${BENCH_SERVICE:-$BIN/delivertrack}"
+[[ -x "$SERVICE" && -x "$BIN/load-tests" ]] || die "the binaries are missing ($SERVICE, $BIN/load-tests)"
+[[ -n "${BENCH_SERVICE:-}" ]] && step "measuring the service $SERVICE"
 
 # Both processes may hold as many sockets as the machine lets them.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -87,7 +92,7 @@ start_service() {
     else
         DATABASE_URL_RUN="postgres://postgres@127.0.0.1:5432/$db"
     fi
-    "$BIN/delivertrack" run --listen "127.0.0.1:$PORT" --no-mongo \
+    "$SERVICE" run --listen "127.0.0.1:$PORT" --no-mongo \
         --exchange "$NAME.events" --queue "$NAME.ingest" \
         --dead-letter-exchange "$NAME.dead" --dead-letter-queue "$NAME.dead" \
         --derived-exchange "$NAME.derived" --database-url "$DATABASE_URL_RUN" \
@@ -131,7 +136,8 @@ harness() {
         --out "$OUT" --name "$name" "$@" | tee "$OUT/$name.txt"
 }
 
-wants() { [[ -z "$only" || "$only" == "$1" ]]; }
+# --only takes one name or several, comma-separated (`--only max,batched,curve`).
+wants() { [[ -z "$only" || ",$only," == *",$1,"* ]]; }
 
 if ((quick)); then
     D=5; BROKER=3; ZONES=2000; POINTS=10000; ROUNDS=1; COURIERS=200; TRACKERS=500; GQL=100
@@ -151,7 +157,7 @@ fi
 # The maximum sustained rate with every local sink, beside the broker ceiling measured
 # with the same publisher and message shape: the fleet unpaced.
 MAX_RATE=""
-if wants max || wants half; then
+if wants max || wants half || wants curve; then
     start_service max
     harness fleet max --unpaced --couriers "$COURIERS" --duration "$D" --ramp-up 0 \
         --baselines broker --broker-seconds "$BROKER" --seed 101
@@ -176,15 +182,26 @@ if wants half; then
     stop_service
 fi
 
-# Publish → WebSocket at lower rates: where the latency target is met.
+# Publish → WebSocket against the rate, from 250 events/s up to the maximum (doubling, then
+# 90 % of the maximum): where the knee is. One courier per event/s (a fix every second).
 if wants curve; then
-    for couriers in 250 500 1000; do
-        ((quick)) && couriers=$((couriers / 10))
+    rates="$(python3 -c "
+m = float('${MAX_RATE:-0}') * 0.9
+r, out = 250, []
+while r < m:
+    out.append(r); r *= 2
+if m >= 250: out.append(int(m))
+print(' '.join(str(x) for x in (out or [250])))")"
+    ((quick)) && rates="25 50 100"
+    for couriers in $rates; do
         start_service "curve-$couriers"
         harness fleet "curve-$couriers" --couriers "$couriers" --duration "$D" --ramp-up 5 \
-            --seed "$((110 + couriers))"
+            --seed "$((110 + couriers % 1000))"
         stop_service
     done
+    curve_reports=("$OUT"/curve-*.json)
+    [[ -e "$OUT/half.json" ]] && curve_reports+=("$OUT/half.json")
+    "$BIN/load-tests" curve --out "$OUT" --name curve "${curve_reports[@]}" | tee "$OUT/curve.txt"
 fi
 
 # The same with arrays of 50 fixes per message (a gateway batching its couriers).
@@ -198,8 +215,8 @@ fi
 # Fixes through POST /locations with couriers' tokens.
 if wants http; then
     start_service http
-    # 0.8 fixes/s: under the per-courier limit of 1/s even with the network's jitter.
-    harness fleet http --via http --couriers "$COURIERS" --rate 0.8 --duration "$D" --ramp-up 5 --seed 104
+    # 1 fix/s: the per-courier limit (2/2s: one a second, the burst of two absorbs jitter).
+    harness fleet http --via http --couriers "$COURIERS" --rate 1.0 --duration "$D" --ramp-up 5 --seed 104
     stop_service
 fi
 
@@ -261,5 +278,14 @@ step "summary ($OUT/summary.md)"
         jq -r --arg run "$(basename "$f" .json)" '
           "| \($run) | \((.loadavg // [])[0] // "?") → \((.loadavg // [])[1] // "?") | " +
           ([(.cpu_cores // {}) | to_entries[] | "\(.key) \(.value * 100 | round / 100)"] | join(", ")) + " |"' "$f"
+    done
+    printf '\n| run | events per epoch | per epoch: decode / dataflow / record commit / ack wait ms | sink commits ms |\n|---|---|---|---|\n'
+    for f in "$OUT"/*.json; do
+        jq -r --arg run "$(basename "$f" .json)" '
+          def r: if . == null then "–" else (. * 10 | round / 10 | tostring) end;
+          select((.server.epochs // 0) > 0) |
+          "| \($run) | \(.server.events_per_epoch | r) | " +
+          "\(.server.stage_mean_ms.decode | r) / \(.server.stage_mean_ms.dataflow | r) / \(.server.stage_mean_ms.record_commit | r) / \(.server.stage_mean_ms.ack_wait | r) | " +
+          ([(.server.sink_commit_mean_ms // {}) | to_entries[] | "\(.key) \(.value | r)"] | join(", ")) + " |"' "$f"
     done
 } | tee "$OUT/summary.md"

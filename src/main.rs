@@ -338,7 +338,7 @@ struct LimitArgs {
     #[arg(
         long,
         env = "DELIVERTRACK_LOCATION_UPDATE_LIMIT",
-        default_value = "1/s"
+        default_value = "2/2s"
     )]
     location_update_limit: Quota,
     /// Deliveries created per customer.

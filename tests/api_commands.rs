@@ -1860,9 +1860,23 @@ async fn each_rate_limit_is_a_429_with_retry_after_shared_through_redis() {
     let created = running.create_delivery(&other, None).await;
     assert_eq!(created.status, 201, "{created:?}");
 
-    // Location updates: one per second per courier.
+    // Location updates: one per second per courier in the long run, two at once.
     let fix = json!({"lat": 52.51, "lon": 13.41});
-    let first = running
+    for n in 0..2 {
+        let sent = running
+            .call(
+                Method::POST,
+                "/locations",
+                Some(&courier),
+                Some(fix.clone()),
+            )
+            .await;
+        assert!(
+            sent.status == 201 || sent.status == 202,
+            "fix {n} of the burst: {sent:?}"
+        );
+    }
+    let third = running
         .call(
             Method::POST,
             "/locations",
@@ -1870,17 +1884,8 @@ async fn each_rate_limit_is_a_429_with_retry_after_shared_through_redis() {
             Some(fix.clone()),
         )
         .await;
-    assert_eq!(first.status, 201, "{first:?}");
-    let second = running
-        .call(
-            Method::POST,
-            "/locations",
-            Some(&courier),
-            Some(fix.clone()),
-        )
-        .await;
-    second.assert_error(429, "rate_limited");
-    assert_eq!(second.headers["retry-after"], "1");
+    third.assert_error(429, "rate_limited");
+    assert_eq!(third.headers["retry-after"], "1");
 
     // API keys: the listed key has 3 a minute; an unlisted key is refused.
     for _ in 0..3 {

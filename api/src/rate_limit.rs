@@ -4,7 +4,7 @@
 //! # The limits
 //! | [`Limit`] | counted per | default | where it is checked |
 //! |---|---|---|---|
-//! | `location_update` | courier | `1/s` | the location route, `state.limiter.check(Limit::LocationUpdate, &courier_id.to_string())` |
+//! | `location_update` | courier | `2/2s` | the location route, `state.limiter.check(Limit::LocationUpdate, &courier_id.to_string())` |
 //! | `delivery_creation` | customer | `10/h` | the delivery creation route, `check(Limit::DeliveryCreation, &customer_id.to_string())` |
 //! | `rating` | customer (the delivery's) | `20/h` | the rating route, `check(Limit::Rating, &customer_id.to_string())` |
 //! | `api_key` | API key | per key, configured | [`api_key_layer`], on every route |
@@ -320,11 +320,14 @@ impl fmt::Display for Limit {
 
 /// The limits, the API keys and where the limiter keeps its state.
 ///
-/// The defaults are the product's: one location update per second per courier, ten
+/// The defaults are the product's: one location update per second per courier (with a
+/// burst of two), ten
 /// deliveries per hour per customer, no API keys (API-key limits off).
 #[derive(Clone, PartialEq, Eq)]
 pub struct RateLimitConfig {
-    /// Per courier (`DELIVERTRACK_LOCATION_UPDATE_LIMIT`, default `1/s`).
+    /// Per courier (`DELIVERTRACK_LOCATION_UPDATE_LIMIT`, default `2/2s`: one a second in
+    /// the long run, and a burst of two, so that a device sending exactly once a second is
+    /// not refused when the network's jitter brings two of its fixes closer than a second).
     pub location_update: Quota,
     /// Per customer (`DELIVERTRACK_DELIVERY_CREATION_LIMIT`, default `10/h`).
     pub delivery_creation: Quota,
@@ -354,7 +357,10 @@ pub struct RateLimitConfig {
 impl Default for RateLimitConfig {
     fn default() -> Self {
         Self {
-            location_update: Quota::per_second(1),
+            location_update: Quota {
+                per: Duration::from_secs(2),
+                burst: 2,
+            },
             delivery_creation: Quota::per_hour(10),
             rating: Quota::per_hour(20),
             api_key_default: None,
@@ -1136,7 +1142,11 @@ mod tests {
     fn the_default_is_the_products_and_debug_hides_keys() {
         let mut config = RateLimitConfig::default();
         config.validate().unwrap();
-        assert_eq!(config.location_update, Quota::per_second(1));
+        assert_eq!(config.location_update, "2/2s".parse().unwrap());
+        assert_eq!(
+            config.location_update.emission_interval(),
+            Quota::per_second(1).emission_interval()
+        );
         assert_eq!(config.delivery_creation, Quota::per_hour(10));
         assert!(!config.api_key_limits_enabled());
         config.api_keys = RateLimitConfig::parse_api_keys("hunter2=1/s").unwrap();

@@ -36,6 +36,7 @@
 pub mod analysts;
 pub mod auth;
 pub mod baseline;
+pub mod curve;
 pub mod driver;
 pub mod fleet;
 pub mod plot;

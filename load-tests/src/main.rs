@@ -3,13 +3,16 @@
 //! `load-tests fleet|trackers|analysts|mixed|baselines [flags]` runs a scenario against a
 //! running service and writes a JSON report and a PNG (see the library's documentation and
 //! `BENCHMARKS.md`); `load-tests publish --events N --batch B` sends N `location.updated`
-//! events to the exchange, B per message, and reports how fast the broker confirmed them.
+//! events to the exchange, B per message, and reports how fast the broker confirmed them;
+//! `load-tests curve RUN.json...` puts paced runs side by side as a latency-versus-rate
+//! table and PNG.
 
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use delivertrack_load_tests::curve::{self, CurvePoint};
 use delivertrack_load_tests::fleet::location_events;
 use delivertrack_load_tests::{Publisher, RunArgs, Scenario};
 
@@ -35,6 +38,29 @@ enum Command {
     Baselines(Box<RunArgs>),
     /// Publishes location events to the event exchange, with publisher confirms.
     Publish(PublishArgs),
+    /// The latency-versus-rate curve of paced runs: reads their JSON reports and writes
+    /// `<name>.md` (a table) and `<name>.png` (p50/p90/p99 against the rate).
+    Curve(CurveArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CurveArgs {
+    /// The reports of the runs (`<run>.json` as `fleet` wrote them); unpaced runs and runs
+    /// without WebSocket latencies are left out.
+    #[arg(required = true)]
+    reports: Vec<std::path::PathBuf>,
+    /// Where to write the table and the chart.
+    #[arg(long, default_value = ".")]
+    out: std::path::PathBuf,
+    /// The files' stem.
+    #[arg(long, default_value = "curve")]
+    name: String,
+    /// The chart's title.
+    #[arg(long, default_value = "publish → WebSocket latency against the rate")]
+    title: String,
+    /// A TrueType font for the chart's text.
+    #[arg(long, default_value = delivertrack_load_tests::plot::DEFAULT_FONT)]
+    font: std::path::PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,6 +103,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let scenario = match cli.command {
             Command::Publish(args) => return publish(args).await,
+            Command::Curve(args) => return curve(&args),
             Command::Fleet(args) => (Scenario::Fleet, args),
             Command::Trackers(args) => (Scenario::Trackers, args),
             Command::Analysts(args) => (Scenario::Analysts, args),
@@ -104,6 +131,21 @@ async fn run(scenario: Scenario, args: RunArgs) -> anyhow::Result<()> {
     if let Some(chart) = written.chart {
         println!("chart:  {}", chart.display());
     }
+    Ok(())
+}
+
+fn curve(args: &CurveArgs) -> anyhow::Result<()> {
+    let points = CurvePoint::read_all(&args.reports)?;
+    if points.is_empty() {
+        anyhow::bail!("none of the reports is a paced run with WebSocket latencies");
+    }
+    let table = curve::table(&points);
+    let md = args.out.join(format!("{}.md", args.name));
+    let png = args.out.join(format!("{}.png", args.name));
+    std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+    curve::draw(&png, &args.title, &points, &args.font)?;
+    println!("{table}");
+    println!("table: {}\nchart: {}", md.display(), png.display());
     Ok(())
 }
 

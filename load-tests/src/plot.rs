@@ -22,7 +22,7 @@ pub const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 #[error("the chart could not be drawn: {0}")]
 pub struct PlotError(String);
 
-fn err(error: impl std::fmt::Display) -> PlotError {
+pub(crate) fn err(error: impl std::fmt::Display) -> PlotError {
     PlotError(error.to_string())
 }
 
@@ -32,7 +32,7 @@ type Line = (&'static str, RGBColor, Vec<(f64, f64)>);
 static FONT: OnceLock<bool> = OnceLock::new();
 
 /// Registers the font at `path` once per process; `true` when text can be drawn.
-fn load_font(path: &Path) -> bool {
+pub(crate) fn load_font(path: &Path) -> bool {
     *FONT.get_or_init(|| match std::fs::read(path) {
         Ok(bytes) => {
             // Registered fonts must live for the whole process: leaked once, on purpose.

@@ -168,6 +168,19 @@ impl Report {
                 met: Some(ratio >= 0.8),
             });
         }
+        if let (Some(broker), Some(processed), true) =
+            (&self.baselines.broker, self.events.processed_per_s, unpaced)
+            && broker.batch >= 50
+        {
+            checks.push(TargetCheck {
+                target: "≥ 100 000 events/s with 50 events per message".into(),
+                measured: format!(
+                    "{processed:.0} events/s ({} events per message)",
+                    broker.batch
+                ),
+                met: Some(processed >= 100_000.0),
+            });
+        }
         if let Some(ws) = self.latency.get("publish_to_websocket")
             && ws.count > 0
         {
@@ -328,6 +341,14 @@ impl Report {
                 server.epoch_latency_mean_ms.unwrap_or(0.0),
                 sinks.join(", ")
             );
+            if !server.stage_mean_ms.is_empty() {
+                let stages: Vec<String> = server
+                    .stage_mean_ms
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.1}"))
+                    .collect();
+                let _ = writeln!(out, "stages   per epoch (ms, means): {}", stages.join(", "));
+            }
         }
         if self.graphql_per_s > 0.0 {
             let _ = writeln!(out, "graphql  {:.0} requests/s", self.graphql_per_s);

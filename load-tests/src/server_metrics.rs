@@ -93,6 +93,9 @@ pub struct ServerFigures {
     pub epoch_latency_mean_ms: Option<f64>,
     /// Mean commit time of one epoch, per sink, ms.
     pub sink_commit_mean_ms: BTreeMap<String, f64>,
+    /// Mean time of one epoch in each stage of the pipeline (`decode`, `dataflow`,
+    /// `record_commit`, `ack_wait`), ms.
+    pub stage_mean_ms: BTreeMap<String, f64>,
     /// Events refused by reason (`stale`, ...).
     pub rejected: BTreeMap<String, f64>,
 }
@@ -108,20 +111,14 @@ impl ServerFigures {
         };
         let events = delta("delivertrack_events_ingested_total");
         let epochs = delta("delivertrack_epochs_committed_total");
-        let sums_before = before.by_label("delivertrack_sink_commit_duration_seconds_sum", "sink");
-        let counts_before =
-            before.by_label("delivertrack_sink_commit_duration_seconds_count", "sink");
-        let counts_after =
-            after.by_label("delivertrack_sink_commit_duration_seconds_count", "sink");
-        let sink_commit_mean_ms = after
-            .by_label("delivertrack_sink_commit_duration_seconds_sum", "sink")
-            .into_iter()
-            .filter_map(|(sink, sum)| {
-                let count = counts_after.get(&sink)? - counts_before.get(&sink).unwrap_or(&0.0);
-                let sum = sum - sums_before.get(&sink).unwrap_or(&0.0);
-                (count > 0.0).then(|| (sink, sum / count * 1_000.0))
-            })
-            .collect();
+        let sink_commit_mean_ms =
+            mean_ms_by_label(before, after, "delivertrack_sink_commit_duration_seconds", "sink");
+        let stage_mean_ms = mean_ms_by_label(
+            before,
+            after,
+            "delivertrack_epoch_stage_duration_seconds",
+            "stage",
+        );
         let rejected_before = before.by_label("delivertrack_events_rejected_total", "reason");
         let rejected = after
             .by_label("delivertrack_events_rejected_total", "reason")
@@ -139,9 +136,33 @@ impl ServerFigures {
             epoch_commit_mean_ms: mean_ms("delivertrack_epoch_commit_duration_seconds"),
             epoch_latency_mean_ms: mean_ms("delivertrack_epoch_latency_seconds"),
             sink_commit_mean_ms,
+            stage_mean_ms,
             rejected,
         }
     }
+}
+
+/// The mean of a histogram family per value of `label` between two readings, ms: what each
+/// sink (or stage) took per epoch while the fleet was sent.
+fn mean_ms_by_label(
+    before: &Reading,
+    after: &Reading,
+    histogram: &str,
+    label: &str,
+) -> BTreeMap<String, f64> {
+    let (sum, count) = (format!("{histogram}_sum"), format!("{histogram}_count"));
+    let sums_before = before.by_label(&sum, label);
+    let counts_before = before.by_label(&count, label);
+    let counts_after = after.by_label(&count, label);
+    after
+        .by_label(&sum, label)
+        .into_iter()
+        .filter_map(|(key, sum)| {
+            let count = counts_after.get(&key)? - counts_before.get(&key).unwrap_or(&0.0);
+            let sum = sum - sums_before.get(&key).unwrap_or(&0.0);
+            (count > 0.0).then(|| (key, sum / count * 1_000.0))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -168,6 +189,10 @@ delivertrack_sink_commit_duration_seconds_count{sink="postgres"} 15
 delivertrack_sink_commit_duration_seconds_sum{sink="redis"} 0.01
 delivertrack_sink_commit_duration_seconds_count{sink="redis"} 10
 delivertrack_events_rejected_total{reason="stale"} 3
+delivertrack_epoch_stage_duration_seconds_sum{stage="decode"} 0.02
+delivertrack_epoch_stage_duration_seconds_count{stage="decode"} 10
+delivertrack_epoch_stage_duration_seconds_sum{stage="dataflow"} 0.3
+delivertrack_epoch_stage_duration_seconds_count{stage="dataflow"} 10
 "#;
 
     #[test]
@@ -181,5 +206,8 @@ delivertrack_events_rejected_total{reason="stale"} 3
         assert!((figures.sink_commit_mean_ms["redis"] - 1.0).abs() < 1e-9);
         assert_eq!(figures.rejected["stale"], 3.0);
         assert_eq!(figures.epoch_latency_mean_ms, None);
+        assert!((figures.stage_mean_ms["decode"] - 2.0).abs() < 1e-9);
+        assert!((figures.stage_mean_ms["dataflow"] - 30.0).abs() < 1e-9);
+        assert_eq!(figures.stage_mean_ms.len(), 2);
     }
 }
