@@ -2081,4 +2081,51 @@ mod tests {
             report.epochs
         );
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_the_commits_keep_up_an_epoch_closes_at_its_time_bound() {
+        const PATIENCE: Duration = Duration::from_secs(120);
+        const CHUNKS: usize = 30;
+        // Five events every 40 ms; an epoch closes 10 ms after its first event, and the
+        // sinks take no time: each chunk is an epoch of its own, none waits for another.
+        let events: Vec<Event> = events().into_iter().take(CHUNKS * 5).collect();
+        let (sender, source) = in_process(64);
+        let feeder = tokio::spawn(async move {
+            for chunk in events.chunks(5) {
+                sender.send_batch(chunk.to_vec()).await?;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            Ok::<_, SourceError>(())
+        });
+        let (committed_tx, _committed) = watch::channel(Vec::new());
+        let sinks: Vec<Box<dyn Sink>> = vec![
+            Box::new(Ledger {
+                delay: Duration::ZERO,
+                committed: committed_tx,
+            }),
+            Box::new(ReadModelSink::new(ReadModel::default())),
+        ];
+        let report = timeout(
+            PATIENCE,
+            drive(
+                source,
+                sinks,
+                config(),
+                Vec::new(),
+                CancellationToken::new(),
+            ),
+        )
+        .await
+        .expect("the driver ends when its source ends")
+        .unwrap();
+        feeder.await.unwrap().unwrap();
+        assert_eq!(report.events, (CHUNKS * 5) as u64);
+        // A slow timer may let two chunks share an epoch now and then; growing epochs
+        // would merge most of them.
+        assert!(
+            report.epochs as usize >= CHUNKS * 4 / 5,
+            "{} epochs for {CHUNKS} chunks",
+            report.epochs
+        );
+    }
 }

@@ -160,11 +160,7 @@ pub fn draw(
         .map(|p| p.processed_per_s)
         .fold(1.0_f64, f64::max)
         * 1.05;
-    let latency_max = points
-        .iter()
-        .map(|p| p.p99_ms)
-        .fold(200.0_f64, f64::max)
-        * 1.5;
+    let latency_max = points.iter().map(|p| p.p99_ms).fold(200.0_f64, f64::max) * 1.5;
     let latency_min = points
         .iter()
         .map(|p| p.p50_ms)
@@ -272,8 +268,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dt-curve-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut paths = Vec::new();
-        for (name, rate, p99) in [("b", 2000.0, 80.0), ("a", 250.0, 50.0), ("c", 8000.0, 900.0)]
-        {
+        for (name, rate, p99) in [
+            ("b", 2000.0, 80.0),
+            ("a", 250.0, 50.0),
+            ("c", 8000.0, 900.0),
+        ] {
             let path = dir.join(format!("{name}.json"));
             std::fs::write(&path, report(false, rate, p99, 100).to_string()).unwrap();
             paths.push(path);
@@ -287,7 +286,10 @@ mod tests {
         assert_eq!(runs, ["a", "b", "c"]);
         let table = table(&points);
         assert_eq!(table.lines().count(), 2 + 3, "{table}");
-        assert!(table.contains("| c | 8000 | 8000 | 300.0 / 450.0 / **900.0** |"), "{table}");
+        assert!(
+            table.contains("| c | 8000 | 8000 | 300.0 / 450.0 / **900.0** |"),
+            "{table}"
+        );
 
         let png = dir.join("curve.png");
         draw(&png, "curve", &points, Path::new("/nonexistent-font.ttf")).unwrap();

@@ -111,8 +111,12 @@ impl ServerFigures {
         };
         let events = delta("delivertrack_events_ingested_total");
         let epochs = delta("delivertrack_epochs_committed_total");
-        let sink_commit_mean_ms =
-            mean_ms_by_label(before, after, "delivertrack_sink_commit_duration_seconds", "sink");
+        let sink_commit_mean_ms = mean_ms_by_label(
+            before,
+            after,
+            "delivertrack_sink_commit_duration_seconds",
+            "sink",
+        );
         let stage_mean_ms = mean_ms_by_label(
             before,
             after,
