@@ -535,9 +535,9 @@ struct Core<'c, A> {
     next_flight: u64,
     /// The current dataflow's number; a rebuild starts the next.
     generation: u64,
-    /// Set while a refusal of the record is being isolated: nothing more is handed to the
-    /// record until the rebuild.
-    refusing: bool,
+    /// The refused epoch while a refusal of the record is being isolated: no system of
+    /// record is handed it or a later one until the rebuild.
+    refusing: Option<Epoch>,
     lanes: Vec<Lane>,
     reports: mpsc::Receiver<LaneReport>,
     /// Stops the lanes at once, mid-commit, when the driver fails.
@@ -595,7 +595,7 @@ impl<'c, A: Send + 'static> Core<'c, A> {
             flights: VecDeque::new(),
             next_flight: 0,
             generation: 0,
-            refusing: false,
+            refusing: None,
             lanes,
             reports,
             lanes_stop,
@@ -805,15 +805,13 @@ impl<'c, A: Send + 'static> Core<'c, A> {
     }
 
     /// Hands every sink the epochs it may commit next, as far as its queue has room: the
-    /// system of record every epoch output (unless a refusal is being isolated), the other
-    /// sinks only epochs the record has committed. Never waits.
+    /// system of record every epoch output (while a refusal is being isolated, only the
+    /// epochs before the refused one), the other sinks only epochs the record has
+    /// committed. Never waits.
     fn hand_out(&mut self) -> anyhow::Result<()> {
         let depth = self.config.sink_queue.max(1);
         let first = self.flights.front().map_or(self.next_flight, |f| f.seq);
         for lane in &mut self.lanes {
-            if lane.record && self.refusing {
-                continue;
-            }
             let Some(epochs) = &lane.epochs else {
                 continue;
             };
@@ -827,6 +825,13 @@ impl<'c, A: Send + 'static> Core<'c, A> {
                     break;
                 };
                 if !lane.record && !flight.is_recorded() {
+                    break;
+                }
+                if lane.record
+                    && self
+                        .refusing
+                        .is_some_and(|refused| flight.output.epoch >= refused)
+                {
                     break;
                 }
                 let handed = Handed {
@@ -1017,7 +1022,7 @@ impl<'c, A: Send + 'static> Core<'c, A> {
         for lane in &mut self.lanes {
             lane.next = self.next_flight;
         }
-        self.refusing = false;
+        self.refusing = None;
         let Some(batch) = self
             .unacked
             .iter_mut()
@@ -1087,7 +1092,7 @@ impl<'c, A: Send + 'static> Core<'c, A> {
         ack_tx: &mpsc::Sender<(A, Vec<Refusal>)>,
         halt: &CancellationToken,
     ) -> anyhow::Result<()> {
-        self.refusing = true;
+        self.refusing = Some(refused);
         loop {
             self.hand_out()?;
             self.complete();
