@@ -33,11 +33,11 @@
 //! batches then reach their bound, and the source is not read any more.
 //!
 //! An epoch closes at `max_wait` after its first event only while the pipeline keeps up.
-//! While [`RECORD_AHEAD`] epochs are already on their way to the system of record, or the
-//! commit task holds as many unacknowledged batches as it may, it has no room for another
-//! batch, and the source is asked for one by the size bound alone: the open batch keeps
-//! growing while the commits are behind, and closes once there is room. A backlog is so
-//! committed in a few large epochs rather than many small ones — the size of an epoch
+//! While two epochs are already on their way to the system of record (`RECORD_AHEAD`), or
+//! the commit task holds as many unacknowledged batches as it may, it has no room for
+//! another batch, and the source is asked for one by the size bound alone: the open batch
+//! keeps growing while the commits are behind, and closes once there is room. A backlog is
+//! so committed in a few large epochs rather than many small ones — the size of an epoch
 //! follows the time the commits take.
 //!
 //! # Poison isolation (rule 11)
