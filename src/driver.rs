@@ -2133,4 +2133,70 @@ mod tests {
             report.epochs
         );
     }
+
+    /// Commits the epochs before `at`, then fails for good (not for the data).
+    struct FailsAt(Epoch);
+
+    impl Sink for FailsAt {
+        fn name(&self) -> &'static str {
+            "fails_at"
+        }
+
+        fn commit(&mut self, output: Arc<EpochOutput>) -> SinkFuture<'_> {
+            Box::pin(async move {
+                if output.epoch < self.0 {
+                    return Ok(());
+                }
+                Err(SinkError::Failed {
+                    sink: "fails_at",
+                    epoch: output.epoch,
+                    source: "no".into(),
+                })
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sink_failing_midway_stops_the_driver_and_only_what_every_sink_committed_is_acknowledged()
+     {
+        const PATIENCE: Duration = Duration::from_secs(60);
+        let batches: VecDeque<Vec<Event>> =
+            events().chunks(20).take(8).map(<[Event]>::to_vec).collect();
+        let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = Recording {
+            batches,
+            next: 0,
+            acked: Arc::clone(&acked),
+        };
+        let (committed_tx, _committed) = watch::channel(Vec::new());
+        let sinks: Vec<Box<dyn Sink>> = vec![
+            Box::new(Ledger {
+                delay: Duration::ZERO,
+                committed: committed_tx,
+            }),
+            Box::new(FailsAt(3)),
+            Box::new(ReadModelSink::new(ReadModel::default())),
+        ];
+        let error = timeout(
+            PATIENCE,
+            drive(
+                source,
+                sinks,
+                config(),
+                Vec::new(),
+                CancellationToken::new(),
+            ),
+        )
+        .await
+        .expect("a sink failure ends the driver")
+        .expect_err("the failure is reported");
+        assert!(format!("{error:#}").contains("fails_at"), "{error:#}");
+        // The record may have committed epochs after 3; none of them, nor 3, is
+        // acknowledged, and what is acknowledged is a prefix of the read order.
+        let tokens: Vec<u32> = acked.lock().unwrap().iter().map(|(t, _)| *t).collect();
+        assert!(
+            tokens.len() <= 3 && tokens.iter().copied().eq(0..tokens.len() as u32),
+            "{tokens:?}"
+        );
+    }
 }
