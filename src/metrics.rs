@@ -69,8 +69,9 @@ impl Stage {
 pub struct DriverMetrics {
     /// `delivertrack_epochs_committed_total`: epochs committed by every sink.
     pub epochs_committed: IntCounter,
-    /// `delivertrack_epoch_commit_duration_seconds`: from handing an epoch's output to the
-    /// sinks until the slowest of them committed it (retries included).
+    /// `delivertrack_epoch_commit_duration_seconds`: from an epoch's output arriving for
+    /// the sinks until the slowest of them committed it (retries, and the wait behind the
+    /// epochs before it in each sink's queue, included).
     pub epoch_commit_duration: Histogram,
     /// `delivertrack_epoch_latency_seconds`: from the receipt of an epoch's first event
     /// until every sink committed the epoch (what a client waits, at most, to see it).
