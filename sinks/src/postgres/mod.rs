@@ -10,6 +10,7 @@
 //!   holds, a standby waits for) and the [`Fence`] every epoch's transaction checks.
 //! - [`hydrate`]: [`load_restore`], the state a restarting pipeline restores.
 //! - `batch`: an epoch's output reshaped into per-table column arrays (no I/O).
+//! - `fixes`: the location fixes, appended with binary `COPY`.
 //! - [`service`]: connecting, [`MIGRATOR`] and [`migrate`], the epoch's statements, and
 //!   which errors are worth a retry ([`classify`]).
 
@@ -20,6 +21,7 @@ pub mod service;
 pub mod sink;
 
 mod batch;
+mod fixes;
 
 pub use batch::{BatchError, ScopeKey};
 pub use config::PostgresConfig;

@@ -9,6 +9,7 @@ use sqlx::{Postgres, Transaction};
 
 use super::batch::EpochBatch;
 use super::config::PostgresConfig;
+use super::fixes;
 use super::leader::{self, Fence, Fenced};
 
 /// The schema, embedded at build time from `migrations/` (no database is needed to build).
@@ -234,8 +235,9 @@ pub async fn write_epoch(
 /// twice leaves the same tables even without the progress guard; a statement whose rows are
 /// all empty is not sent.
 ///
-/// Order: the log; the referenced customers and couriers; deletions (dependents before what
-/// they reference); upserts (referenced before dependents); transitions.
+/// Order: the log (`delivery_events`, then `location_fixes`); the referenced customers and
+/// couriers; deletions (dependents before what they reference); upserts (referenced before
+/// dependents); transitions.
 pub(super) async fn apply(
     tx: &mut Transaction<'static, Postgres>,
     batch: &EpochBatch,
@@ -263,6 +265,7 @@ pub(super) async fn apply(
         .execute(&mut **tx)
         .await?;
     }
+    fixes::write(tx, &batch.fixes, &batch.fixes_seen, epoch).await?;
 
     if !batch.customers.is_empty() {
         sqlx::query(
