@@ -68,8 +68,12 @@ pub struct EpochBatch {
     pub customers: Vec<Uuid>,
     /// Courier ids that deliveries newly refer to (bare rows, inserted if new).
     pub courier_refs: Vec<Uuid>,
-    /// `couriers`, the tracked columns.
+    /// `couriers`, the tracked columns, of couriers the dataflow did not track before the
+    /// epoch.
     pub couriers: CourierRows,
+    /// `couriers` whose tracked record the epoch replaced. Their rows were written by an
+    /// earlier epoch, so a plain `UPDATE` suffices (see `service::apply`).
+    pub couriers_changed: CourierRows,
     /// Couriers the dataflow no longer tracks: their tracked columns are cleared, their
     /// profile stays.
     pub couriers_untracked: Vec<Uuid>,
@@ -99,8 +103,10 @@ pub struct EpochBatch {
     pub inside_removed: PairRows,
     /// `geofence_transitions`.
     pub transitions: TransitionRows,
-    /// `metrics`.
+    /// `metrics` of scopes that had no tally before the epoch.
     pub metrics: MetricRows,
+    /// `metrics` whose tally the epoch replaced (rows an earlier epoch wrote).
+    pub metrics_changed: MetricRows,
     /// Scopes whose tally went back to zero: `(scope, scope_key)`.
     pub metrics_deleted: (Vec<String>, Vec<String>),
 }
@@ -399,6 +405,7 @@ impl EpochBatch {
             + self.fixes.len()
             + self.fixes_seen.len()
             + self.couriers.id.len()
+            + self.couriers_changed.id.len()
             + self.couriers_untracked.len()
             + self.zones.id.len()
             + self.zones_deleted.len()
@@ -414,12 +421,17 @@ impl EpochBatch {
             + self.inside_removed.left.len()
             + self.transitions.courier_id.len()
             + self.metrics.scope.len()
+            + self.metrics_changed.scope.len()
             + self.metrics_deleted.0.len()
     }
 
     fn add_couriers(&mut self, sorted: &Sorted<'_>) -> Result<(), BatchError> {
         for (id, state) in &sorted.couriers.upserts {
-            let rows = &mut self.couriers;
+            let rows = if sorted.couriers.retracted.contains_key(id) {
+                &mut self.couriers_changed
+            } else {
+                &mut self.couriers
+            };
             rows.id.push(id.0);
             rows.lat.push(state.position.lat());
             rows.lon.push(state.position.lon());
@@ -542,7 +554,11 @@ impl EpochBatch {
     fn add_metrics(&mut self, sorted: &Sorted<'_>) -> Result<(), BatchError> {
         for (scope, tally) in &sorted.metrics.upserts {
             let key = ScopeKey::of(scope);
-            let rows = &mut self.metrics;
+            let rows = if sorted.metrics.retracted.contains_key(scope) {
+                &mut self.metrics_changed
+            } else {
+                &mut self.metrics
+            };
             rows.scope.push(key.scope.to_owned());
             rows.scope_key.push(key.key);
             rows.courier_id.push(key.courier_id);
@@ -966,10 +982,13 @@ mod tests {
         assert_eq!(batch.zones.name, vec!["new".to_owned()]);
         assert_eq!(batch.zones.geometry[0]["type"], "Polygon");
         assert_eq!(batch.zones_deleted, vec![z2.0]);
-        assert_eq!(batch.metrics.scope, vec!["overall".to_owned()]);
-        assert_eq!(batch.metrics.scope_key, vec![String::new()]);
+        assert_eq!(batch.metrics_changed.scope, vec!["overall".to_owned()]);
+        assert_eq!(batch.metrics_changed.scope_key, vec![String::new()]);
         assert_eq!(
-            (batch.metrics.deliveries[0], batch.metrics.score_4[0]),
+            (
+                batch.metrics_changed.deliveries[0],
+                batch.metrics_changed.score_4[0]
+            ),
             (2, 1)
         );
         assert_eq!(
