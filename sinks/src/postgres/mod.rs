@@ -1,7 +1,8 @@
 //! The PostgreSQL sink: the system of record (ARCHITECTURE rule 4).
 //!
-//! Every epoch is written in one transaction, one batched statement per table, and is
-//! idempotent: the schema (`migrations/`) keys every table by entity id or event id, and a
+//! Every epoch is written in one transaction, a batched statement or two per table (the
+//! location fixes by binary `COPY`), and is idempotent: the schema (`migrations/`) keys
+//! every table by entity id or event id (a fix by courier, time and event id), and a
 //! progress row skips an epoch this same writer already committed (see [`leader`]).
 //!
 //! - [`config`]: [`PostgresConfig`], the `POSTGRES_*` parts or a `DATABASE_URL`.
