@@ -1426,7 +1426,7 @@ async fn commands_reach_postgres_and_redis_through_the_pipeline() {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let rows: Vec<(Uuid, String)> = sqlx::query_as(
-            "SELECT event_id, kind FROM delivery_events WHERE event_id = ANY($1) ORDER BY occurred_at",
+            "SELECT event_id, kind FROM event_log WHERE event_id = ANY($1) ORDER BY occurred_at",
         )
         .bind(&ids)
         .fetch_all(&pool)

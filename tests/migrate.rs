@@ -59,6 +59,7 @@ async fn migrate_creates_the_schema_once_and_again_changes_nothing() {
         "couriers",
         "customers",
         "delivery_events",
+        "location_fixes",
         "metrics",
         "zones",
     ] {

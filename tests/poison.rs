@@ -141,13 +141,10 @@ async fn an_event_postgres_refuses_is_dead_lettered_and_the_rest_of_its_epoch_co
     })
     .await;
     assert!(!task.is_finished(), "the pipeline keeps running");
-    assert_eq!(
-        count(&pool, "SELECT count(*) FROM delivery_events").await,
-        40
-    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM event_log").await, 40);
     let stored_poison: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM deliveries WHERE id = $1)
-              + (SELECT count(*) FROM delivery_events WHERE event_id = $2)",
+              + (SELECT count(*) FROM event_log WHERE event_id = $2)",
     )
     .bind(poison)
     .bind(poison_event.event_id.0)

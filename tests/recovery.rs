@@ -2,9 +2,10 @@
 //! Redis on localhost.
 //!
 //! - [`a_killed_process_restarts_from_postgres_and_loses_or_doubles_nothing`]: the real
-//!   binary is `kill -9`ed mid-stream and started again; afterwards every event is in
-//!   `delivery_events` exactly once, and every aggregate equals both the dataflow's state
-//!   of an uninterrupted run and a recomputation in SQL over `delivery_events`.
+//!   binary is `kill -9`ed mid-stream and started again; afterwards every event is in the
+//!   log exactly once (`event_log`: `delivery_events` and `location_fixes`), and every
+//!   aggregate equals both the dataflow's state of an uninterrupted run and a recomputation
+//!   in SQL over `delivery_events`.
 //! - [`a_postgres_outage_pauses_the_pipeline_and_it_resumes_alone`]: the pipeline's
 //!   connection to PostgreSQL goes through a proxy that the test cuts: nothing is
 //!   acknowledged meanwhile, consumption stops at the prefetch, and everything is committed
@@ -68,7 +69,7 @@ async fn delete_exchange(publisher: &Publisher, exchange: &str) {
 
 async fn logged_events(pool: &PgPool) -> i64 {
     // Before the binary created its schema the table is not there: count 0.
-    sqlx::query_scalar("SELECT count(*) FROM delivery_events")
+    sqlx::query_scalar("SELECT count(*) FROM event_log")
         .fetch_one(pool)
         .await
         .unwrap_or(0)
@@ -489,7 +490,7 @@ async fn a_killed_process_restarts_from_postgres_and_loses_or_doubles_nothing() 
     assert!(hydrated["records"].as_u64().unwrap() > 0, "{hydrated}");
 
     // Every event exactly once, none lost, none that should not be there.
-    let logged: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM delivery_events")
+    let logged: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM event_log")
         .fetch_all(&pool)
         .await
         .unwrap();

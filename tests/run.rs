@@ -1199,7 +1199,7 @@ async fn the_binary_commits_and_acknowledges_its_open_epoch_on_sigterm() {
     );
     let pool = database.pool().await;
     let logged = |pool: sqlx::PgPool| async move {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM delivery_events")
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM event_log")
             .fetch_one(&pool)
             .await
             .unwrap()

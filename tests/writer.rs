@@ -8,7 +8,7 @@
 //!   other waits, and all 3 000 are there.
 //! - [`a_standby_takes_over_within_seconds_when_the_writer_is_killed`]: the writer is
 //!   `kill -9`ed mid-stream; the standby takes the lock, hydrates and consumes, `/readyz`
-//!   turns 200 within the bound, and every event is in `delivery_events` exactly once.
+//!   turns 200 within the bound, and every event is in the log exactly once.
 //!
 //! Each test has its own exchange and queues, its own database (created by the binaries,
 //! dropped at the end) and its own Redis key prefix.
@@ -283,7 +283,7 @@ async fn count(pool: &PgPool, table: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// Waits until `delivery_events` holds `expected` rows, or until `queue` is empty and the
+/// Waits until `event_log` holds `expected` rows, or until `queue` is empty and the
 /// count has not moved for two seconds; returns the count.
 async fn settle(
     pool: &PgPool,
@@ -294,7 +294,7 @@ async fn settle(
     let deadline = Instant::now() + PATIENCE;
     let mut last = (-1, Instant::now());
     loop {
-        let logged = count(pool, "delivery_events").await;
+        let logged = count(pool, "event_log").await;
         if logged >= expected as i64 {
             return logged;
         }
@@ -313,11 +313,11 @@ async fn settle(
     }
 }
 
-/// Every published event is in `delivery_events` exactly once, nothing else is, and every
+/// Every published event is in the log (`event_log`) exactly once, nothing else is, and every
 /// delivery is in `deliveries`.
 async fn assert_each_event_once(pool: &PgPool, events: &[Event]) {
     let expected: BTreeSet<Uuid> = events.iter().map(|e| e.event_id.0).collect();
-    let logged: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM delivery_events")
+    let logged: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM event_log")
         .fetch_all(pool)
         .await
         .unwrap();
@@ -449,12 +449,12 @@ async fn a_standby_takes_over_within_seconds_when_the_writer_is_killed() {
         .unwrap();
     let pool = scene.database.pool().await;
     eventually("the writer is mid-stream", PATIENCE, || async {
-        (count(&pool, "delivery_events").await >= (EVENTS / 4) as i64).then_some(())
+        (count(&pool, "event_log").await >= (EVENTS / 4) as i64).then_some(())
     })
     .await;
     writer.kill().await;
     let killed = Instant::now();
-    let at_kill = count(&pool, "delivery_events").await;
+    let at_kill = count(&pool, "event_log").await;
     assert!(at_kill < EVENTS as i64, "killed mid-stream");
 
     // The standby takes over: its banner, then `/readyz` 200.
@@ -480,7 +480,7 @@ async fn a_standby_takes_over_within_seconds_when_the_writer_is_killed() {
         .await
         .unwrap();
     eventually("every event is logged", PATIENCE, || async {
-        (count(&pool, "delivery_events").await >= EVENTS as i64).then_some(())
+        (count(&pool, "event_log").await >= EVENTS as i64).then_some(())
     })
     .await;
     eventually("the queue is drained", PATIENCE, || async {

@@ -132,7 +132,7 @@ pub struct RunArgs {
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     #[serde(skip)]
     pub jwt_secret: Option<String>,
-    /// The service's PostgreSQL database (the analytics baseline reads `delivery_events`).
+    /// The service's PostgreSQL database (the analytics baseline reads the event log).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     #[serde(skip)]
     pub database_url: Option<String>,

@@ -8,7 +8,7 @@
 //! 3. The fill, set-based (`INSERT ... SELECT` over `generate_series`): zones (a grid of
 //!    squares, every second one with a dwell time, plus a few deleted ones: tombstones),
 //!    customers, couriers (their `couriers` rows with presence, and their last fixes in
-//!    `delivery_events`), deliveries (their `delivery.created` and `status.changed` events,
+//!    `location_fixes`), deliveries (their `delivery.created` and `status.changed` events,
 //!    their `deliveries` rows, ratings with their `delivery.rated` events). Payloads are
 //!    built as `contract::encode_event` encodes them; the check afterwards decodes a few
 //!    thousand of each kind and encodes them again, which must give the stored JSON back,
@@ -180,7 +180,7 @@ fn run(runtime: &Runtime, args: &Args, options: PgConnectOptions) -> anyhow::Res
         }
         let shapes = stored_shapes(&pool, None).await?;
         sqlx::query(
-            "TRUNCATE delivery_events, deliveries, ratings, etas, delivery_dropoff_zones,
+            "TRUNCATE delivery_events, location_fixes, deliveries, ratings, etas, delivery_dropoff_zones,
                       zone_occupancy, geofence_transitions, metrics, couriers, zones, customers,
                       pipeline_progress",
         )
@@ -457,8 +457,8 @@ async fn stored_shapes(pool: &PgPool, limit: Option<i64>) -> anyhow::Result<BTre
             sqlx::query(
                 "SELECT e.kind, e.payload, e.delivery_id IS NOT NULL, e.courier_id IS NOT NULL,
                         e.zone_id IS NOT NULL
-                 FROM unnest(ARRAY['location.updated', 'delivery.created', 'status.changed',
-                                   'delivery.rated', 'zone.upserted', 'zone.deleted']) k(kind),
+                 FROM unnest(ARRAY['delivery.created', 'status.changed', 'delivery.rated',
+                                   'zone.upserted', 'zone.deleted']) k(kind),
                       LATERAL (SELECT * FROM delivery_events d WHERE d.kind = k.kind LIMIT $1) e",
             )
             .bind(limit)
@@ -483,8 +483,8 @@ async fn stored_shapes(pool: &PgPool, limit: Option<i64>) -> anyhow::Result<BTre
 async fn check_payloads(pool: &PgPool, sample: &BTreeSet<Shape>) -> anyhow::Result<usize> {
     let rows = sqlx::query(
         "SELECT e.kind, e.event_id, e.occurred_at, e.payload
-         FROM unnest(ARRAY['location.updated', 'delivery.created', 'status.changed',
-                           'delivery.rated', 'zone.upserted', 'zone.deleted']) k(kind),
+         FROM unnest(ARRAY['delivery.created', 'status.changed', 'delivery.rated',
+                           'zone.upserted', 'zone.deleted']) k(kind),
               LATERAL (SELECT * FROM delivery_events d WHERE d.kind = k.kind LIMIT $1) e",
     )
     .bind(CHECKED_PER_KIND)
@@ -510,7 +510,7 @@ async fn check_payloads(pool: &PgPool, sample: &BTreeSet<Shape>) -> anyhow::Resu
         *kinds.entry(kind).or_insert(0) += 1;
     }
     ensure!(
-        kinds.len() == 6,
+        kinds.len() == 5,
         "the fill lacks some event kinds: {kinds:?}"
     );
     let generated = stored_shapes(pool, Some(CHECKED_PER_KIND)).await?;
@@ -638,7 +638,8 @@ async fn fill(connection: &mut PgConnection, args: &Args) -> anyhow::Result<Coun
     let indexes: Vec<(String, String)> = sqlx::query_as(
         "SELECT indexname::text, indexdef FROM pg_indexes
          WHERE schemaname = 'public'
-           AND tablename IN ('delivery_events', 'deliveries', 'ratings', 'couriers')
+           AND tablename IN ('delivery_events', 'location_fixes', 'deliveries', 'ratings',
+                             'couriers')
            AND indexname NOT LIKE '%_pkey'",
     )
     .fetch_all(&mut *connection)
@@ -780,19 +781,13 @@ async fn fill(connection: &mut PgConnection, args: &Args) -> anyhow::Result<Coun
     // heading, at the courier's speed; the last one is the courier's row.
     step(
         connection,
-        "delivery_events: location.updated",
+        "location_fixes",
         format!(
-            "INSERT INTO delivery_events
-                 (event_id, kind, occurred_at, delivery_id, courier_id, zone_id, payload, stale,
-                  epoch)
-             SELECT f.e, 'location.updated', pg_temp.bench_at(f.at), NULL::uuid, f.id, NULL::uuid,
-                    jsonb_strip_nulls(jsonb_build_object('v', 1, 'kind', 'location.updated',
-                        'event_id', f.e::text, 'occurred_at', pg_temp.bench_ts(f.at),
-                        'courier_id', f.id::text, 'lat', f.lat, 'lon', f.lon,
-                        'speed_mps', round(f.speed_mm_s / 1000.0, 3),
-                        'heading_deg', round(f.heading_ddeg / 10.0, 1),
-                        'accuracy_m', round(f.accuracy_cm / 100.0, 2))),
-                    false, pg_temp.bench_epoch(f.at)
+            "INSERT INTO location_fixes
+                 (courier_id, occurred_at, event_id, epoch, lat, lon, speed_mm_s, accuracy_cm,
+                  heading_ddeg, stale)
+             SELECT f.id, pg_temp.bench_at(f.at), f.e, pg_temp.bench_epoch(f.at), f.lat, f.lon,
+                    f.speed_mm_s, f.accuracy_cm, f.heading_ddeg, false
              FROM (
                  SELECT CASE WHEN k = 0 THEN c.last_event_id ELSE gen_random_uuid() END AS e,
                         c.last_at - k * {FIX_INTERVAL_MS} AS at, c.id,

@@ -596,6 +596,7 @@ async fn fingerprint(pool: &PgPool) -> BTreeMap<&'static str, String> {
         "zone_occupancy",
         "geofence_transitions",
         "delivery_events",
+        "location_fixes",
         "metrics",
         "pipeline_progress",
     ] {
@@ -649,7 +650,7 @@ fn first_logged_as_stale(run: &Run, event: Uuid) -> bool {
 }
 
 async fn logged_events(pool: &PgPool) -> Vec<Uuid> {
-    sqlx::query_scalar("SELECT event_id FROM delivery_events")
+    sqlx::query_scalar("SELECT event_id FROM event_log")
         .fetch_all(pool)
         .await
         .unwrap()
@@ -779,13 +780,12 @@ async fn the_event_log_holds_each_accepted_event_exactly_once(pool: PgPool) {
     );
     // Flagged stale: the events that were stale when first logged (a redelivery of an
     // applied event keeps its first row).
-    let stale: BTreeSet<Uuid> =
-        sqlx::query_scalar("SELECT event_id FROM delivery_events WHERE stale")
-            .fetch_all(&pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+    let stale: BTreeSet<Uuid> = sqlx::query_scalar("SELECT event_id FROM event_log WHERE stale")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     let expected_stale: BTreeSet<Uuid> = reasons
         .iter()
         .filter(|(event, code)| **code == "stale" && first_logged_as_stale(&run, **event))
@@ -1246,4 +1246,178 @@ async fn a_pipeline_restored_from_postgres_early_continues_like_one_that_never_s
 #[sqlx::test(migrator = "delivertrack_sinks::MIGRATOR")]
 async fn a_pipeline_restored_from_postgres_after_a_zone_deletion_continues_exactly(pool: PgPool) {
     restart_at(&pool, DELETE_EPOCH + 1).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Location fixes
+// ---------------------------------------------------------------------------------------
+
+/// `location_fixes` as `(event_id, stale, epoch)`, by event id.
+async fn stored_fixes(pool: &PgPool) -> Vec<(Uuid, bool, i64)> {
+    sqlx::query_as("SELECT event_id, stale, epoch FROM location_fixes ORDER BY event_id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// The fixes among `accepted_events(outputs)`.
+fn accepted_fixes(outputs: &[Arc<EpochOutput>]) -> BTreeSet<Uuid> {
+    let fixes: BTreeSet<Uuid> = outputs
+        .iter()
+        .flat_map(|o| o.events.iter())
+        .filter(|e| matches!(e.body, EventBody::LocationUpdated(_)))
+        .map(|e| e.event_id.0)
+        .collect();
+    accepted_events(outputs)
+        .intersection(&fixes)
+        .copied()
+        .collect()
+}
+
+#[sqlx::test(migrator = "delivertrack_sinks::MIGRATOR")]
+async fn fixes_redelivered_after_a_crash_between_commit_and_ack_are_stored_once(pool: PgPool) {
+    // The process commits epochs 0..STOP and dies before acknowledging the last one; the
+    // next process restores from PostgreSQL and gets that epoch's messages again, in one
+    // batch with new ones.
+    const STOP: usize = 6;
+    let run = run(7);
+    let mut first = sink(&pool).await;
+    for output in &run.outputs[..STOP] {
+        first.commit(Arc::clone(output)).await.unwrap();
+    }
+    // Dropped, not closed: closing a sink closes the pool, which the test shares.
+    drop(first);
+    let before = stored_fixes(&pool).await;
+
+    let config = DataflowConfig::default();
+    let restores = load_restore(&pool, config.speed_window).await.unwrap();
+    let (mut input, mut output) = pipeline::start(config).unwrap();
+    input.restore(restores).unwrap();
+    let mut second = sink(&pool).await;
+    second
+        .commit(Arc::new(output.recv().unwrap()))
+        .await
+        .unwrap();
+    let mut redelivered = run.outputs[STOP - 1].events.clone();
+    redelivered.extend(run.outputs[STOP].events.iter().cloned());
+    input.send(redelivered).unwrap();
+    let next = Arc::new(output.recv().unwrap());
+
+    // The redelivery holds both kinds of fix that may be stored already: each courier's
+    // latest, which the dataflow accepts as a replay that changes nothing, and older ones,
+    // refused as stale.
+    let stale: BTreeSet<EventId> = next
+        .rejections
+        .iter()
+        .filter(|r| r.reason == RejectReason::Stale)
+        .map(|r| r.event_id)
+        .collect();
+    let old_fixes = run.outputs[STOP - 1]
+        .events
+        .iter()
+        .filter(|e| matches!(e.body, EventBody::LocationUpdated(_)));
+    let (stale_again, replayed): (Vec<_>, Vec<_>) =
+        old_fixes.partition(|e| stale.contains(&e.event_id));
+    assert!(!replayed.is_empty() && !stale_again.is_empty());
+
+    second.commit(Arc::clone(&next)).await.unwrap();
+    let after = stored_fixes(&pool).await;
+    let ids: BTreeSet<Uuid> = after.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids.len(), after.len(), "a fix is stored twice");
+    assert_eq!(ids, accepted_fixes(&run.outputs[..=STOP]));
+    // What was stored stays as it was: first committed in its epoch, not flagged stale by
+    // its redelivery.
+    for row in &before {
+        assert!(after.contains(row), "{row:?} changed");
+    }
+    input.close();
+    second.close().await.unwrap();
+}
+
+/// A stored fix's columns that `delivery_events` had too: event id, time, courier, stale,
+/// epoch, recorded at.
+type LoggedFix = (Uuid, DateTime<Utc>, Uuid, bool, i64, DateTime<Utc>);
+
+#[sqlx::test(migrator = "delivertrack_sinks::MIGRATOR")]
+async fn the_migration_moves_logged_fixes_and_hydration_restores_the_same_state(pool: PgPool) {
+    let run = run(7);
+    let mut sink = sink(&pool).await;
+    for output in &run.outputs {
+        sink.commit(Arc::clone(output)).await.unwrap();
+    }
+    drop(sink);
+    let window = DataflowConfig::default().speed_window;
+    let restored = sorted(load_restore(&pool, window).await.unwrap());
+    let tables = fingerprint(&pool).await;
+
+    // The layout before `location_fixes`: every fix a row of `delivery_events`, its wire
+    // JSON the payload.
+    let payloads: BTreeMap<Uuid, serde_json::Value> = run
+        .outputs
+        .iter()
+        .flat_map(|o| o.events.iter())
+        .filter(|e| matches!(e.body, EventBody::LocationUpdated(_)))
+        .map(|e| {
+            (
+                e.event_id.0,
+                delivertrack_dataflow::contract::encode_event(e),
+            )
+        })
+        .collect();
+    let rows: Vec<LoggedFix> = sqlx::query_as(
+        "SELECT event_id, occurred_at, courier_id, stale, epoch, recorded_at FROM location_fixes",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(rows.len() > 100);
+    let mut tx = pool.begin().await.unwrap();
+    for statement in [
+        "DROP VIEW event_log",
+        "ALTER TABLE delivery_events DROP CONSTRAINT delivery_events_kind_check",
+        "ALTER TABLE delivery_events ADD CONSTRAINT delivery_events_kind_check CHECK (kind IN
+             ('location.updated', 'delivery.created', 'status.changed', 'delivery.rated',
+              'zone.upserted', 'zone.deleted'))",
+    ] {
+        sqlx::query(statement).execute(&mut *tx).await.unwrap();
+    }
+    for (event_id, occurred_at, courier_id, stale, epoch, recorded_at) in rows {
+        sqlx::query(
+            "INSERT INTO delivery_events (event_id, kind, occurred_at, courier_id, payload,
+                                          stale, epoch, recorded_at)
+             VALUES ($1, 'location.updated', $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(event_id)
+        .bind(occurred_at)
+        .bind(courier_id)
+        .bind(&payloads[&event_id])
+        .bind(stale)
+        .bind(epoch)
+        .bind(recorded_at)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    for statement in [
+        "DROP TABLE location_fixes",
+        "DELETE FROM _sqlx_migrations WHERE version = 20261206000001",
+    ] {
+        sqlx::query(statement).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let old_layout: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM delivery_events WHERE kind = 'location.updated'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(old_layout > 100);
+
+    delivertrack_sinks::MIGRATOR.run(&pool).await.unwrap();
+    assert_eq!(
+        fingerprint(&pool).await,
+        tables,
+        "the tables after the upgrade"
+    );
+    let upgraded = sorted(load_restore(&pool, window).await.unwrap());
+    assert_eq!(upgraded, restored);
 }

@@ -61,12 +61,11 @@ fn event_ids(output: &EpochOutput) -> Vec<Uuid> {
 }
 
 async fn logged(pool: &PgPool, ids: &[Uuid]) -> usize {
-    let count: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM delivery_events WHERE event_id = ANY($1)")
-            .bind(ids)
-            .fetch_one(pool)
-            .await
-            .unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log WHERE event_id = ANY($1)")
+        .bind(ids)
+        .fetch_one(pool)
+        .await
+        .unwrap();
     usize::try_from(count).unwrap()
 }
 
@@ -170,7 +169,7 @@ async fn a_retried_epoch_of_the_same_writer_is_still_skipped(pool: PgPool) {
     for output in &run {
         assert!(commit_and_check(&mut sink, &pool, output).await);
     }
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_events")
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log")
         .fetch_one(&pool)
         .await
         .unwrap();

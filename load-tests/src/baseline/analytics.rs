@@ -2,7 +2,7 @@
 //! by PostgreSQL over the event log.
 //!
 //! Both answer the same question — GraphQL from the read model the dataflow keeps current
-//! (`successRates(scope: ...)`), PostgreSQL by a `GROUP BY` over `delivery_events`, the
+//! (`successRates(scope: ...)`), PostgreSQL by a `GROUP BY` over the event log, the
 //! way a reporting query without the dataflow would (each delivery's creation, assigned
 //! courier and latest status):
 //! - [`MetricsScope::Overall`]: the fleet's deliveries by current status (GraphQL: one
@@ -44,8 +44,7 @@ GROUP BY 1";
 /// Per courier: deliveries by how they ended, a `GROUP BY` over the event log.
 pub const SQL_COURIER: &str = "
 WITH couriers AS (
-    SELECT DISTINCT courier_id FROM delivery_events
-    WHERE kind = 'location.updated' AND NOT stale
+    SELECT DISTINCT courier_id FROM location_fixes WHERE NOT stale
 ), assigned AS (
     SELECT DISTINCT ON (delivery_id) delivery_id, courier_id
     FROM delivery_events
@@ -95,7 +94,8 @@ pub struct AnalyticsBaseline {
     pub sql: LatencySummary,
     /// Rows in the last SQL answer.
     pub sql_rows: usize,
-    /// `delivery_events` rows when the SQL side ran.
+    /// Events in the log (`event_log`: `delivery_events` and `location_fixes`) when the SQL
+    /// side ran.
     pub logged_events: i64,
     /// SQL p50 ÷ GraphQL p50.
     pub ratio_p50: Option<f64>,
@@ -155,7 +155,7 @@ pub async fn analytics_read_path(
     }
 
     let mut db = PgConnection::connect(database_url).await?;
-    let logged_events: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_events")
+    let logged_events: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log")
         .fetch_one(&mut db)
         .await?;
     let mut sql = histogram();

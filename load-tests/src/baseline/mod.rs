@@ -5,7 +5,7 @@
 //! - [`geofence`] — point-in-zone checks: the dataflow's zone index in process against
 //!   PostGIS `ST_Contains` with a GiST index, on the same zones and points.
 //! - [`analytics`] — the GraphQL metrics query against the same aggregate computed by a
-//!   PostgreSQL `GROUP BY` over `delivery_events`.
+//!   PostgreSQL `GROUP BY` over the event log.
 
 pub mod analytics;
 pub mod broker;

@@ -8,18 +8,26 @@
 //! - a set collection (inside, dropoff zones) inserts its `+1`s and deletes its `-1`s;
 //! - `inside` also appends a geofence transition: `+1` entered, `-1` exited;
 //! - the event log takes every event of the epoch except those refused for a reason other
-//!   than `stale` (those are dead-lettered by the source instead).
+//!   than `stale` (those are dead-lettered by the source instead): location fixes in
+//!   `location_fixes`, the other kinds in `delivery_events`;
+//! - a fix is *new* when the dataflow accepted it as newer than the courier's state before
+//!   the epoch (the courier's retracted record, if any): no earlier epoch can have stored
+//!   it, so it may be appended by COPY without a conflict check. Stale fixes and replays of
+//!   the courier's latest fix may be stored already (a redelivery after a crash between
+//!   commit and acknowledgement) and are inserted only where their key is missing.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
 use delivertrack_dataflow::contract::encode_event;
+use delivertrack_dataflow::event::LocationUpdated;
 use delivertrack_dataflow::geometry::ZoneShape;
 use delivertrack_dataflow::model::{
     CourierState, DeliveryState, Eta, RejectReason, Scope, Tally, ZoneState,
 };
 use delivertrack_dataflow::{
-    Change, CourierId, CustomerId, DeliveryId, EpochOutput, EventBody, EventId, UnixMillis, ZoneId,
+    Change, CourierId, CustomerId, DeliveryId, EpochOutput, Event, EventBody, EventId, UnixMillis,
+    ZoneId,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -35,8 +43,8 @@ pub enum BatchError {
         /// The value.
         millis: UnixMillis,
     },
-    /// A counter beyond `bigint`.
-    #[error("{what} {value} does not fit a bigint")]
+    /// A counter beyond its column's integer type.
+    #[error("{what} {value} does not fit its column")]
     TooLarge {
         /// Which field.
         what: &'static str,
@@ -50,14 +58,22 @@ pub enum BatchError {
 pub struct EpochBatch {
     /// The durable epoch number (see `pipeline_progress`).
     pub epoch: i64,
-    /// `delivery_events`.
+    /// `delivery_events`: every logged event but the location fixes.
     pub events: EventRows,
-    /// Customer ids the epoch's deliveries refer to (bare rows, inserted if new).
+    /// `location_fixes` that no earlier epoch can have stored.
+    pub fixes: FixRows,
+    /// `location_fixes` that may be stored already: stale fixes and replays.
+    pub fixes_seen: FixRows,
+    /// Customer ids that new deliveries refer to (bare rows, inserted if new).
     pub customers: Vec<Uuid>,
-    /// Courier ids the epoch's deliveries refer to (bare rows, inserted if new).
+    /// Courier ids that deliveries newly refer to (bare rows, inserted if new).
     pub courier_refs: Vec<Uuid>,
-    /// `couriers`, the tracked columns.
+    /// `couriers`, the tracked columns, of couriers the dataflow did not track before the
+    /// epoch.
     pub couriers: CourierRows,
+    /// `couriers` whose tracked record the epoch replaced. Their rows were written by an
+    /// earlier epoch, so a plain `UPDATE` suffices (see `service::apply`).
+    pub couriers_changed: CourierRows,
     /// Couriers the dataflow no longer tracks: their tracked columns are cleared, their
     /// profile stays.
     pub couriers_untracked: Vec<Uuid>,
@@ -87,8 +103,10 @@ pub struct EpochBatch {
     pub inside_removed: PairRows,
     /// `geofence_transitions`.
     pub transitions: TransitionRows,
-    /// `metrics`.
+    /// `metrics` of scopes that had no tally before the epoch.
     pub metrics: MetricRows,
+    /// `metrics` whose tally the epoch replaced (rows an earlier epoch wrote).
+    pub metrics_changed: MetricRows,
     /// Scopes whose tally went back to zero: `(scope, scope_key)`.
     pub metrics_deleted: (Vec<String>, Vec<String>),
 }
@@ -104,6 +122,63 @@ pub struct EventRows {
     pub zone_id: Vec<Option<Uuid>>,
     pub payload: Vec<Value>,
     pub stale: Vec<bool>,
+}
+
+/// Columns of `location_fixes` (`epoch` and `recorded_at` excepted).
+#[derive(Debug, Default)]
+pub struct FixRows {
+    pub courier_id: Vec<Uuid>,
+    pub occurred_at: Vec<DateTime<Utc>>,
+    pub event_id: Vec<Uuid>,
+    pub lat: Vec<f64>,
+    pub lon: Vec<f64>,
+    pub speed_mm_s: Vec<Option<i32>>,
+    pub accuracy_cm: Vec<Option<i32>>,
+    pub heading_ddeg: Vec<Option<i16>>,
+    pub stale: Vec<bool>,
+}
+
+impl FixRows {
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.event_id.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.event_id.is_empty()
+    }
+
+    fn push(
+        &mut self,
+        event: &Event,
+        fix: &LocationUpdated,
+        stale: bool,
+    ) -> Result<(), BatchError> {
+        self.courier_id.push(fix.courier_id.0);
+        self.occurred_at
+            .push(time("location_fixes.occurred_at", event.occurred_at)?);
+        self.event_id.push(event.event_id.0);
+        self.lat.push(fix.position.lat());
+        self.lon.push(fix.position.lon());
+        self.speed_mm_s.push(
+            fix.speed_mm_s
+                .map(|v| int("location_fixes.speed_mm_s", v))
+                .transpose()?,
+        );
+        self.accuracy_cm.push(
+            fix.accuracy_cm
+                .map(|v| int("location_fixes.accuracy_cm", v))
+                .transpose()?,
+        );
+        self.heading_ddeg.push(
+            fix.heading_ddeg
+                .map(|v| int("location_fixes.heading_ddeg", u32::from(v)))
+                .transpose()?,
+        );
+        self.stale.push(stale);
+        Ok(())
+    }
 }
 
 /// The tracked columns of `couriers`.
@@ -305,7 +380,7 @@ impl EpochBatch {
             epoch,
             ..EpochBatch::default()
         };
-        batch.events = event_rows(output)?;
+        (batch.events, batch.fixes, batch.fixes_seen) = event_rows(output, &sorted.couriers)?;
         batch.add_couriers(&sorted)?;
         batch.add_zones(&sorted)?;
         batch.add_deliveries(&sorted)?;
@@ -327,7 +402,10 @@ impl EpochBatch {
     /// Rows written, all tables together (for logs and throughput figures).
     pub fn row_count(&self) -> usize {
         self.events.event_id.len()
+            + self.fixes.len()
+            + self.fixes_seen.len()
             + self.couriers.id.len()
+            + self.couriers_changed.id.len()
             + self.couriers_untracked.len()
             + self.zones.id.len()
             + self.zones_deleted.len()
@@ -343,12 +421,17 @@ impl EpochBatch {
             + self.inside_removed.left.len()
             + self.transitions.courier_id.len()
             + self.metrics.scope.len()
+            + self.metrics_changed.scope.len()
             + self.metrics_deleted.0.len()
     }
 
     fn add_couriers(&mut self, sorted: &Sorted<'_>) -> Result<(), BatchError> {
         for (id, state) in &sorted.couriers.upserts {
-            let rows = &mut self.couriers;
+            let rows = if sorted.couriers.retracted.contains_key(id) {
+                &mut self.couriers_changed
+            } else {
+                &mut self.couriers
+            };
             rows.id.push(id.0);
             rows.lat.push(state.position.lat());
             rows.lon.push(state.position.lon());
@@ -387,8 +470,16 @@ impl EpochBatch {
         let mut customers = BTreeSet::<CustomerId>::new();
         let mut couriers = BTreeSet::<CourierId>::new();
         for (id, state) in &sorted.deliveries.upserts {
-            customers.insert(state.customer_id);
-            couriers.extend(state.courier_id);
+            // A reference is new only where the delivery is new or changed courier: the
+            // rows its record referred to before were inserted with it (and are never
+            // deleted), so the common epoch sends no reference statement.
+            let before = sorted.deliveries.retracted.get(id);
+            if before.is_none_or(|old| old.customer_id != state.customer_id) {
+                customers.insert(state.customer_id);
+            }
+            if before.is_none_or(|old| old.courier_id != state.courier_id) {
+                couriers.extend(state.courier_id);
+            }
             let rows = &mut self.deliveries;
             rows.id.push(id.0);
             rows.customer_id.push(state.customer_id.0);
@@ -463,7 +554,11 @@ impl EpochBatch {
     fn add_metrics(&mut self, sorted: &Sorted<'_>) -> Result<(), BatchError> {
         for (scope, tally) in &sorted.metrics.upserts {
             let key = ScopeKey::of(scope);
-            let rows = &mut self.metrics;
+            let rows = if sorted.metrics.retracted.contains_key(scope) {
+                &mut self.metrics_changed
+            } else {
+                &mut self.metrics
+            };
             rows.scope.push(key.scope.to_owned());
             rows.scope_key.push(key.key);
             rows.courier_id.push(key.courier_id);
@@ -563,8 +658,18 @@ fn presence_json(presence: &[(ZoneId, UnixMillis)]) -> Value {
 }
 
 /// The event log's rows: every event except those refused for a reason other than
-/// `stale`, once per event id.
-fn event_rows(output: &EpochOutput) -> Result<EventRows, BatchError> {
+/// `stale`, once per event id; the location fixes apart, split into those no earlier epoch
+/// can have stored and those that may be stored already.
+///
+/// A fix the dataflow accepted is newer than its courier's state at the moment it was
+/// applied, so newer than the courier's state before the epoch — the record `couriers`
+/// retracts, which an earlier epoch committed together with every fix up to it. A fix that
+/// is not newer than that record is a replay of the courier's latest fix (the dataflow
+/// accepts it as changing nothing) or stale; both may have been stored by an earlier epoch.
+fn event_rows(
+    output: &EpochOutput,
+    couriers: &Keyed<CourierId, &CourierState>,
+) -> Result<(EventRows, FixRows, FixRows), BatchError> {
     let (stale, refused): (Vec<_>, Vec<_>) = output
         .rejections
         .iter()
@@ -573,12 +678,25 @@ fn event_rows(output: &EpochOutput) -> Result<EventRows, BatchError> {
     let refused: HashSet<EventId> = refused.into_iter().map(|r| r.event_id).collect();
     let mut seen = HashSet::with_capacity(output.events.len());
     let mut rows = EventRows::default();
+    let (mut fixes, mut fixes_seen) = (FixRows::default(), FixRows::default());
     for event in &output.events {
         if refused.contains(&event.event_id) || !seen.insert(event.event_id) {
             continue;
         }
+        let is_stale = stale.contains(&event.event_id);
         let (delivery, courier, zone) = match &event.body {
-            EventBody::LocationUpdated(body) => (None, Some(body.courier_id.0), None),
+            EventBody::LocationUpdated(fix) => {
+                let version = (event.occurred_at, event.event_id);
+                let new = !is_stale
+                    && couriers.upserts.contains_key(&fix.courier_id)
+                    && couriers
+                        .retracted
+                        .get(&fix.courier_id)
+                        .is_none_or(|before| version > (before.at, before.event_id));
+                let rows = if new { &mut fixes } else { &mut fixes_seen };
+                rows.push(event, fix, is_stale)?;
+                continue;
+            }
             EventBody::DeliveryCreated(body) => (Some(body.delivery_id.0), None, None),
             EventBody::StatusChanged(body) => {
                 (Some(body.delivery_id.0), body.courier_id.map(|c| c.0), None)
@@ -595,9 +713,9 @@ fn event_rows(output: &EpochOutput) -> Result<EventRows, BatchError> {
         rows.courier_id.push(courier);
         rows.zone_id.push(zone);
         rows.payload.push(encode_event(event));
-        rows.stale.push(stale.contains(&event.event_id));
+        rows.stale.push(is_stale);
     }
-    Ok(rows)
+    Ok((rows, fixes, fixes_seen))
 }
 
 /// How a [`Scope`] is keyed in `metrics`.
@@ -676,6 +794,14 @@ fn bigint(what: &'static str, value: u64) -> Result<i64, BatchError> {
     i64::try_from(value).map_err(|_| BatchError::TooLarge { what, value })
 }
 
+/// A device's integer field into its column's type.
+fn int<T: TryFrom<u32>>(what: &'static str, value: u32) -> Result<T, BatchError> {
+    T::try_from(value).map_err(|_| BatchError::TooLarge {
+        what,
+        value: u64::from(value),
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -693,8 +819,8 @@ mod tests {
         Uuid::from_u128(n)
     }
 
-    fn fix(n: u128, courier: u128, at: UnixMillis) -> delivertrack_dataflow::Event {
-        delivertrack_dataflow::Event {
+    fn fix(n: u128, courier: u128, at: UnixMillis) -> Event {
+        Event {
             event_id: EventId(uuid(n)),
             occurred_at: at,
             body: EventBody::LocationUpdated(LocationUpdated {
@@ -742,7 +868,7 @@ mod tests {
 
     #[test]
     fn the_log_keeps_accepted_and_stale_events_once_and_drops_refused_ones() {
-        let refused = delivertrack_dataflow::Event {
+        let refused = Event {
             event_id: EventId(uuid(2)),
             occurred_at: T,
             body: EventBody::StatusChanged(StatusChanged {
@@ -751,11 +877,24 @@ mod tests {
                 courier_id: None,
             }),
         };
+        let deleted = Event {
+            event_id: EventId(uuid(4)),
+            occurred_at: T,
+            body: EventBody::ZoneDeleted(ZoneDeleted {
+                zone_id: ZoneId(uuid(21)),
+            }),
+        };
         let output = EpochOutput {
             restored: false,
             epoch: 4,
-            events: vec![fix(1, 10, T), refused, fix(3, 10, T - 5), fix(1, 10, T)],
-            changes: Vec::new(),
+            events: vec![
+                fix(1, 10, T),
+                refused,
+                fix(3, 10, T - 5),
+                fix(1, 10, T),
+                deleted,
+            ],
+            changes: vec![(Change::Courier(CourierId(uuid(10)), courier(T)), 1)],
             rejections: vec![
                 rejection(2, RejectReason::UnknownDelivery),
                 rejection(3, RejectReason::Stale),
@@ -763,13 +902,49 @@ mod tests {
         };
         let batch = EpochBatch::new(&output, 40).unwrap();
         assert_eq!(batch.epoch, 40);
-        assert_eq!(batch.events.event_id, vec![uuid(1), uuid(3)]);
-        assert_eq!(
-            batch.events.courier_id,
-            vec![Some(uuid(10)), Some(uuid(10))]
-        );
-        assert_eq!(batch.events.payload[0]["kind"], "location.updated");
-        assert_eq!(batch.events.stale, vec![false, true]);
+        assert_eq!(batch.events.event_id, vec![uuid(4)]);
+        assert_eq!(batch.events.payload[0]["kind"], "zone.deleted");
+        assert_eq!(batch.fixes.event_id, vec![uuid(1)]);
+        assert_eq!(batch.fixes.courier_id, vec![uuid(10)]);
+        assert_eq!(batch.fixes.stale, vec![false]);
+        assert_eq!(batch.fixes_seen.event_id, vec![uuid(3)]);
+        assert_eq!(batch.fixes_seen.stale, vec![true]);
+    }
+
+    #[test]
+    fn only_fixes_newer_than_the_courier_before_the_epoch_count_as_new() {
+        let moved = CourierId(uuid(10));
+        let before = CourierState {
+            event_id: EventId(uuid(5)),
+            ..courier(T)
+        };
+        let after = CourierState {
+            event_id: EventId(uuid(7)),
+            ..courier(T + 20)
+        };
+        let output = EpochOutput {
+            restored: false,
+            epoch: 9,
+            // The courier's latest fix again (a redelivery the dataflow accepts as a
+            // replay), two newer ones, and a fix of a courier whose state did not change: a
+            // replay too.
+            events: vec![
+                fix(5, 10, T),
+                fix(6, 10, T + 10),
+                fix(7, 10, T + 20),
+                fix(8, 11, T),
+            ],
+            changes: vec![
+                (Change::Courier(moved, before), -1),
+                (Change::Courier(moved, after), 1),
+            ],
+            rejections: Vec::new(),
+        };
+        let batch = EpochBatch::new(&output, 9).unwrap();
+        assert_eq!(batch.fixes.event_id, vec![uuid(6), uuid(7)]);
+        assert_eq!(batch.fixes_seen.event_id, vec![uuid(5), uuid(8)]);
+        assert_eq!(batch.fixes_seen.stale, vec![false, false]);
+        assert_eq!(batch.row_count(), 5);
     }
 
     #[test]
@@ -807,10 +982,13 @@ mod tests {
         assert_eq!(batch.zones.name, vec!["new".to_owned()]);
         assert_eq!(batch.zones.geometry[0]["type"], "Polygon");
         assert_eq!(batch.zones_deleted, vec![z2.0]);
-        assert_eq!(batch.metrics.scope, vec!["overall".to_owned()]);
-        assert_eq!(batch.metrics.scope_key, vec![String::new()]);
+        assert_eq!(batch.metrics_changed.scope, vec!["overall".to_owned()]);
+        assert_eq!(batch.metrics_changed.scope_key, vec![String::new()]);
         assert_eq!(
-            (batch.metrics.deliveries[0], batch.metrics.score_4[0]),
+            (
+                batch.metrics_changed.deliveries[0],
+                batch.metrics_changed.score_4[0]
+            ),
             (2, 1)
         );
         assert_eq!(
@@ -823,7 +1001,7 @@ mod tests {
     fn transitions_take_the_best_time_the_epoch_tells() {
         let (moved, still) = (CourierId(uuid(10)), CourierId(uuid(11)));
         let (entered, deleted) = (ZoneId(uuid(21)), ZoneId(uuid(22)));
-        let deletion = delivertrack_dataflow::Event {
+        let deletion = Event {
             event_id: EventId(uuid(5)),
             occurred_at: T + 7,
             body: EventBody::ZoneDeleted(ZoneDeleted { zone_id: deleted }),

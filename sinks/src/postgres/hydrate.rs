@@ -4,18 +4,18 @@
 //! What [`restore::from_history`](delivertrack_dataflow::restore::from_history) computes
 //! from the maintained records and the accepted events, this reads from the tables that
 //! hold them: `zones`, `couriers` (presence included), `deliveries` with `ratings`, and the
-//! non-stale rows of `delivery_events`. A handful of set-based queries, none per entity.
+//! non-stale rows of `delivery_events` and `location_fixes` (the speed windows). A handful
+//! of set-based queries, none per entity.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use delivertrack_dataflow::contract::{ContractLimits, decode_event};
 use delivertrack_dataflow::geometry::{GeoPoint, ZoneShape};
 use delivertrack_dataflow::lifecycle::StatusStep;
 use delivertrack_dataflow::model::{CourierState, DeliveryState, Rating, ZoneState};
 use delivertrack_dataflow::restore::Restore;
 use delivertrack_dataflow::{
-    CourierId, CustomerId, DeliveryId, Event, EventBody, EventId, Status, UnixMillis, ZoneId,
+    CourierId, CustomerId, DeliveryId, EventId, Status, UnixMillis, ZoneId,
 };
 use serde_json::Value;
 use sqlx::FromRow;
@@ -132,31 +132,31 @@ async fn load_couriers(pool: &PgPool, speed_window: usize) -> Result<Vec<Restore
     .await
     .map_err(PostgresError::Query)?;
 
+    // Per tracked courier, its key in `location_fixes` walked backwards from the newest fix:
+    // the cost follows the couriers and the window, not the length of the history.
     let window = i64::try_from(speed_window).unwrap_or(i64::MAX);
-    let fixes: Vec<(Uuid, DateTime<Utc>, Value)> = sqlx::query_as(
-        "SELECT f.courier_id, f.occurred_at, f.payload
-         FROM (SELECT e.courier_id, e.occurred_at, e.event_id, e.payload,
-                      row_number() OVER (PARTITION BY e.courier_id
-                                         ORDER BY e.occurred_at DESC, e.event_id DESC) AS n
-               FROM delivery_events e JOIN couriers c ON c.id = e.courier_id
-               WHERE e.kind = 'location.updated' AND NOT e.stale
-                 AND c.last_fix_at IS NOT NULL) f
-         WHERE f.n <= $1
-         ORDER BY f.courier_id, f.occurred_at, f.event_id",
+    let fixes: Vec<(Uuid, DateTime<Utc>, f64, f64)> = sqlx::query_as(
+        "SELECT c.id, f.occurred_at, f.lat, f.lon
+         FROM couriers c
+         CROSS JOIN LATERAL (
+             SELECT x.occurred_at, x.event_id, x.lat, x.lon
+             FROM location_fixes x
+             WHERE x.courier_id = c.id AND NOT x.stale
+             ORDER BY x.occurred_at DESC, x.event_id DESC
+             LIMIT $1) f
+         WHERE c.last_fix_at IS NOT NULL
+         ORDER BY c.id, f.occurred_at, f.event_id",
     )
     .bind(window)
     .fetch_all(pool)
     .await
     .map_err(PostgresError::Query)?;
     let mut windows: HashMap<Uuid, Vec<(UnixMillis, GeoPoint)>> = HashMap::new();
-    for (courier, at, payload) in fixes {
-        let at = at.timestamp_millis();
-        let EventBody::LocationUpdated(fix) = decode(&payload, at)?.body else {
-            return Err(corrupt(format!(
-                "a fix of courier {courier} is not location.updated"
-            )));
-        };
-        windows.entry(courier).or_default().push((at, fix.position));
+    for (courier, at, lat, lon) in fixes {
+        windows
+            .entry(courier)
+            .or_default()
+            .push((at.timestamp_millis(), GeoPoint::from_degrees(lat, lon)));
     }
 
     rows.into_iter()
@@ -383,13 +383,6 @@ fn status_steps(row: &DeliveryRow) -> Result<Vec<StatusStep>, PostgresError> {
             })
         })
         .collect()
-}
-
-/// Decodes a logged event's wire JSON with the replay limits: no bound in time, so an
-/// event accepted long ago (or under other limits) still loads.
-fn decode(payload: &Value, occurred_at: UnixMillis) -> Result<Event, PostgresError> {
-    decode_event(None, payload, occurred_at, &ContractLimits::replay())
-        .map_err(|error| corrupt(format!("a logged event does not decode: {error}")))
 }
 
 /// A stored integer back into the dataflow's type.
