@@ -97,7 +97,7 @@ start_service() {
         --dead-letter-exchange "$NAME.dead" --dead-letter-queue "$NAME.dead" \
         --derived-exchange "$NAME.derived" --database-url "$DATABASE_URL_RUN" \
         --redis-prefix "$NAME:" --jwt-secret "$SECRET" --epoch-max-ms "${EPOCH_MS:-50}" \
-        --prefetch "${PREFETCH:-2000}" \
+        ${PREFETCH:+--prefetch "$PREFETCH"} \
         >"$OUT/$1.service.out" 2>"$OUT/$1.service.log" &
     SERVICE_PID=$!
     for _ in $(seq 1 300); do
@@ -168,7 +168,7 @@ fi
 # What bounds the maximum: the same with five times the prefetch (more events in flight,
 # larger epochs). If the rate grows with it, the pipeline waits on its commit cycle.
 if wants max-prefetch; then
-    PREFETCH=10000 start_service max-prefetch
+    PREFETCH=50000 start_service max-prefetch
     harness fleet max-prefetch --unpaced --couriers "$COURIERS" --duration "$D" --ramp-up 0 \
         --seed 109
     stop_service
