@@ -1224,12 +1224,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_products_limits() {
         let limiter = RateLimiter::default();
-        // One location update per second per courier.
+        // One location update per second per courier, two at once.
+        limiter.check(Limit::LocationUpdate, "c").await.unwrap();
         limiter.check(Limit::LocationUpdate, "c").await.unwrap();
         let wait = retry_after(limiter.check(Limit::LocationUpdate, "c").await);
         assert_eq!(wait, Duration::from_secs(1));
         tokio::time::advance(Duration::from_secs(1)).await;
         limiter.check(Limit::LocationUpdate, "c").await.unwrap();
+        let wait = retry_after(limiter.check(Limit::LocationUpdate, "c").await);
+        assert_eq!(wait, Duration::from_secs(1));
 
         // Ten deliveries per hour per customer, then one every six minutes.
         for _ in 0..10 {
@@ -1301,13 +1304,15 @@ mod tests {
             limiter.check(Limit::LocationUpdate, "late").await.unwrap();
         }
         assert_eq!(limiter.inner.local.len(), 10);
-        // Known keys are still limited.
+        // Known keys are still limited (the burst of two, then a refusal).
+        limiter.check(Limit::LocationUpdate, "3").await.unwrap();
         assert!(limiter.check(Limit::LocationUpdate, "3").await.is_err());
 
         // Once their time has passed, they make room.
-        tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::time::advance(Duration::from_secs(3)).await;
         limiter.check(Limit::LocationUpdate, "late").await.unwrap();
         assert_eq!(limiter.inner.local.len(), 1);
+        limiter.check(Limit::LocationUpdate, "late").await.unwrap();
         assert!(limiter.check(Limit::LocationUpdate, "late").await.is_err());
     }
 

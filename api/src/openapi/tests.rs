@@ -699,6 +699,9 @@ async fn real_answers_are_as_documented() {
     let fix = json!({"lat": lat, "lon": lon, "courier_id": courier, "speed_mps": 4.0});
     let answer = call(&state, "POST", "/locations", admin, json_body(&fix)).await;
     ok(&document, "POST", "/locations", &answer, 201);
+    // The location limit lets two through at once (2/2s), the third is refused.
+    let answer = call(&state, "POST", "/locations", admin, json_body(&fix)).await;
+    ok(&document, "POST", "/locations", &answer, 201);
     let answer = call(&state, "POST", "/locations", admin, json_body(&fix)).await;
     ok(&document, "POST", "/locations", &answer, 429);
     let order = json!({
